@@ -122,7 +122,7 @@ class BackendUnavailableError(BackendError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A source of completions. Implementations: embedded engine, remote OpenAI-compatible server, fallback chain."""
+    """A source of completions: embedded engine, remote OpenAI-compatible server, fallback chain."""
 
     name: str
 

@@ -1,0 +1,159 @@
+"""What one Locust run measured: raw samples from the locustfile and the figures derived from them."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+MAX_ERROR_KINDS = 20
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear between ranks as numpy does; None if empty."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = math.ceil(rank)
+    if low == high:
+        return float(ordered[low])
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+
+
+class LoadSummary(BaseModel):
+    """Samples of one run. Only requests that finished inside the window count as successes or failures;
+    requests cut off by the end of the run add their streamed tokens to throughput and nothing else."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    users: int = Field(ge=0)
+    duration_s: float = Field(ge=0)
+    requests_ok: int = Field(default=0, ge=0)
+    requests_failed: int = Field(default=0, ge=0)
+    requests_cut: int = Field(default=0, ge=0, description="still running when the run ended")
+    errors: dict[str, int] = Field(default_factory=dict, description="failure message -> count")
+    ttft_ms: tuple[float, ...] = ()
+    e2e_ms: tuple[float, ...] = ()
+    decode_tokens_per_s: tuple[float, ...] = Field(default=(), description="per request, after 1st token")
+    completion_tokens: int = Field(default=0, ge=0, description="tokens of finished successful requests")
+    streamed_tokens_cut: int = Field(default=0, ge=0, description="tokens streamed by cut-off requests")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # JSON written by this model carries the derived figures too (for people reading it); they are
+        # recomputed, not read back.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def requests_total(self) -> int:
+        return self.requests_ok + self.requests_failed
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error_rate(self) -> float:
+        total = self.requests_ok + self.requests_failed
+        return self.requests_failed / total if total else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate generated tokens per second over the whole run."""
+        if self.duration_s <= 0:
+            return 0.0
+        return (self.completion_tokens + self.streamed_tokens_cut) / self.duration_s
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests_ok / self.duration_s if self.duration_s > 0 else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ttft_p50_ms(self) -> float | None:
+        return percentile(self.ttft_ms, 50)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ttft_p95_ms(self) -> float | None:
+        return percentile(self.ttft_ms, 95)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def e2e_p50_ms(self) -> float | None:
+        return percentile(self.e2e_ms, 50)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def e2e_p95_ms(self) -> float | None:
+        return percentile(self.e2e_ms, 95)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def decode_tokens_per_s_p50(self) -> float | None:
+        """Median speed one client sees once its first token arrived."""
+        return percentile(self.decode_tokens_per_s, 50)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, path: Path) -> LoadSummary:
+        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+
+class Recorder:
+    """Collects samples as requests finish (Locust users are greenlets of one thread: no locking needed)."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.cut = 0
+        self.errors: dict[str, int] = {}
+        self.ttft_ms: list[float] = []
+        self.e2e_ms: list[float] = []
+        self.decode_tps: list[float] = []
+        self.completion_tokens = 0
+        self.streamed_tokens_cut = 0
+
+    def success(self, *, ttft_ms: float | None, e2e_ms: float, completion_tokens: int) -> None:
+        self.ok += 1
+        self.e2e_ms.append(e2e_ms)
+        self.completion_tokens += completion_tokens
+        if ttft_ms is not None:
+            self.ttft_ms.append(ttft_ms)
+            decode_s = (e2e_ms - ttft_ms) / 1000.0
+            if completion_tokens > 1 and decode_s > 0:
+                self.decode_tps.append((completion_tokens - 1) / decode_s)
+
+    def failure(self, message: str) -> None:
+        self.failed += 1
+        key = message[:200]
+        if key in self.errors or len(self.errors) < MAX_ERROR_KINDS:
+            self.errors[key] = self.errors.get(key, 0) + 1
+        else:
+            self.errors["(other)"] = self.errors.get("(other)", 0) + 1
+
+    def cut_off(self, streamed_tokens: int) -> None:
+        self.cut += 1
+        self.streamed_tokens_cut += streamed_tokens
+
+    def summary(self, *, users: int, duration_s: float) -> LoadSummary:
+        return LoadSummary(
+            users=users, duration_s=duration_s, requests_ok=self.ok, requests_failed=self.failed,
+            requests_cut=self.cut, errors=dict(self.errors), ttft_ms=tuple(self.ttft_ms),
+            e2e_ms=tuple(self.e2e_ms), decode_tokens_per_s=tuple(self.decode_tps),
+            completion_tokens=self.completion_tokens, streamed_tokens_cut=self.streamed_tokens_cut,
+        )

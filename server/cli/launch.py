@@ -1,0 +1,171 @@
+"""`edgeserve launch`: plan a backend for this card (or the one named) and run it under the supervisor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from server.launch.cluster import cluster_commands, load_cluster
+from server.launch.plan import LaunchPlan
+from server.launch.planner import make_plan
+from server.launch.registry import backend_choices
+from server.launch.request import LaunchRequest
+from server.launch.supervisor import Supervisor, SupervisorConfig
+
+out = Console()
+err = Console(stderr=True)
+MIB = 1 << 20
+
+# The choices come from the backend registry: a new backend shows up here by registering.
+BackendOption = Enum("BackendOption", {n.replace("-", "_"): n for n in backend_choices()}, type=str)  # type: ignore[misc]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    return typer.Exit(code=2)
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _show_plan(plan: LaunchPlan) -> None:
+    out.print(
+        f"[bold]{plan.backend}[/bold] on [bold]{plan.card}[/bold]"
+        f"{f' x{plan.gpus}' if plan.gpus > 1 else ''}: {plan.model_path}",
+        highlight=False,
+    )
+    if plan.expected_total_bytes is not None:
+        per = "per GPU" if plan.gpus else "in RAM"
+        out.print(f"expected memory: {plan.expected_total_bytes / MIB:,.0f} MiB {per}", highlight=False)
+    table = Table(title="settings", title_justify="left")
+    for col in ("setting", "value", "source", "why"):
+        table.add_column(col)
+    for r in plan.reasons:
+        table.add_row(r.setting, str(r.value), r.source, r.why)
+    out.print(table)
+    out.print("[bold]command[/bold]")
+    out.print(plan.command_line(), highlight=False, soft_wrap=True, markup=False)
+
+
+def _check_runnable(plan: LaunchPlan) -> None:
+    program = plan.program[0]
+    if shutil.which(program) is None and not Path(program).is_file():
+        raise _fail(f"{program} not found: install it or pick another --backend")
+    if plan.backend == "sglang":
+        import importlib.util
+
+        if importlib.util.find_spec("sglang") is None:
+            raise _fail(
+                "sglang is not installed in this Python: pip install sglang, or use --backend llama-server"
+            )
+
+
+def launch(
+    backend: Annotated[
+        BackendOption, typer.Option(help="backend, or auto: SGLang where it runs, else llama.cpp")
+    ] = BackendOption("auto"),  # type: ignore[assignment]
+    card: Annotated[str, typer.Option(help="card id, 'cpu', or auto (detect)")] = "auto",
+    gpus: Annotated[
+        int | None, typer.Option(min=0, help="GPUs to use (default: all like GPU 0; 0 = CPU)")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="GGUF file or HF model dir (default: bundled SmolLM2)")
+    ] = None,
+    ctx: Annotated[int | None, typer.Option(min=16, help="context of one sequence, tokens")] = None,
+    parallel: Annotated[int | None, typer.Option(min=1, help="sequences decoded at once")] = None,
+    kv_type: Annotated[
+        str | None,
+        typer.Option(help="KV cache type: f16|q8_0|q4_0 (llama.cpp), auto|fp8_e4m3|fp8_e5m2 (SGLang)"),
+    ] = None,
+    mem_fraction: Annotated[float | None, typer.Option(help="SGLang --mem-fraction-static")] = None,
+    n_gpu_layers: Annotated[
+        int | None, typer.Option(min=-1, help="llama.cpp layers on the GPU, -1 = all")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address the backend listens on")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="backend port (default: its usual one)")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="require this API key")] = None,
+    cluster: Annotated[Path | None, typer.Option(help="cluster YAML: one command per node")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, start nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    status_file: Annotated[
+        Path | None, typer.Option(help="supervisor status JSON, rewritten on every change")
+    ] = None,
+    no_ladder: Annotated[
+        bool, typer.Option("--no-ladder", help="do not step down after an OOM at start-up")
+    ] = False,
+) -> None:
+    """Plan the backend for the card and model, and run it (restart on crash, step down on OOM)."""
+    try:
+        request = LaunchRequest(
+            backend=backend.value,
+            card=card,
+            gpus=gpus,
+            model=str(model) if model else None,
+            ctx=ctx,
+            parallel=parallel,
+            kv_type=kv_type,
+            mem_fraction=mem_fraction,
+            n_gpu_layers=n_gpu_layers,
+            host=host,
+            port=port,
+            api_key=api_key,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise _fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+    if cluster is not None:
+        if not dry_run:
+            raise _fail(
+                "a cluster runs one command per node: print them with --dry-run and start each on its node"
+            )
+        try:
+            commands = cluster_commands(load_cluster(cluster), request, make_plan)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if as_json:
+            _echo_json({"nodes": [c.model_dump() | {"command": c.command_line} for c in commands]})
+        else:
+            for c in commands:
+                out.print(f"[bold]node {c.rank}[/bold] {c.host} ({c.role})", highlight=False)
+                out.print(c.command_line, highlight=False, soft_wrap=True, markup=False)
+        return
+
+    try:
+        plan = make_plan(request)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    if dry_run:
+        if as_json:
+            _echo_json(plan.to_json_dict())
+        else:
+            _show_plan(plan)
+        return
+
+    _check_runnable(plan)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not as_json:
+        _show_plan(plan)
+    supervisor = Supervisor(plan, SupervisorConfig(use_ladder=not no_ladder), status_path=status_file)
+    code = supervisor.run()
+    if as_json:
+        _echo_json(supervisor.status())
+    if code:
+        raise typer.Exit(code=code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("launch")(launch)

@@ -1,0 +1,259 @@
+"""The continuous-batching engine: the public face of server/engine.
+
+    engine = Engine(EngineConfig(model_path=..., n_ctx=8192, n_parallel=8))
+    engine.start()                      # loads the model (start(wait=False) loads in the background)
+    async for event in engine.generate("Hello", SamplingParams(max_tokens=32)):
+        ...                             # StreamEvent deltas; the last one has finish_reason
+    engine.stop()
+
+Closing the iterator (or cancelling the task that iterates it) means the client went away: the sequence and
+its KV are freed within one engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from server.engine.chat_template import ChatTemplate
+from server.engine.config import EngineConfig, EngineStats
+from server.engine.errors import (
+    EmptyPromptError,
+    EngineNotReadyError,
+    ModelLoadError,
+    PromptTooLongError,
+)
+from server.engine.llama_context import LlamaRuntime
+from server.engine.sequence import EventSink, Sequence
+from server.engine.types import SamplingParams, StreamEvent
+from server.engine.worker import DecodeLoop, StepObserver
+
+__all__ = [
+    "EmptyPromptError",
+    "Engine",
+    "EngineConfig",
+    "EngineNotReadyError",
+    "EngineStats",
+    "PromptTooLongError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One model, one llama.cpp context with `n_parallel` sequence slots, one decode thread.
+
+    `on_step(tokens_in_step, n_seqs)` is called on the decode thread after every step (keep it quick: it
+    delays the next step); it can also be set later as the `on_step` attribute.
+    """
+
+    def __init__(self, config: EngineConfig, on_step: StepObserver | None = None) -> None:
+        self.config = config
+        self._on_step = on_step
+        self._runtime: LlamaRuntime | None = None
+        self._loop: DecodeLoop | None = None
+        self._template: ChatTemplate | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._done_loading = threading.Event()
+        self.load_error: BaseException | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> None:
+        """Load the model and start the decode thread. With wait, block until loaded (raises ModelLoadError)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine was already started")
+        self._thread = threading.Thread(target=self._main, name="edgeserve-engine", daemon=True)
+        self._thread.start()
+        if wait:
+            self._done_loading.wait()
+            if self.load_error is not None:
+                raise self.load_error
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until loading is over; True when the model is ready."""
+        self._done_loading.wait(timeout)
+        return self._ready.is_set()
+
+    def _main(self) -> None:
+        try:
+            runtime = LlamaRuntime(self.config)
+            self._template = ChatTemplate(
+                runtime.chat_template(),
+                bos_token=runtime.token_text(runtime.bos),
+                eos_token=runtime.token_text(runtime.eos),
+            )
+            self._runtime = runtime
+            self._loop = DecodeLoop(runtime, self.config, self._on_step)
+        except BaseException as exc:
+            self.load_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
+            log.error("model load failed: %s", exc)
+            self._done_loading.set()
+            return
+        self._ready.set()
+        self._done_loading.set()
+        log.info("engine ready: %s, %d slots, %d KV cells, %d tokens per sequence",
+                 Path(self.config.model_path).name, runtime.n_seq_max, runtime.n_ctx, runtime.n_ctx_seq)
+        try:
+            self._loop.run()
+        finally:
+            self._ready.clear()
+
+    def stop(self) -> None:
+        """Stop the decode thread (in-flight requests end with EngineStoppedError) and free llama.cpp."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._done_loading.wait()
+        if self._loop is not None:
+            self._loop.stop()
+        thread.join()
+        self._ready.clear()
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+
+    @property
+    def on_step(self) -> StepObserver | None:
+        return self._on_step
+
+    @on_step.setter
+    def on_step(self, observer: StepObserver | None) -> None:
+        self._on_step = observer
+        if self._loop is not None:
+            self._loop.on_step = observer
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _rt(self) -> LlamaRuntime:
+        if self._runtime is None or not self._ready.is_set():
+            if self.load_error is not None:
+                raise EngineNotReadyError(f"the model failed to load: {self.load_error}")
+            raise EngineNotReadyError("the model is not loaded yet")
+        return self._runtime
+
+    # --- model facts ----------------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.config.model_path).stem
+
+    @property
+    def n_slots(self) -> int:
+        return self._runtime.n_seq_max if self._runtime is not None else self.config.n_parallel
+
+    @property
+    def n_ctx_per_seq(self) -> int:
+        """Tokens (prompt + generated) a single sequence may use."""
+        if self._runtime is not None:
+            return self._runtime.n_ctx_seq
+        if self.config.kv_unified:
+            return self.config.n_ctx
+        return self.config.n_ctx // self.config.n_parallel
+
+    @property
+    def n_vocab(self) -> int:
+        return self._rt().n_vocab
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self._rt().tokenize(text, add_special=add_special)
+
+    def detokenize(self, ids: Seq[int]) -> str:
+        return self._rt().detokenize(list(ids))
+
+    def token_text(self, token_id: int) -> str:
+        """The text one generated token contributes (for logprobs), invalid UTF-8 replaced."""
+        return self._rt().piece(token_id).decode("utf-8", errors="replace")
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        self._rt()
+        assert self._template is not None
+        return self._template
+
+    def apply_chat_template(self, messages: Seq[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render OpenAI-style messages with the model's template (ChatML when it has none)."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Stream a completion of `prompt` (text, tokenized with BOS as the model wants, or token ids).
+
+        Checks run now, before anything is queued: EngineNotReadyError, EmptyPromptError and
+        PromptTooLongError (prompt tokens + max_tokens over n_ctx_per_seq) raise from this call.
+        The request is queued when iteration starts.
+        """
+        runtime = self._rt()
+        tokens = runtime.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            raise EmptyPromptError()
+        limit = runtime.n_ctx_seq
+        if len(tokens) + params.max_tokens > limit:
+            raise PromptTooLongError(len(tokens), params.max_tokens, limit)
+        if any(t < 0 or t >= runtime.n_vocab for t in tokens):
+            raise ValueError(f"token ids must be in [0, {runtime.n_vocab})")
+        return self._stream(tokens, params)
+
+    async def _stream(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        loop = self._loop
+        runtime = self._runtime
+        if loop is None or runtime is None or not self._ready.is_set():
+            raise EngineNotReadyError("the engine is not running")
+        sink = EventSink(asyncio.get_running_loop())
+        seq = Sequence(tokens, params, sink, runtime.piece)
+        loop.submit(seq)
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.is_finished:
+                loop.cancel(seq)
+
+    # --- observability --------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        loop = self._loop
+        if loop is None:
+            return EngineStats(
+                is_ready=False, n_slots=self.n_slots, running=0, waiting=0, kv_used_cells=0, kv_cached_cells=0,
+                kv_total_cells=self.config.n_ctx, preemptions_total=0, steps_total=0, step_tokens_total=0,
+                last_step_tokens=0, last_step_seqs=0, max_step_tokens=0, max_step_seqs=0,
+                prompt_tokens_total=0, generated_tokens_total=0, prefix_reused_tokens_total=0,
+                requests_finished_total=0, requests_cancelled_total=0,
+            )
+        sched = loop.sched
+        return EngineStats(
+            is_ready=self.is_ready,
+            n_slots=len(sched.slots),
+            running=len(sched.running),
+            waiting=len(sched.waiting) + loop.n_inbox,
+            kv_used_cells=sched.kv_used(),
+            kv_cached_cells=sched.kv_cached(),
+            kv_total_cells=sched.kv_cells,
+            preemptions_total=sched.preemptions,
+            steps_total=loop.steps,
+            step_tokens_total=loop.step_tokens_total,
+            last_step_tokens=loop.last_step_tokens,
+            last_step_seqs=loop.last_step_seqs,
+            max_step_tokens=loop.max_step_tokens,
+            max_step_seqs=loop.max_step_seqs,
+            prompt_tokens_total=loop.prompt_tokens_total,
+            generated_tokens_total=loop.generated_tokens_total,
+            prefix_reused_tokens_total=sched.reused_tokens,
+            requests_finished_total=loop.finished_total,
+            requests_cancelled_total=loop.cancelled_total,
+        )

@@ -1,0 +1,39 @@
+"""Errors the engine raises to its callers."""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """The engine failed to serve a request (load failure, fatal llama.cpp error, shutdown)."""
+
+
+class EngineNotReadyError(EngineError):
+    """The model is not loaded yet (or failed to load): the engine cannot take work now."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine was stopped while the request was in flight."""
+
+
+class ModelLoadError(EngineError):
+    """llama.cpp could not load the model or create its context."""
+
+
+class PromptTooLongError(ValueError):
+    """prompt tokens + max_tokens do not fit the context a single sequence may use."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.limit = limit
+        super().__init__(
+            f"this model's context is {limit} tokens per sequence, but the request needs "
+            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt + {max_tokens} max_tokens)"
+        )
+
+
+class EmptyPromptError(ValueError):
+    """The prompt tokenized to nothing: there is no position to generate from."""
+
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty")

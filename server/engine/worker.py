@@ -1,0 +1,246 @@
+"""The decode loop: one thread that plans a step, runs llama_decode, samples and hands events to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from server.engine.batch import TokenBatch
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineError, EngineStoppedError
+from server.engine.llama_context import LlamaRuntime
+from server.engine.sampling import Sampler, token_logprobs
+from server.engine.scheduler import Scheduler, Work
+from server.engine.sequence import Sequence
+from server.engine.types import FinishReason, StreamEvent
+
+log = logging.getLogger(__name__)
+
+StepObserver = Callable[[int, int], None]
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class DecodeLoop:
+    """Owns the llama.cpp context after loading: only this thread decodes, samples or edits the KV cache.
+
+    Other threads talk to it through `submit`, `cancel` and `stop`, which only append to lists under a lock.
+    Events of one step are handed to each event loop in one call_soon_threadsafe call.
+    """
+
+    def __init__(self, runtime: LlamaRuntime, config: EngineConfig, on_step: StepObserver | None = None) -> None:
+        self.rt = runtime
+        self.config = config
+        self.on_step = on_step
+        self.batch = TokenBatch(runtime.n_batch)
+        self.sched = Scheduler(runtime, n_slots=runtime.n_seq_max, kv_cells=runtime.n_ctx,
+                               n_batch=min(config.n_batch, runtime.n_batch), unified=config.kv_unified,
+                               prefix_cache=config.prefix_cache and runtime.can_reuse_prefix)
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._cancels: list[Sequence] = []
+        self._stopping = False
+        self._eog = runtime.eog_tokens()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        # counters, read by stats() from other threads (plain ints: a torn read is impossible under the GIL)
+        self.steps = 0
+        self.step_tokens_total = 0
+        self.last_step_tokens = 0
+        self.last_step_seqs = 0
+        self.max_step_tokens = 0
+        self.max_step_seqs = 0
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+        self.finished_total = 0
+        self.cancelled_total = 0
+        self.n_inbox = 0
+
+    # --- called from other threads --------------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the engine is stopping")
+            self._inbox.append(seq)
+            self.n_inbox = len(self._inbox)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.is_cancelled = True
+        with self._cond:
+            self._cancels.append(seq)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    # --- the thread -----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self._next_round():
+                if self.sched.running or self.sched.waiting:
+                    self._step()
+                self._flush()
+        except BaseException as exc:  # a bug or a fatal llama.cpp error: fail every request, do not hang them
+            log.exception("engine decode loop died")
+            self._fail_all(EngineError(f"the engine's decode loop failed: {exc}"))
+            raise
+        self._fail_all(EngineStoppedError("the engine was stopped"))
+
+    def _next_round(self) -> bool:
+        with self._cond:
+            while not (self._inbox or self._cancels or self._stopping or self.sched.running
+                       or self.sched.waiting):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+            self.n_inbox = 0
+        for seq in cancels:
+            self._drop(seq, cancelled=True)
+        for seq in inbox:
+            if not seq.is_cancelled:
+                self._start(seq)
+        return True
+
+    def _start(self, seq: Sequence) -> None:
+        sampler = Sampler(seq.params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog, default_seed=self.config.seed)
+        sampler.accept_prompt(seq.tokens)
+        seq.sampler = sampler
+        self.prompt_tokens_total += seq.n_prompt
+        self.sched.submit(seq)
+
+    def _drop(self, seq: Sequence, *, cancelled: bool) -> None:
+        if seq.is_finished:
+            return
+        seq.is_finished = True
+        self.sched.drop(seq, keep_cache=not cancelled)
+        if seq.sampler is not None:
+            seq.sampler.free()
+            seq.sampler = None
+        if cancelled:
+            self.cancelled_total += 1
+        else:
+            self.finished_total += 1
+
+    def _step(self) -> None:
+        work = self.sched.plan(self.batch)
+        while work:
+            rc = self.rt.decode(self.batch.finish())
+            if rc == 0:
+                break
+            if rc == 1 and self.sched.on_no_kv_slot():
+                log.info("KV cache full: freed room (preemptions so far: %d)", self.sched.preemptions)
+                work = self.sched.plan(self.batch)
+                continue
+            self._fail_work(work, EngineError(f"llama_decode failed with status {rc}"))
+            return
+        if not work:
+            with self._cond:  # nothing could be scheduled: wait for a change instead of spinning
+                self._cond.wait(0.01)
+            return
+        self.sched.commit(work)
+        n_tokens = self.batch.n
+        self.steps += 1
+        self.step_tokens_total += n_tokens
+        self.last_step_tokens = n_tokens
+        self.last_step_seqs = len(work)
+        self.max_step_tokens = max(self.max_step_tokens, n_tokens)
+        self.max_step_seqs = max(self.max_step_seqs, len(work))
+        ctx = self.rt.ctx
+        for w in work:
+            if w.out_idx >= 0 and not w.seq.is_finished:
+                seq = w.seq
+                assert seq.sampler is not None
+                self._on_token(seq, seq.sampler.sample(ctx, w.out_idx), w.out_idx)
+        if self.on_step is not None:
+            try:
+                self.on_step(n_tokens, len(work))
+            except Exception:
+                log.exception("on_step observer failed")
+
+    def _on_token(self, seq: Sequence, token: int, out_idx: int) -> None:
+        seq.tokens.append(token)
+        self.generated_tokens_total += 1
+        params = seq.params
+        finish: FinishReason | None = None
+        lps: tuple[float, ...] = ()
+        tops: tuple[tuple[tuple[int, float], ...], ...] = ()
+        if seq.logprobs:
+            lp, top = token_logprobs(self.rt.logits_row(out_idx), self.rt.n_vocab, token, params.logprobs or 0)
+            lps, tops = (lp,), ((top,) if params.logprobs else ())
+        stopped = False
+        if not params.ignore_eos and self.rt.is_eog(token):
+            finish, text = "stop", ""
+        else:
+            text = seq.detok.push(token)
+            if seq.stops.is_active:
+                text, stopped = seq.stops.feed(text)
+                if stopped:
+                    finish = "stop"
+        if finish is None and seq.n_generated >= params.max_tokens:
+            finish = "length"
+        if finish is not None and not stopped:
+            tail = seq.detok.flush()
+            if seq.stops.is_active:
+                more, stopped = seq.stops.feed(tail)
+                text += more if stopped else more + seq.stops.flush()
+                if stopped:
+                    finish = "stop"
+            else:
+                text += tail
+        event = StreamEvent(text, (token,), finish, seq.n_prompt, seq.n_generated, lps, tops)
+        self._post(seq, event)
+        if finish is not None:
+            self._drop(seq, cancelled=False)
+
+    def _post(self, seq: Sequence, item: Any) -> None:
+        sink = seq.sink
+        if sink is None:
+            return
+        items = self._outbox.get(sink.loop)
+        if items is None:
+            items = self._outbox[sink.loop] = []
+        items.append((sink.queue, item))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody listens to these sequences any more
+                self._cancel_orphans(loop)
+
+    def _cancel_orphans(self, loop: asyncio.AbstractEventLoop) -> None:
+        for seq in list(self.sched.running) + list(self.sched.waiting):
+            if seq.sink is not None and seq.sink.loop is loop:
+                self._drop(seq, cancelled=True)
+
+    def _fail_work(self, work: list[Work], error: Exception) -> None:
+        log.error("%s; failing %d sequences", error, len(work))
+        for w in work:
+            self._post(w.seq, error)
+            self._drop(w.seq, cancelled=True)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = self._inbox + list(self.sched.running) + list(self.sched.waiting)
+            self._inbox = []
+        for seq in pending:
+            if not seq.is_finished and not seq.is_cancelled:
+                self._post(seq, error)
+            self._drop(seq, cancelled=True)
+        self._flush()

@@ -1,0 +1,123 @@
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} for every failure we answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.gateway.backends.base import BackendError
+
+log = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+def error_type_for(status_code: int) -> str:
+    """The OpenAI `type` that goes with an HTTP status."""
+    return _TYPE_BY_STATUS.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+
+
+class APIError(Exception):
+    """An error the gateway answers itself, already in OpenAI terms."""
+
+    def __init__(self, status_code: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type or error_type_for(status_code)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, type="invalid_request_error", param=param, code=code)
+
+
+def from_backend_error(exc: BackendError, retry_after_s: int) -> APIError:
+    """Map a backend failure to the error the client sees (503 and 429 tell it when to retry)."""
+    headers = {"Retry-After": str(retry_after_s)} if exc.status_code in (429, 503) else {}
+    return APIError(exc.status_code, exc.message, param=exc.param, code=exc.code, headers=headers)
+
+
+def _json(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers or None)
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    if not parts:
+        return None
+    # "messages.0.content" reads like OpenAI's own `param` values.
+    return ".".join(parts)
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return _json(exc)
+
+
+async def _backend_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BackendError)
+    retry_after_s = getattr(getattr(request.app.state, "settings", None), "retry_after_s", 1)
+    return _json(from_backend_error(exc, retry_after_s))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if not errors:
+        return _json(invalid_request("invalid request"))
+    first = errors[0]
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return _json(invalid_request(message, param=param))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    api = APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+    return _json(api)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _json(APIError(500, "internal server error", code="internal_error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error leave the gateway in the OpenAI shape."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(BackendError, _backend_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

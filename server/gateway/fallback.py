@@ -1,0 +1,437 @@
+"""The fallback chain: one Backend over an ordered list of backends, so no request is lost to one of them.
+
+Per request: the first backend that is up, whose breaker lets work through and whose context holds the prompt
+takes it (a full one hands it on to the next; all full: 429). If it fails before any text reached the client
+(connection refused or reset, 5xx, out of memory, process gone, nothing for `stall_timeout_s`) the request
+goes to the next backend unseen. If it fails after, the next backend continues the same answer (resume.py):
+the client sees one stream with one finish_reason and usage summed over the backends. Every backend is tried
+at most once per request, so a request ends however many backends are down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from server.engine.chat_template import ChatTemplate
+from server.gateway.admission import Admission, Lease, QueueFullError, QueueTimeoutError
+from server.gateway.backends.base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    BackendUnavailableError,
+    ContextLengthExceededError,
+    Delta,
+    GenerationJob,
+    ReportsStats,
+)
+from server.gateway.breaker import CircuitBreaker
+from server.gateway.chain_config import ChainConfig, MemberConfig, build_member_backend
+from server.gateway.reliability_metrics import ChainMetrics, MemberSnapshot
+from server.gateway.resume import StreamProgress, as_completion, clamp_to_context, continuation_job
+from server.launch.oom import find_oom
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One backend of the chain with its breaker and its own bounded queue."""
+
+    config: MemberConfig
+    backend: Backend
+    breaker: CircuitBreaker
+    gate: Admission
+    is_started: bool = False
+    start_error: str | None = None
+    template: ChatTemplate | None = None
+    _template_tried: bool = field(default=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def n_ctx(self) -> int:
+        """Context per sequence; 0 when unknown (a remote that reports none and has no n_ctx configured)."""
+        return self.backend.n_ctx or self.config.n_ctx or 0
+
+    def is_up(self) -> bool:
+        return self.is_started and self.backend.is_ready()
+
+    def is_available(self) -> bool:
+        return self.is_up() and self.breaker.can_try()
+
+    def has_room(self) -> bool:
+        snap = self.gate.snapshot()
+        return snap.in_flight < snap.limit or snap.waiting < snap.max_queue
+
+    def has_free_slot(self) -> bool:
+        snap = self.gate.snapshot()
+        return snap.in_flight < snap.limit and snap.waiting == 0
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short label for metrics: oom, unavailable, stall, error."""
+    if isinstance(exc, BackendError) and find_oom([exc.message])[0] is not None:
+        return "oom"
+    if isinstance(exc, _StallError):
+        return "stall"
+    if isinstance(exc, BackendUnavailableError):
+        return "unavailable"
+    return "error"
+
+
+class _StallError(BackendUnavailableError):
+    code = "backend_stalled"
+
+
+class FallbackBackend:
+    """Implements the Backend protocol over `members`, tried in order."""
+
+    name = "fallback"
+    # The chain queues per backend: the gateway's own admission gate must not queue in front of it.
+    has_own_queue = True
+
+    def __init__(self, members: Sequence[tuple[MemberConfig, Backend]], *, model_name: str | None = None,
+                 metrics: ChainMetrics | None = None) -> None:
+        if not members:
+            raise ValueError("a fallback chain needs at least one backend")
+        self.metrics = metrics or ChainMetrics()
+        self._model_name = model_name
+        self.members: list[Member] = [
+            Member(config=cfg, backend=backend,
+                   breaker=CircuitBreaker(cfg.name, cfg.breaker, on_change=self._breaker_changed),
+                   gate=Admission(limit=cfg.slots, max_queue=cfg.queue_size))
+            for cfg, backend in members
+        ]
+        self.metrics.watch(self.snapshots)
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: ChainConfig) -> FallbackBackend:
+        return cls([(m, build_member_backend(m)) for m in config.backends], model_name=config.model_name)
+
+    def bind_registry(self, registry: CollectorRegistry) -> None:
+        """Publish the chain's metrics in the app's registry (called by create_app)."""
+        self.metrics = ChainMetrics(registry)
+        self.metrics.watch(self.snapshots)
+
+    # --- Backend protocol -----------------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str | None:
+        if self._model_name:
+            return self._model_name
+        for m in self.members:
+            model = getattr(m.backend, "model_id", None)
+            if m.is_started and model:
+                return str(model)
+        return None
+
+    @property
+    def n_ctx(self) -> int:
+        """The largest context of any backend: a prompt that fits none of them is refused up front."""
+        return max((m.n_ctx for m in self.members), default=0)
+
+    @property
+    def slots(self) -> int:
+        """Requests the chain can hold (running and queued, all backends): the gateway's in-flight cap."""
+        return sum(m.config.capacity for m in self.members)
+
+    def is_ready(self) -> bool:
+        return any(m.is_available() for m in self.members)
+
+    async def start(self) -> None:
+        """Start every backend; one that cannot start (e.g. out of memory) stays out with its breaker open."""
+        results = await asyncio.gather(*(self._start_member(m) for m in self.members), return_exceptions=True)
+        for m, result in zip(self.members, results, strict=True):
+            if isinstance(result, BaseException):
+                m.start_error = str(result) or type(result).__name__
+                m.breaker.trip()
+                self.metrics.failures.labels(backend=m.name, reason=failure_reason(result)).inc()
+                log.error("chain backend %s failed to start: %s", m.name, m.start_error)
+            else:
+                m.is_started = True
+                log.info("chain backend %s started (%s, %d slots, context %d)", m.name, m.config.kind,
+                         m.config.slots, m.n_ctx)
+        if not any(m.is_started for m in self.members):
+            raise RuntimeError("no backend of the chain could start: " + "; ".join(
+                f"{m.name}: {m.start_error}" for m in self.members))
+        if any(m.config.supervisor_status for m in self.members):
+            self._watcher = asyncio.create_task(self._watch_supervisors())
+
+    @staticmethod
+    async def _start_member(m: Member) -> None:
+        if not m.backend.is_ready():  # a backend handed over already running is kept as it is
+            await m.backend.start()
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
+            self._watcher = None
+        for m in self.members:
+            if m.is_started:
+                try:
+                    await m.backend.stop()
+                except Exception:
+                    log.exception("chain backend %s did not stop cleanly", m.name)
+                m.is_started = False
+
+    def count_prompt_tokens(self, job: GenerationJob) -> int | None:
+        for m in self.members:
+            if m.is_started:
+                count = m.backend.count_prompt_tokens(job)
+                if count is not None:
+                    return count
+        return None
+
+    def stats(self) -> BackendStats:
+        """The engine figures of the first backend that has any (the embedded engine)."""
+        for m in self.members:
+            if m.is_started and isinstance(m.backend, ReportsStats):
+                return m.backend.stats()
+        return BackendStats()
+
+    def generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
+        return self._generate(job, StreamProgress())
+
+    def stream(self, job: GenerationJob) -> tuple[AsyncIterator[Delta], StreamProgress]:
+        """`generate`, plus the live record of which backend produced which part (for logs and tests)."""
+        progress = StreamProgress()
+        return self._generate(job, progress), progress
+
+    # --- routing --------------------------------------------------------------------------------------------
+
+    def snapshots(self) -> list[MemberSnapshot]:
+        out = []
+        for m in self.members:
+            snap = m.gate.snapshot()
+            out.append(MemberSnapshot(name=m.name, breaker_state=m.breaker.state,
+                                      is_available=m.is_available(), in_flight=snap.in_flight,
+                                      waiting=snap.waiting, slots=snap.limit))
+        return out
+
+    def record_ladder_step(self, backend: str, rung: str, detail: str = "") -> None:
+        """The supervisor restarted `backend` one rung down the OOM ladder."""
+        self.metrics.ladder_steps.labels(backend=backend, rung=rung).inc()
+        log.warning("backend %s restarted one OOM-ladder step down: %s %s", backend, rung, detail)
+
+    def _breaker_changed(self, name: str, old: str, new: str) -> None:
+        self.metrics.breaker_transitions.labels(backend=name, to_state=new).inc()
+
+    def _estimate_tokens(self, member: Member, job: GenerationJob) -> int | None:
+        count = member.backend.count_prompt_tokens(job) if member.is_started else None
+        # A remote cannot count before sending; the chain serves one model, so another member's count will do.
+        return count if count is not None else self.count_prompt_tokens(job)
+
+    def _candidates(self, job: GenerationJob,
+                    exclude: set[str]) -> tuple[list[tuple[Member, GenerationJob]], bool]:
+        """Available members that can hold `job` (max_tokens clamped to fit), best first; and whether any
+        otherwise usable member was left out only because the prompt is too long for it."""
+        full: list[tuple[Member, GenerationJob]] = []
+        clamped: list[tuple[Member, GenerationJob]] = []
+        too_long = False
+        for m in self.members:
+            if m.name in exclude or not m.is_available():
+                continue
+            n_ctx = m.n_ctx
+            count = self._estimate_tokens(m, job) if n_ctx else None
+            if count is None:
+                full.append((m, job))
+                continue
+            fitted = clamp_to_context(job, count, n_ctx)
+            if fitted is None:
+                too_long = True
+            elif fitted is job:
+                full.append((m, job))
+            else:
+                clamped.append((m, fitted))
+        return full + clamped, too_long
+
+    async def _place(self, job: GenerationJob, exclude: set[str]) -> tuple[Member, GenerationJob, Lease]:
+        """Choose a backend for `job` and take one of its slots (waiting in its queue if need be)."""
+        candidates, too_long = self._candidates(job, exclude)
+        if not candidates:
+            if too_long and not any(m.is_available() and m.name not in exclude and m.n_ctx == 0
+                                    for m in self.members):
+                self.metrics.refused.labels(reason="context_length").inc()
+                longest = max((m.n_ctx for m in self.members if m.name not in exclude), default=self.n_ctx)
+                raise ContextLengthExceededError(
+                    f"the prompt does not fit the context of any available backend (largest: {longest})",
+                    param="messages" if job.kind == "chat" else "prompt")
+            self.metrics.refused.labels(reason="no_backend").inc()
+            raise BackendUnavailableError("no backend of the chain is available: " + self._describe(exclude))
+        # A free slot now beats a queue; among queues, the order of the chain.
+        ordered = [c for c in candidates if c[0].has_free_slot()] + [
+            c for c in candidates if not c[0].has_free_slot() and c[0].has_room()]
+        for member, fitted in ordered:
+            if not member.breaker.allow():
+                continue  # half-open and another request is the probe
+            try:
+                lease = await member.gate.acquire(member.config.queue_timeout_s)
+            except QueueFullError:
+                member.breaker.release_probe()
+                continue
+            except QueueTimeoutError:
+                member.breaker.release_probe()
+                self.metrics.refused.labels(reason="queue_timeout").inc()
+                raise BackendError(f"backend {member.name} had no free slot within "
+                                   f"{member.config.queue_timeout_s:g} s", status_code=408,
+                                   code="queue_timeout", retryable=False) from None
+            except BaseException:
+                member.breaker.release_probe()
+                raise
+            return member, fitted, lease
+        self.metrics.refused.labels(reason="queue_full").inc()
+        raise BackendError("every backend of the chain is busy and its queue is full; retry later",
+                           status_code=429, code="queue_full", retryable=False)
+
+    def _describe(self, exclude: set[str]) -> str:
+        parts = []
+        for m in self.members:
+            if m.name in exclude:
+                why = "failed on this request"
+            elif m.start_error:
+                why = f"did not start ({m.start_error[:120]})"
+            elif not m.is_up():
+                why = "down"
+            else:
+                why = f"breaker {m.breaker.state}, probe in {m.breaker.seconds_until_probe():.1f} s"
+            parts.append(f"{m.name}: {why}")
+        return "; ".join(parts)
+
+    async def _prepare(self, member: Member, job: GenerationJob) -> GenerationJob:
+        """A resumed chat for a remote goes as a raw completion when its chat template is known."""
+        if member.config.kind != "openai" or job.kind != "chat" or not job.continuation:
+            return job
+        template = await self._template(member)
+        return as_completion(job, template) if template is not None else job
+
+    async def _template(self, member: Member) -> ChatTemplate | None:
+        if member._template_tried:
+            return member.template
+        member._template_tried = True
+        url = (member.config.url or "").rstrip("/").removesuffix("/v1")
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(member.config.connect_timeout_s)) as client:
+                props = (await client.get(f"{url}/props")).json()
+            source = props.get("chat_template") if isinstance(props, dict) else None
+            if isinstance(source, str) and source:
+                # The server adds BOS itself when it tokenizes a completion prompt.
+                eos = str(props.get("eos_token") or "")
+                member.template = ChatTemplate(source, bos_token="", eos_token=eos)
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
+            log.info("backend %s reports no chat template (%s): resumed chats go as chat", member.name, exc)
+        return member.template
+
+    # --- one request ----------------------------------------------------------------------------------------
+
+    async def _generate(self, job: GenerationJob, progress: StreamProgress) -> AsyncIterator[Delta]:
+        tried: set[str] = set()
+        previous: str | None = None
+        context_error: ContextLengthExceededError | None = None
+        while True:
+            attempt = continuation_job(job, progress)
+            if attempt is None:
+                yield progress.length_finish()
+                return
+            try:
+                member, attempt, lease = await self._place(attempt, tried)
+            except BackendUnavailableError:
+                if context_error is not None:
+                    raise context_error from None  # the others are down: the prompt is what failed here
+                raise
+            tried.add(member.name)
+            if previous is not None:
+                phase = "mid_stream" if progress.has_output else "before_output"
+                self.metrics.fallbacks.labels(from_backend=previous, to_backend=member.name,
+                                              phase=phase).inc()
+                log.warning("request moves from %s to %s (%s, %d tokens sent so far)", previous, member.name,
+                            phase, progress.completion_tokens)
+            self.metrics.attempts.labels(backend=member.name).inc()
+            progress.begin(member.name)
+            error: BackendError | None = None
+            iterator: AsyncIterator[Delta] | None = None
+            try:
+                iterator = member.backend.generate(await self._prepare(member, attempt))
+                while True:
+                    try:
+                        delta = await asyncio.wait_for(anext(iterator), member.config.stall_timeout_s)
+                    except StopAsyncIteration:
+                        delta = Delta(text="", finish_reason="stop")
+                    except asyncio.TimeoutError:
+                        raise _StallError(f"backend {member.name} sent nothing for "
+                                          f"{member.config.stall_timeout_s:g} s") from None
+                    finished = delta.finish_reason is not None
+                    if finished:
+                        member.breaker.record_success()
+                    yield progress.absorb(delta)
+                    if finished:
+                        return
+            except BackendError as exc:
+                error = exc
+            except Exception as exc:  # anything else a backend raises is its failure, not the client's
+                log.exception("backend %s raised", member.name)
+                error = BackendError(f"backend {member.name} failed: {exc}", code="backend_error")
+            finally:
+                lease.release()
+                if iterator is not None:
+                    with contextlib.suppress(Exception):
+                        aclose = getattr(iterator, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                if error is None and member.breaker.state == "half_open":
+                    member.breaker.release_probe()  # the client left during the probe: no verdict
+            assert error is not None
+            if isinstance(error, ContextLengthExceededError):
+                context_error = error
+            self._account(member, error, progress)
+            progress.abandon()
+            previous = member.name
+
+    def _account(self, member: Member, error: BackendError, progress: StreamProgress) -> None:
+        """Judge one failure: count it against the backend or give it back to the client."""
+        if isinstance(error, ContextLengthExceededError):
+            # Not the backend's fault: another backend with a longer context may take it.
+            member.breaker.release_probe()
+            log.info("backend %s: context too small for this request, trying the next", member.name)
+            return
+        if not error.retryable:
+            member.breaker.release_probe()
+            raise error
+        reason = failure_reason(error)
+        member.breaker.record_failure()
+        self.metrics.failures.labels(backend=member.name, reason=reason).inc()
+        log.warning("backend %s failed (%s%s): %s", member.name, reason,
+                    ", mid-stream" if progress.has_output else "", error.message[:300])
+
+    async def _watch_supervisors(self) -> None:
+        """Turn the OOM-ladder steps a supervisor writes to its status file into metrics and log lines."""
+        seen: dict[str, int] = {}
+        while True:
+            for m in self.members:
+                path = m.config.supervisor_status
+                if path is None:
+                    continue
+                try:
+                    status = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                steps = (status.get("ladder_steps") or []) if isinstance(status, dict) else []
+                for step in steps[seen.get(m.name, 0):]:
+                    if isinstance(step, dict):
+                        change = f"{step.get('setting')} {step.get('old')} -> {step.get('new')}"
+                        detail = f"{change}: {step.get('why')}"
+                        self.record_ladder_step(m.name, str(step.get("rung", "unknown")), detail)
+                seen[m.name] = len(steps)
+            await asyncio.sleep(1.0)

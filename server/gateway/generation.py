@@ -1,0 +1,223 @@
+"""Running one job: admission, the first delta, deadlines, client disconnects, and the non-streamed answer.
+
+The first delta is awaited before any response is started, so everything that fails early (queue full, context
+too long, backend down) still gets its own HTTP status, for streamed requests too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from server.gateway.admission import Lease, QueueFullError, QueueTimeoutError
+from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob
+from server.gateway.errors import APIError, from_backend_error
+from server.gateway.schemas import Usage
+from server.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLIENT_CLOSED_STATUS = 499
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its answer was ready."""
+
+
+class RequestTimeoutError(Exception):
+    """The request ran past settings.request_timeout_s."""
+
+
+def timeout_error(timeout_s: float) -> APIError:
+    return APIError(504, f"request did not finish within {timeout_s:g} s", type="timeout_error",
+                    code="timeout")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # After the body has been read, the next ASGI message on this connection is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
+    """Await `awaitable` unless the client disconnects or the deadline passes first; then cancel it."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        await work
+    if watcher in done:
+        raise ClientDisconnectedError
+    raise RequestTimeoutError
+
+
+async def _first(iterator: AsyncIterator[Delta]) -> Delta:
+    return await anext(iterator)
+
+
+@dataclass
+class RunningJob:
+    """An admitted job whose first delta has arrived. `close()` frees the backend sequence and the slot."""
+
+    route: str
+    state: GatewayState
+    job: GenerationJob
+    lease: Lease
+    iterator: AsyncIterator[Delta]
+    first: Delta
+    started: float
+    deadline: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    is_completed: bool = False
+    is_answered: bool = False  # ended with an error the client was told about (not a disconnect)
+    _closed: bool = False
+
+    def record(self, delta: Delta) -> None:
+        """Account for one delta: token counts, TTFT / inter-token latency."""
+        now = time.monotonic()
+        metrics = self.state.metrics
+        if delta.text or delta.completion_tokens > self.completion_tokens:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                metrics.ttft.labels(route=self.route).observe(now - self.started)
+            elif self.last_token_at is not None:
+                metrics.itl.labels(route=self.route).observe(now - self.last_token_at)
+            self.last_token_at = now
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            if delta.completion_tokens or delta.prompt_tokens:
+                # The last delta carries the backend's final counts: they win over running estimates.
+                self.prompt_tokens = delta.prompt_tokens
+                self.completion_tokens = delta.completion_tokens
+        else:
+            self.prompt_tokens = max(self.prompt_tokens, delta.prompt_tokens)
+            self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
+        self.logprobs.extend(delta.logprobs)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+    async def next_delta(self) -> Delta | None:
+        """The next delta, None when the backend is done. Raises RequestTimeoutError past the deadline."""
+        try:
+            return await asyncio.wait_for(_first(self.iterator), max(0.0, self.deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError from None
+
+    async def close(self, *, completed: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.is_completed = completed
+        try:
+            aclose = getattr(self.iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        except Exception:
+            log.debug("closing the backend stream failed", exc_info=True)
+        finally:
+            self.lease.release()
+            metrics = self.state.metrics
+            if completed:
+                metrics.e2e.labels(route=self.route).observe(time.monotonic() - self.started)
+            metrics.observe_tokens(self.prompt_tokens, self.completion_tokens)
+
+
+async def start_job(request: Request, state: GatewayState, job: GenerationJob, route: str) -> RunningJob:
+    """Admit `job`, start it on the backend and wait for its first delta."""
+    settings = state.settings
+    metrics = state.metrics
+    state.require_ready()
+    started = time.monotonic()
+    deadline = started + settings.request_timeout_s
+    try:
+        lease = await guarded(request, state.admission.acquire(settings.queue_timeout_s), deadline)
+    except QueueFullError as exc:
+        metrics.rejected.labels(reason="queue_full").inc()
+        raise APIError(429, f"server is at capacity: {exc}; retry later", code="queue_full",
+                       headers=state.retry_after()) from None
+    except QueueTimeoutError as exc:
+        metrics.rejected.labels(reason="queue_timeout").inc()
+        raise APIError(429, f"server is busy: {exc}; retry later", code="queue_timeout",
+                       headers=state.retry_after()) from None
+    except RequestTimeoutError:
+        raise timeout_error(settings.request_timeout_s) from None
+    metrics.queue_wait.observe(time.monotonic() - started)
+    iterator = state.backend.generate(job)
+    try:
+        first = await guarded(request, _first(iterator), deadline)
+    except BaseException as exc:
+        lease.release()
+        with contextlib.suppress(Exception):
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if isinstance(exc, StopAsyncIteration):
+            raise APIError(502, "backend ended the stream without an answer", code="empty_response") from None
+        if isinstance(exc, BackendError):
+            raise from_backend_error(exc, settings.retry_after_s) from None
+        if isinstance(exc, RequestTimeoutError):
+            raise timeout_error(settings.request_timeout_s) from None
+        raise
+    running = RunningJob(route=route, state=state, job=job, lease=lease, iterator=iterator, first=first,
+                         started=started, deadline=deadline)
+    running.record(first)
+    return running
+
+
+async def _drain(running: RunningJob) -> str:
+    parts = [running.first.text]
+    while running.finish_reason is None:
+        delta = await running.next_delta()
+        if delta is None:
+            break
+        running.record(delta)
+        parts.append(delta.text)
+    return "".join(parts)
+
+
+async def collect(request: Request, running: RunningJob) -> str:
+    """The whole answer of a non-streamed request. Cancels the job if the client leaves."""
+    completed = False
+    try:
+        text = await guarded(request, _drain(running), running.deadline)
+        completed = True
+        return text
+    except BackendError as exc:
+        raise from_backend_error(exc, running.state.settings.retry_after_s) from None
+    except RequestTimeoutError:
+        raise timeout_error(running.state.settings.request_timeout_s) from None
+    except ClientDisconnectedError:
+        running.state.metrics.cancelled.inc()
+        raise
+    finally:
+        await running.close(completed=completed)

@@ -1,0 +1,94 @@
+"""From an OpenAI request to a GenerationJob: sampling settings, token budget and the context-window check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from server.engine.types import SamplingParams
+from server.gateway.backends.base import Backend, GenerationJob, JobKind
+from server.gateway.errors import APIError, invalid_request
+from server.gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# In GenerationJob.extra: False when the client gave no max_tokens (a remote server then applies its default).
+MAX_TOKENS_EXPLICIT = "max_tokens_explicit"
+
+
+def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed,
+            stop=req.stop_tuple(),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise invalid_request(str(exc)) from exc
+
+
+def context_length_error(kind: JobKind, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> APIError:
+    """OpenAI's own wording and code for a request that cannot fit the context window."""
+    what = "messages" if kind == "chat" else "prompt"
+    if max_tokens is None:
+        detail = (f"However, your {what} resulted in {prompt_tokens} tokens. "
+                  f"Please reduce the length of the {what}.")
+    else:
+        detail = (f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                  f"{what}, {max_tokens} in the completion). "
+                  f"Please reduce the length of the {what} or completion.")
+    return APIError(400, f"This model's maximum context length is {n_ctx} tokens. {detail}",
+                    type="invalid_request_error", param=what, code="context_length_exceeded")
+
+
+def _budget(job: GenerationJob, backend: Backend, requested: int | None,
+            default: int | None) -> GenerationJob:
+    """Fix max_tokens against the context window; refuse what cannot fit before it takes a slot."""
+    n_ctx = backend.n_ctx
+    prompt_tokens = backend.count_prompt_tokens(job)
+    if prompt_tokens is not None:
+        if prompt_tokens >= n_ctx:
+            raise context_length_error(job.kind, n_ctx, prompt_tokens, None)
+        if requested is not None and prompt_tokens + requested > n_ctx:
+            raise context_length_error(job.kind, n_ctx, prompt_tokens, requested)
+        room = n_ctx - prompt_tokens
+        max_tokens = requested if requested is not None else min(default or room, room)
+    else:
+        max_tokens = requested if requested is not None else (default or n_ctx)
+    params = dataclasses.replace(job.params, max_tokens=max_tokens)
+    extra = {**job.extra, MAX_TOKENS_EXPLICIT: requested is not None}
+    return dataclasses.replace(job, params=params, extra=extra)
+
+
+def chat_job(req: ChatCompletionRequest, backend: Backend, model: str) -> GenerationJob:
+    if req.response_format is not None and req.response_format.type != "text":
+        raise invalid_request("only response_format type 'text' is supported", param="response_format")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs and not req.logprobs:
+        raise invalid_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    job = GenerationJob(
+        kind="chat",
+        params=_sampling(req, 1, logprobs),
+        model=model,
+        messages=tuple(m.as_template_dict() for m in req.messages),
+    )
+    return _budget(job, backend, req.effective_max_tokens, None)
+
+
+def completion_job(req: CompletionRequest, backend: Backend, model: str,
+                   default_max_tokens: int) -> GenerationJob:
+    if req.echo and req.logprobs is not None:
+        raise invalid_request("echo together with logprobs is not supported", param="echo")
+    job = GenerationJob(
+        kind="completion",
+        params=_sampling(req, 1, req.logprobs),
+        model=model,
+        prompt=req.prompt_text(),
+    )
+    return _budget(job, backend, req.max_tokens, default_max_tokens)

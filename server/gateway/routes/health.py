@@ -1,0 +1,42 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from server.gateway.state import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive and answering (200 even while the model loads)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(state: StateDep) -> JSONResponse:
+    """200 when the model is loaded and a request would be admitted; 503 with Retry-After otherwise."""
+    snap = state.admission.snapshot()
+    body: dict[str, object] = {
+        "backend": state.backend.name,
+        "model": state.model_id,
+        "in_flight": snap.in_flight,
+        "queued": snap.waiting,
+        "slots": snap.limit,
+        "max_queue": snap.max_queue,
+    }
+    if state.load_error is not None:
+        body.update(status="error", reason=f"model failed to load: {state.load_error}")
+    elif not state.is_loaded:
+        body.update(status="loading", reason="model is loading")
+    elif not state.backend.is_ready():
+        body.update(status="unavailable", reason=f"backend {state.backend.name} is not ready")
+    elif snap.in_flight >= snap.limit and snap.waiting >= snap.max_queue:
+        body.update(status="busy", reason="every slot is busy and the queue is full")
+    else:
+        body.update(status="ready", n_ctx=state.backend.n_ctx)
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers=state.retry_after())

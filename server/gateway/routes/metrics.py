@@ -1,0 +1,17 @@
+"""GET /metrics in the Prometheus text format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.gateway.state import StateDep
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Request, latency, token, queue, engine and (with a GPU) device figures."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,94 @@
+"""Server-sent events: `data: {json}` per chunk, `data: [DONE]` at the end, errors as an `error` payload.
+
+The body generator owns the running job: however it ends (done, error, client gone, timeout), its `finally`
+closes the backend stream, which cancels the sequence and frees its KV, and releases the admission slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.gateway.backends.base import BackendError
+from server.gateway.errors import error_body, error_type_for
+from server.gateway.formatting import Formatter
+from server.gateway.generation import RequestTimeoutError, RunningJob
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _events(running: RunningJob, formatter: Formatter,
+                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+    completed = False
+    try:
+        for payload in formatter.opening_chunks():
+            yield sse(payload)
+        delta = running.first
+        while True:
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                yield sse(formatter.chunk(delta.text, delta.logprobs, delta.finish_reason))
+            if running.finish_reason is not None:
+                break
+            next_delta = await running.next_delta()
+            if next_delta is None:
+                # The backend ended without a reason: close the choice properly anyway.
+                yield sse(formatter.chunk("", (), "stop"))
+                break
+            running.record(next_delta)
+            delta = next_delta
+        if include_usage:
+            yield sse(formatter.usage_chunk(running.usage))
+        completed = True
+        yield DONE
+    except BackendError as exc:
+        log.warning("backend failed mid-stream: %s", exc.message)
+        running.is_answered = True
+        yield sse(error_body(exc.message, error_type_for(exc.status_code), exc.param, exc.code))
+        yield DONE
+    except RequestTimeoutError:
+        timeout_s = running.state.settings.request_timeout_s
+        running.is_answered = True
+        message = f"request did not finish within {timeout_s:g} s"
+        yield sse(error_body(message, "timeout_error", None, "timeout"))
+        yield DONE
+    finally:
+        await running.close(completed=completed)
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its job however the response ends, even when it never started."""
+
+    def __init__(self, running: RunningJob, formatter: Formatter, include_usage: bool) -> None:
+        self._running = running
+        self._events: AsyncGenerator[bytes, None] = _events(running, formatter, include_usage)
+        super().__init__(self._events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Starlette may stop iterating without closing the generator (client gone): close it now, so the
+            # backend sequence is cancelled within one engine step, not whenever the generator is collected.
+            await asyncio.shield(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        try:
+            await self._events.aclose()
+        except Exception:
+            log.debug("closing the event stream failed", exc_info=True)
+        if not (self._running.is_completed or self._running.is_answered):
+            self._running.state.metrics.cancelled.inc()
+        await self._running.close(completed=False)

@@ -1,0 +1,119 @@
+"""Embedded arg builder: the gateway with its in-process engine, `edgeserve serve --backend embedded ...`.
+
+The same llama.cpp settings as llama-server, passed as `edgeserve serve` flags where it has one (--model,
+--host, --port, --parallel, --ctx, --n-gpu-layers, --api-key) and otherwise as the EDGESERVE_* variables the
+gateway's settings read; a setting the gateway has no field for is left at the engine's default (the plan's
+reasons say so), never sent under a name nothing reads. `edgeserve serve --ctx` is the KV cache shared by
+all sequences (like llama-server's -c), so it gets the plan's n_ctx_total.
+"""
+
+from __future__ import annotations
+
+from server.gateway.settings import GatewaySettings
+from server.launch.context import BuildContext, ReasonLog
+from server.launch.llama_server import resolve_llama_settings
+from server.launch.plan import LaunchPlan
+from server.launch.resolve import PlanError, gpu_env, health_url, pick_port
+
+NAME = "embedded"
+DEFAULT_PORT = 8000
+HEALTH_PATH = "/ready"
+
+# plan field -> the gateway setting (EDGESERVE_<NAME>) that carries it, when the gateway has that field.
+_ENV_FIELDS = {
+    "batch_size": "n_batch",
+    "ubatch_size": "n_ubatch",
+    "kv_type": "kv_type",
+    "flash_attn": "flash_attn",
+    "threads": "threads",
+    "kv_unified": "kv_unified",
+}
+
+
+def refusal(ctx: BuildContext) -> str | None:
+    if not ctx.model_path.endswith(".gguf"):
+        return f"the embedded engine loads GGUF files; {ctx.model_path} is not one"
+    return None
+
+
+def gateway_reads(setting: str) -> bool:
+    """Whether the gateway's settings have a field for `setting` (so EDGESERVE_<SETTING> is read)."""
+    return setting in GatewaySettings.model_fields
+
+
+def build(ctx: BuildContext) -> LaunchPlan:
+    why_not = refusal(ctx)
+    if why_not:
+        raise PlanError(why_not)
+    log = ReasonLog()
+    # The engine shares one KV pool between its sequences unless told otherwise (EngineConfig.kv_unified).
+    kv_unified = bool(ctx.setting("kv_unified")[0]) if gateway_reads("kv_unified") else True
+    settings = resolve_llama_settings(ctx, log, backend="embedded", kv_unified=kv_unified)
+    port = pick_port(ctx, DEFAULT_PORT, "the gateway", log)
+    for field, setting in _ENV_FIELDS.items():
+        if not gateway_reads(setting):
+            log.add(field, None, "default", f"edgeserve serve has no {setting} setting: the engine's default")
+    plan = LaunchPlan(
+        backend=NAME,
+        card=ctx.card_id,
+        gpus=ctx.gpus,
+        model_path=ctx.model_path,
+        model_bytes=ctx.model_bytes,
+        quant=ctx.spec.file_type_name,
+        quant_alternatives=ctx.alternatives,
+        n_layer=ctx.spec.n_layer,
+        program=(*ctx.toolchain.edgeserve, "serve"),
+        host=ctx.request.host,
+        port=port,
+        health_url=health_url(ctx.request.host, port, HEALTH_PATH),
+        n_ctx=settings.n_ctx,
+        n_ctx_total=settings.n_ctx * settings.n_parallel,
+        n_parallel=settings.n_parallel,
+        kv_type=settings.kv_type,
+        n_gpu_layers=settings.n_gpu_layers,
+        flash_attn=settings.flash_attn,  # type: ignore[arg-type]
+        batch_size=settings.batch_size,
+        ubatch_size=settings.ubatch_size,
+        kv_unified=bool(kv_unified),
+        threads=settings.threads,
+        api_key=ctx.request.api_key,
+        memory=settings.memory,
+        expected_total_bytes=settings.memory.total_bytes if settings.memory else None,
+        reasons=log.freeze(),
+    )
+    return finish(plan)
+
+
+def finish(plan: LaunchPlan) -> LaunchPlan:
+    """Render argv and the EDGESERVE_* variables from the plan's fields."""
+    env = gpu_env(plan.gpus, plan.card)
+    for field, setting in _ENV_FIELDS.items():
+        value = getattr(plan, field)
+        if value is None or not gateway_reads(setting):
+            continue
+        env[f"EDGESERVE_{setting.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return plan.model_copy(update={"env": env, "argv": render(plan)})
+
+
+def render(plan: LaunchPlan) -> tuple[str, ...]:
+    """argv for `plan`: `edgeserve serve` flags (--ctx is the whole KV pool, as llama-server's -c)."""
+    args = [
+        *plan.program,
+        "--backend",
+        "embedded",
+        "--model",
+        plan.model_path,
+        "--host",
+        plan.host,
+        "--port",
+        str(plan.port),
+        "--parallel",
+        str(plan.n_parallel),
+        "--ctx",
+        str(plan.n_ctx_total),
+    ]
+    if plan.n_gpu_layers is not None:
+        args += ["--n-gpu-layers", str(plan.n_gpu_layers)]
+    if plan.api_key:
+        args += ["--api-key", plan.api_key]
+    return tuple(args)

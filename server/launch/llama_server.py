@@ -1,0 +1,174 @@
+"""llama-server arg builder (llama.cpp as vendored by llama-cpp-python 0.3.36).
+
+Flags checked against that version's common/arg.cpp and tools/server (bench/launcher_gpu_check.py checks them
+against the real binary's --help on the GPU host):
+- `-c` is the KV pool of ALL slots; each of the `-np` slots gets c/np, or with `-kvu` they share the pool and
+  `--kv-unified-per-slot N` caps one slot at N;
+- `-fa` takes a value (on|off|auto); `-ctk/-ctv` take f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1,
+  and a quantized V cache needs flash attention;
+- `-ngl` counts the output layer (n_layer + 1 = everything on the GPU);
+- `--fit` is on by default and would rewrite unset sizes to what it measures at load: the plan sets them all
+  and passes `--fit off`, so what runs is what was planned (and the OOM ladder, not --fit, steps down);
+- several GPUs: `--split-mode layer` with an even `--tensor-split`; other machines join with `--rpc`.
+"""
+
+from __future__ import annotations
+
+from quantize.budget import Backend
+from server.launch import memory
+from server.launch.context import BuildContext, ReasonLog
+from server.launch.plan import LaunchPlan
+from server.launch.resolve import (
+    PlanError,
+    gpu_env,
+    health_url,
+    pick_batches,
+    pick_ctx,
+    pick_flash_attn,
+    pick_gpu_layers,
+    pick_llama_kv_type,
+    pick_parallel,
+    pick_port,
+    pick_threads,
+)
+
+NAME = "llama-server"
+DEFAULT_PORT = 8080
+HEALTH_PATH = "/health"
+
+# Every flag render() can emit, as emitted (bench/launcher_gpu_check.py looks for each in --help).
+EMITTED_FLAGS = (
+    "-m",
+    "--host",
+    "--port",
+    "-c",
+    "-np",
+    "-ngl",
+    "-fa",
+    "-ctk",
+    "-ctv",
+    "-b",
+    "-ub",
+    "--fit",
+    "-kvu",
+    "--kv-unified-per-slot",
+    "--split-mode",
+    "--tensor-split",
+    "--metrics",
+    "--api-key",
+    "-t",
+    "--rpc",
+)
+
+
+def refusal(ctx: BuildContext) -> str | None:
+    if not ctx.model_path.endswith(".gguf"):
+        return (
+            f"llama-server loads GGUF files; {ctx.model_path} is not one (quantize it first, or use sglang)"
+        )
+    return None
+
+
+def build(ctx: BuildContext) -> LaunchPlan:
+    """The llama-server plan for this card (or the CPU), model and profile."""
+    why_not = refusal(ctx)
+    if why_not:
+        raise PlanError(why_not)
+    log = ReasonLog()
+    kv_unified, kvu_source = ctx.setting("kv_unified")
+    settings = resolve_llama_settings(ctx, log, kv_unified=bool(kv_unified))
+    port = pick_port(ctx, DEFAULT_PORT, "llama-server", log)
+    is_unified = bool(kv_unified) and settings.n_parallel > 1
+    if is_unified:
+        log.add("kv_unified", True, kvu_source, "one KV pool for all slots; each slot capped at n_ctx")
+    metrics, metrics_source = ctx.setting("enable_metrics")
+    log.add("enable_metrics", metrics, metrics_source, "Prometheus llamacpp:* metrics at /metrics")
+    if ctx.gpus > 1:
+        log.add("split_mode", "layer", "derived", f"layers split evenly over {ctx.gpus} GPUs")
+
+    plan = LaunchPlan(
+        backend=NAME,
+        card=ctx.card_id,
+        gpus=ctx.gpus,
+        model_path=ctx.model_path,
+        model_bytes=ctx.model_bytes,
+        quant=ctx.spec.file_type_name,
+        quant_alternatives=ctx.alternatives,
+        n_layer=ctx.spec.n_layer,
+        program=(ctx.toolchain.llama_server or "llama-server",),
+        host=ctx.request.host,
+        port=port,
+        health_url=health_url(ctx.request.host, port, HEALTH_PATH),
+        n_ctx=settings.n_ctx,
+        n_ctx_total=settings.n_ctx * settings.n_parallel,
+        n_parallel=settings.n_parallel,
+        kv_type=settings.kv_type,
+        n_gpu_layers=settings.n_gpu_layers,
+        flash_attn=settings.flash_attn,  # type: ignore[arg-type]
+        batch_size=settings.batch_size,
+        ubatch_size=settings.ubatch_size,
+        kv_unified=is_unified,
+        threads=settings.threads,
+        enable_metrics=bool(metrics),
+        api_key=ctx.request.api_key,
+        env=gpu_env(ctx.gpus, ctx.card_id),
+        memory=settings.memory,
+        expected_total_bytes=settings.memory.total_bytes if settings.memory else None,
+        reasons=log.freeze(),
+    )
+    return plan.model_copy(update={"argv": render(plan)})
+
+
+def resolve_llama_settings(
+    ctx: BuildContext, log: ReasonLog, *, backend: Backend = "llama-server", kv_unified: bool = False
+) -> memory.LlamaFit:
+    """The llama.cpp settings both llama-server and the embedded engine take, fitted to the budget."""
+    n_parallel = pick_parallel(ctx, log)
+    n_ctx = pick_ctx(ctx, log)
+    kv_type = pick_llama_kv_type(ctx, log)
+    flash_attn = pick_flash_attn(ctx, kv_type, log)
+    n_gpu_layers = pick_gpu_layers(ctx, log)
+    batch, ubatch = pick_batches(ctx, log)
+    fit = memory.fit_llama(
+        ctx,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        kv_type=kv_type,
+        flash_attn=flash_attn,
+        n_gpu_layers=n_gpu_layers,
+        batch_size=batch,
+        ubatch_size=ubatch,
+        log=log,
+        kv_unified=kv_unified,
+        backend=backend,
+    )
+    threads = pick_threads(ctx, fit.n_gpu_layers, log)
+    return fit.model_copy(update={"threads": threads})
+
+
+def render(plan: LaunchPlan) -> tuple[str, ...]:
+    """argv for `plan`, flags as llama-server of llama-cpp-python 0.3.36's llama.cpp spells them."""
+    args: list[str] = [*plan.program, "-m", plan.model_path, "--host", plan.host, "--port", str(plan.port)]
+    args += ["-c", str(plan.n_ctx_total), "-np", str(plan.n_parallel)]
+    if plan.n_gpu_layers is not None:
+        args += ["-ngl", str(plan.n_gpu_layers)]
+    args += ["-fa", plan.flash_attn, "-ctk", plan.kv_type, "-ctv", plan.kv_type]
+    if plan.batch_size is not None:
+        args += ["-b", str(plan.batch_size)]
+    if plan.ubatch_size is not None:
+        args += ["-ub", str(plan.ubatch_size)]
+    args += ["--fit", "off"]
+    if plan.kv_unified:
+        args += ["-kvu", "--kv-unified-per-slot", str(plan.n_ctx)]
+    if plan.rpc_servers:
+        # local and remote devices together: llama.cpp splits the layers by each device's free memory
+        args += ["--rpc", ",".join(plan.rpc_servers), "--split-mode", "layer"]
+    elif plan.gpus > 1 and plan.n_gpu_layers:
+        args += ["--split-mode", "layer", "--tensor-split", ",".join("1" for _ in range(plan.gpus))]
+    if plan.enable_metrics:
+        args.append("--metrics")
+    if plan.api_key:
+        args += ["--api-key", plan.api_key]
+    if plan.threads is not None:
+        args += ["-t", str(plan.threads)]
+    return tuple(args)

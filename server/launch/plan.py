@@ -1,0 +1,180 @@
+"""LaunchPlan: everything needed to start one backend process, and why each setting has its value.
+
+A plan is a plain frozen value (JSON-printable). Arg builders (server.launch.sglang, .llama_server,
+.embedded) produce it from the card, the model, the budget and the profile; the supervisor runs it; the OOM
+ladder (server.launch.ladder) turns a failed plan into the next one. `argv` is always rendered from the other
+fields by the backend's renderer: a plan never says one thing in its fields and another on its command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Source = Literal["profile", "cli", "env", "derived", "default"]
+Scalar = str | int | float | bool | None
+FlashAttn = Literal["on", "off", "auto"]
+
+CPU_CARD = "cpu"
+
+
+class Reason(BaseModel):
+    """Where one setting's value came from: the profile, a CLI flag, an EDGESERVE_* variable, a rule, a
+    default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    setting: str
+    value: Scalar
+    source: Source
+    why: str
+
+
+class MemoryEstimate(BaseModel):
+    """The budget's prediction for this plan, per GPU (or host memory on the CPU)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights_bytes: int = Field(ge=0)
+    kv_bytes: int = Field(ge=0)
+    compute_bytes: int = Field(ge=0)
+    overhead_bytes: int = Field(ge=0)
+    capacity_bytes: int | None = Field(default=None, ge=0, description="memory the plan may use per device")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity_bytes is None else self.total_bytes <= self.capacity_bytes
+
+
+class QuantFile(BaseModel):
+    """Another quantization of the same model next to the planned file (the ladder may fall back to it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    quant: str
+    size_bytes: int = Field(ge=0)
+
+
+class StepTaken(BaseModel):
+    """One setting changed by one step of the OOM ladder (a step may change several: model and quant)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int = Field(ge=1)
+    rung: str
+    setting: str
+    old: Scalar
+    new: Scalar
+    why: str
+
+
+class LaunchPlan(BaseModel):
+    """One backend process: its command, environment, health endpoint and the settings behind them.
+
+    `n_ctx` is the context of ONE sequence; `n_ctx_total` is the KV pool in tokens (llama-server's `-c` is
+    this total, split over `-np` slots; SGLang's `--max-total-tokens`). `gpus` is 0 on the CPU. `n_gpu_layers`
+    counts the output layer like llama.cpp (n_layer + 1 = everything on the GPU); None where the backend has
+    no such knob.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: str
+    card: str
+    gpus: int = Field(ge=0)
+    model_path: str
+    model_bytes: int | None = Field(default=None, ge=0, description="size of the model file")
+    quant: str | None = None
+    quant_alternatives: tuple[QuantFile, ...] = ()
+    n_layer: int | None = Field(default=None, gt=0)
+
+    program: tuple[str, ...] = Field(min_length=1, description="command prefix, e.g. ('llama-server',)")
+    argv: tuple[str, ...] = ()
+    env: Mapping[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    health_url: str = ""
+
+    n_ctx: int = Field(gt=0)
+    n_ctx_total: int = Field(gt=0)
+    n_parallel: int = Field(ge=1)
+    mem_fraction: float | None = Field(default=None, gt=0, le=1)
+    kv_type: str
+    n_gpu_layers: int | None = Field(default=None, ge=0)
+    flash_attn: FlashAttn = "auto"
+    batch_size: int | None = Field(default=None, ge=1)
+    ubatch_size: int | None = Field(default=None, ge=1)
+    chunked_prefill_size: int | None = None
+    kv_unified: bool = False
+    threads: int | None = Field(default=None, ge=1)
+    tp_size: int = Field(default=1, ge=1)
+    dp_size: int = Field(default=1, ge=1)
+    schedule_policy: str | None = None
+    enable_metrics: bool = True
+    cuda_graphs: bool = True
+    prefix_caching: bool = True
+    api_key: str | None = Field(default=None, repr=False)
+
+    nnodes: int = Field(default=1, ge=1)
+    node_rank: int = Field(default=0, ge=0)
+    dist_init_addr: str | None = None
+    rpc_servers: tuple[str, ...] = ()
+
+    memory: MemoryEstimate | None = None
+    expected_total_bytes: int | None = Field(default=None, ge=0)
+    reasons: tuple[Reason, ...] = ()
+    ladder: tuple[StepTaken, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> LaunchPlan:
+        if self.n_ctx_total < self.n_ctx:
+            raise ValueError(
+                f"n_ctx_total {self.n_ctx_total} is smaller than one sequence's n_ctx {self.n_ctx}"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} out of range for {self.nnodes} nodes")
+        if (
+            self.n_layer is not None
+            and self.n_gpu_layers is not None
+            and self.n_gpu_layers > self.n_layer + 1
+        ):
+            raise ValueError(f"n_gpu_layers {self.n_gpu_layers} exceeds n_layer + 1 = {self.n_layer + 1}")
+        return self
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpus == 0 or self.n_gpu_layers == 0
+
+    @property
+    def is_full_offload(self) -> bool:
+        return (
+            self.n_layer is not None
+            and self.n_gpu_layers is not None
+            and self.n_gpu_layers >= self.n_layer + 1
+        )
+
+    def reason(self, setting: str) -> Reason | None:
+        """The last reason recorded for `setting` (ladder steps append newer ones)."""
+        found = [r for r in self.reasons if r.setting == setting]
+        return found[-1] if found else None
+
+    def command_line(self) -> str:
+        """argv as one shell-quoted line, with the environment this plan adds in front."""
+        import shlex
+
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        cmd = shlex.join(self.argv)
+        return f"{env} {cmd}" if env else cmd
+
+    def to_json_dict(self) -> dict[str, object]:
+        """The plan as `--dry-run --json` prints it (expected_total_bytes included, memory broken down)."""
+        data = self.model_dump(mode="json")
+        data["command"] = self.command_line()
+        return data

@@ -1,0 +1,163 @@
+"""Per-card launch profiles: `configs/<card id, - as _>.yaml`, overridden by EDGESERVE_* and CLI flags.
+
+Precedence, highest first: CLI flag > EDGESERVE_<KEY> environment variable > the card's YAML > the default
+here. `ResolvedProfile.sources` records which of those gave each value, so a plan can say where a setting came
+from. Keys follow seed 003's profile style (gpu_memory_utilization, max_num_seqs, ...); a YAML key that is not
+a field is an error naming the file, so a misspelt setting never goes silently unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from server.launch.plan import Source
+
+ENV_PREFIX = "EDGESERVE_"
+CPU_PROFILE = "cpu"
+
+BackendChoice = Literal["auto", "sglang", "llama-server", "embedded"]
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, not YAML, or has unknown keys or bad values; the message names the file."""
+
+
+def default_configs_dir() -> Path:
+    """`configs/` at the repository root (next to `server/`)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def profile_file_name(card_id: str) -> str:
+    """`tesla-p4` -> `tesla_p4.yaml` (the seed's file naming)."""
+    return card_id.replace("-", "_") + ".yaml"
+
+
+class Profile(BaseSettings):
+    """Launch settings for one card. Values are per GPU; `context` is per sequence."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    card: str | None = Field(
+        default=None, description="card id the file describes (checked against its name)"
+    )
+    backend: BackendChoice = Field(default="auto", description="preferred backend on this card")
+    gpu_memory_utilization: float = Field(
+        default=0.90, gt=0.1, le=0.99, description="share of each GPU's memory the backend may use in all"
+    )
+    mem_fraction_static: float | None = Field(
+        default=None,
+        gt=0.1,
+        le=0.99,
+        description="SGLang: weights + KV pool share; None = derived from the budget",
+    )
+    max_num_seqs: int = Field(default=4, ge=1, le=4096, description="sequences decoded at once")
+    context: int = Field(default=4096, ge=64, description="context window of one sequence, tokens")
+    kv_cache_dtype: str = Field(
+        default="auto", description="auto | f16 | q8_0 | q4_0 | fp8_e4m3 | fp8_e5m2 ..."
+    )
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=32, description="prefill chunk (SGLang) / -b (llama.cpp)"
+    )
+    ubatch_size: int = Field(default=512, ge=32, description="llama.cpp physical batch -ub")
+    flash_attn: Literal["on", "off", "auto"] = "on"
+    n_gpu_layers: int = Field(default=-1, ge=-1, description="-1 = all layers on the GPU")
+    schedule_policy: str = "fcfs"
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(default=False, description="SGLang: no CUDA graphs")
+    kv_unified: bool = Field(default=False, description="llama-server: one KV pool shared by the slots")
+    enable_metrics: bool = True
+    data_parallel_size: int = Field(default=1, ge=1, description="SGLang: replicas; tp = gpus / dp")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for layers on the CPU")
+
+
+class ResolvedProfile(BaseModel):
+    """A profile plus, for every field, where its value came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: Profile
+    sources: Mapping[str, Source]
+    path: str | None = None
+
+    def source(self, field: str) -> Source:
+        return self.sources.get(field, "default")
+
+    def value(self, field: str) -> Any:
+        return getattr(self.profile, field)
+
+
+def read_profile_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a profile file, keys checked against Profile's fields."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(Profile.model_fields))
+    if unknown:
+        known = ", ".join(Profile.model_fields)
+        raise ProfileError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {known}")
+    return data
+
+
+def _env_values() -> dict[str, Any]:
+    """EDGESERVE_* values that name a profile field, parsed by pydantic-settings' own env source."""
+    values = EnvSettingsSource(Profile)()
+    return {k: v for k, v in values.items() if k in Profile.model_fields}
+
+
+def load_profile(
+    card_id: str | None,
+    cli: Mapping[str, Any] | None = None,
+    *,
+    configs_dir: Path | None = None,
+    use_env: bool = True,
+) -> ResolvedProfile:
+    """The profile for `card_id` (None: the CPU profile) with env and CLI values laid over it.
+
+    A card with no file gets the defaults (every source "default"); `cli` holds only flags the user gave.
+    """
+    directory = configs_dir or default_configs_dir()
+    name = card_id or CPU_PROFILE
+    path = directory / profile_file_name(name)
+    file_values = read_profile_file(path) if path.is_file() else {}
+    if file_values.get("card") not in (None, name):
+        raise ProfileError(f"{path}: says card {file_values['card']!r} but is the file for {name!r}")
+    env_values = _env_values() if use_env else {}
+    cli_values = {k: v for k, v in (cli or {}).items() if v is not None}
+    unknown = sorted(set(cli_values) - set(Profile.model_fields))
+    if unknown:
+        raise ProfileError(f"unknown profile setting(s) from the command line: {', '.join(unknown)}")
+
+    merged = {**file_values, **env_values, **cli_values}
+    try:
+        # model_validate skips BaseSettings' own source reading: `merged` alone decides (cli > env > file).
+        profile = Profile.model_validate(merged)
+    except ValidationError as exc:
+        where = str(path) if path.is_file() else f"profile {name!r}"
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ProfileError(f"{where}: {problems}") from exc
+
+    sources: dict[str, Source] = {}
+    for field in Profile.model_fields:
+        if field in cli_values:
+            sources[field] = "cli"
+        elif field in env_values:
+            sources[field] = "env"
+        elif field in file_values:
+            sources[field] = "profile"
+        else:
+            sources[field] = "default"
+    return ResolvedProfile(profile=profile, sources=sources, path=str(path) if path.is_file() else None)

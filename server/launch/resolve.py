@@ -1,0 +1,214 @@
+"""Setting choices shared by the arg builders: each returns a value and records where it came from and why."""
+
+from __future__ import annotations
+
+from quantize.budget_sglang import SGLANG_KV_TYPES as BUDGET_SGLANG_KV_TYPES
+from server.launch.context import BuildContext, ReasonLog
+from server.launch.plan import CPU_CARD
+
+# llama.cpp's KV cache types (common/arg.cpp: kv_cache_types) and what one element costs, in bytes.
+LLAMA_KV_TYPES: dict[str, float] = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32,
+    "q4_0": 18 / 32,
+}
+# KV types whose V cache llama.cpp can only hold with flash attention on.
+LLAMA_QUANTIZED_KV = frozenset(t for t in LLAMA_KV_TYPES if t not in ("f32", "f16", "bf16"))
+# SGLang --kv-cache-dtype values edgeserve plans with: those the budget models (SGLang 0.5.23 takes more).
+SGLANG_KV_TYPES = BUDGET_SGLANG_KV_TYPES
+SGLANG_FP8_KV = ("fp8_e4m3", "fp8_e5m2")
+
+MIN_CTX = 256
+
+
+class PlanError(ValueError):
+    """The flags asked for something this backend or card cannot do; the message says what to do instead."""
+
+
+def pick_parallel(ctx: BuildContext, log: ReasonLog) -> int:
+    value, source = ctx.setting("max_num_seqs")
+    why = {
+        "cli": "--parallel",
+        "env": "EDGESERVE_MAX_NUM_SEQS",
+        "profile": f"max_num_seqs in the {ctx.card_id} profile",
+        "default": "default number of sequences decoded at once",
+    }[source]
+    log.add("n_parallel", value, source, why)
+    return int(value)
+
+
+def pick_ctx(ctx: BuildContext, log: ReasonLog) -> int:
+    """Context of one sequence. A profile/default value above the model's training context is capped to it."""
+    value, source = ctx.setting("context")
+    n_train = ctx.spec.n_ctx_train
+    if n_train and value > n_train:
+        if source in ("cli", "env"):
+            log.add("n_ctx", value, source, f"asked for; above the model's training context {n_train}")
+            return int(value)
+        log.add("n_ctx", n_train, "derived", f"{source} value {value} capped at the model's training context")
+        return int(n_train)
+    why = {
+        "cli": "--ctx",
+        "env": "EDGESERVE_CONTEXT",
+        "profile": f"context in the {ctx.card_id} profile",
+        "default": "default context per sequence",
+    }[source]
+    log.add("n_ctx", value, source, why)
+    return int(value)
+
+
+def pick_llama_kv_type(ctx: BuildContext, log: ReasonLog) -> str:
+    """llama.cpp cache type for K and V (the same for both)."""
+    value, source = ctx.setting("kv_cache_dtype")
+    name = str(value).lower()
+    if name == "auto":
+        log.add(
+            "kv_type", "f16", "derived" if source != "default" else "default", "auto: llama.cpp's f16 cache"
+        )
+        return "f16"
+    if name in SGLANG_FP8_KV:
+        if source == "cli":
+            raise PlanError(f"llama.cpp has no {name} KV cache; use one of {', '.join(LLAMA_KV_TYPES)}")
+        log.add("kv_type", "q8_0", "derived", f"{source} asks {name}: llama.cpp's 8-bit cache is q8_0")
+        return "q8_0"
+    if name not in LLAMA_KV_TYPES:
+        raise PlanError(f"unknown llama.cpp KV cache type {value!r}; use one of {', '.join(LLAMA_KV_TYPES)}")
+    log.add("kv_type", name, source, "KV cache type for K and V")
+    return name
+
+
+def pick_sglang_kv_type(ctx: BuildContext, log: ReasonLog) -> str:
+    """SGLang --kv-cache-dtype; fp8 only where the card has FP8 (SM89+)."""
+    value, source = ctx.setting("kv_cache_dtype")
+    name = str(value).lower()
+    card = ctx.card
+    can_fp8 = card is not None and card.can_fp8_kv
+    if name in ("f16", "fp16", "float16"):
+        log.add("kv_type", "auto", "derived", f"{source} asks {name}: SGLang's auto keeps the model's dtype")
+        return "auto"
+    if name in LLAMA_QUANTIZED_KV:
+        if source == "cli":
+            raise PlanError(f"SGLang has no {name} KV cache; use one of {', '.join(SGLANG_KV_TYPES)}")
+        new = "fp8_e4m3" if can_fp8 else "auto"
+        why = (
+            "SGLang's 8-bit cache is fp8" if can_fp8 else "no FP8 on this card; SGLang keeps the model dtype"
+        )
+        log.add("kv_type", new, "derived", f"{source} asks {name}: {why}")
+        return new
+    if name not in SGLANG_KV_TYPES:
+        raise PlanError(f"unknown SGLang KV cache type {value!r}; use one of {', '.join(SGLANG_KV_TYPES)}")
+    if name in SGLANG_FP8_KV and not can_fp8:
+        if source == "cli":
+            raise PlanError(f"{name} KV cache needs FP8 hardware (SM89+); {ctx.card_id} has none")
+        log.add("kv_type", "auto", "derived", f"{source} asks {name} but {ctx.card_id} has no FP8")
+        return "auto"
+    log.add("kv_type", name, source, "SGLang KV cache dtype")
+    return name
+
+
+def pick_flash_attn(ctx: BuildContext, kv_type: str, log: ReasonLog) -> str:
+    """llama.cpp flash attention: its kernels run from Pascal on and on the CPU; a quantized V needs it."""
+    value, source = ctx.setting("flash_attn")
+    card = ctx.card
+    if value == "on" and card is not None and not card.has_flash_attn_kernels:
+        if source == "cli":
+            raise PlanError(f"llama.cpp's flash attention kernels need Pascal or newer; {card.id} is older")
+        log.add("flash_attn", "off", "derived", f"{card.id} predates llama.cpp's flash attention kernels")
+        return "off"
+    if value != "on" and kv_type in LLAMA_QUANTIZED_KV:
+        if source in ("cli", "env"):
+            raise PlanError(
+                f"a {kv_type} V cache needs flash attention on; drop flash_attn={value} or use f16"
+            )
+        log.add("flash_attn", "on", "derived", f"a {kv_type} V cache needs flash attention")
+        return "on"
+    log.add("flash_attn", value, source, "flash attention (llama.cpp's own kernels)")
+    return str(value)
+
+
+def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
+    """Layers on the GPU, counting the output layer as llama.cpp does (n_layer + 1 = all); 0 on the CPU."""
+    n_all = ctx.spec.n_layer + 1
+    if ctx.target is None:
+        log.add("n_gpu_layers", 0, "derived", "no GPU: every layer on the CPU")
+        return 0
+    value, source = ctx.setting("n_gpu_layers")
+    if value < 0:
+        log.add(
+            "n_gpu_layers",
+            n_all,
+            source if source != "default" else "default",
+            f"-1 = all {ctx.spec.n_layer} layers and the output layer on the GPU",
+        )
+        return n_all
+    if value > n_all:
+        log.add("n_gpu_layers", n_all, "derived", f"{source} value {value} is more than the model has")
+        return n_all
+    log.add("n_gpu_layers", value, source, "layers on the GPU")
+    return int(value)
+
+
+def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> int | None:
+    """CPU threads, set only when some layers run on the CPU."""
+    if ctx.target is not None and n_gpu_layers >= ctx.spec.n_layer + 1:
+        return None
+    value, source = ctx.setting("threads")
+    if value is None:
+        n = ctx.toolchain.cpu_threads
+        log.add("threads", n, "derived", "layers on the CPU: one thread per usable CPU")
+        return n
+    log.add("threads", value, source, "CPU threads for layers on the CPU")
+    return int(value)
+
+
+def pick_port(ctx: BuildContext, default: int, what: str, log: ReasonLog) -> int:
+    if ctx.request.port is not None:
+        log.add("port", ctx.request.port, "cli", "--port")
+        return ctx.request.port
+    log.add("port", default, "default", f"{what}'s usual port")
+    return default
+
+
+def pick_batches(ctx: BuildContext, log: ReasonLog) -> tuple[int, int]:
+    """llama.cpp logical (-b) and physical (-ub) batch; -ub never exceeds -b."""
+    b, b_source = ctx.setting("max_num_batched_tokens")
+    ub, ub_source = ctx.setting("ubatch_size")
+    log.add("batch_size", b, b_source, "tokens per llama_decode call (prompt chunk)")
+    if ub > b:
+        log.add("ubatch_size", b, "derived", f"{ub_source} value {ub} above the batch size")
+        return int(b), int(b)
+    log.add("ubatch_size", ub, ub_source, "physical batch: sizes the compute buffer")
+    return int(b), int(ub)
+
+
+def halve_ctx(n_ctx: int) -> int:
+    """Half of a context, rounded down to a multiple of 256 (llama.cpp pads to 256), never below MIN_CTX."""
+    return max(MIN_CTX, (n_ctx // 2) // 256 * 256)
+
+
+def health_url(host: str, port: int, path: str) -> str:
+    """The URL a client on this machine polls for a server bound to `host` (0.0.0.0 is reached on
+    loopback)."""
+    reach = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    if ":" in reach:
+        reach = f"[{reach}]"
+    return f"http://{reach}:{port}{path}"
+
+
+def gpu_env(gpus: int, card: str) -> dict[str, str]:
+    """Pin a plan to the first `gpus` devices in PCI order (nvidia-smi's order); hide them for a CPU plan on a
+    GPU machine (the ladder's last rung), so llama.cpp allocates nothing on the device."""
+    if gpus > 0:
+        return {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
+        }
+    if card != CPU_CARD:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}

@@ -1,0 +1,180 @@
+"""Real processes on 127.0.0.1 for the reliability tests and bench/reliability.py.
+
+- llama-cpp-python's own server (`python -m llama_cpp.server`) as the "remote" llama.cpp backend;
+- the edgeserve gateway (`edgeserve serve`) with a fallback chain from a YAML file.
+Every wait is bounded; every process is killed by its own pid when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# llama-cpp-python's server loads the model with llama.cpp's CPU "extra buffer types" (weight repacking, AMX
+# among them). Some virtual machines advertise AMX tiles they cannot execute, and the first batched decode
+# then dies with SIGILL; the engine turns them off where /proc/cpuinfo lists amx_tile, so does this runner.
+_LLAMA_CPP_SERVER_RUNNER = """
+import sys
+import llama_cpp.llama_cpp as C
+with open("/proc/cpuinfo") as fh:
+    amx = any("amx_tile" in line.split() for line in fh if line.startswith("flags"))
+if amx:
+    _default = C.llama_model_default_params
+    def _params():
+        p = _default()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = _params
+from llama_cpp.server.__main__ import main
+sys.argv[0] = "llama_cpp.server"
+main()
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server we started; `url` is its base URL."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    name: str
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_http(self, path: str, timeout_s: float, want: int = 200) -> bool:
+        """Poll `path` until it answers `want` (True), the process dies or the time is up (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + path, timeout=2.0).status_code == want:
+                    return True
+            time.sleep(0.2)
+        return False
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill9(self) -> None:
+        if self.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.is_alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def log_tail(self, lines: int = 40) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []
+
+    def rss_kib(self) -> int:
+        """Resident memory of the process (VmRSS from /proc/<pid>/status), KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for pid {self.proc.pid}")
+
+
+def _spawn(cmd: list[str], log_path: Path, port: int, name: str, env: Mapping[str, str] | None = None
+           ) -> ServerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=full_env,
+                                start_new_session=True)
+    return ServerProcess(proc=proc, port=port, log_path=log_path, name=name)
+
+
+def start_llama_cpp_server(model: Path, port: int, log_path: Path, *, n_ctx: int = 1024,
+                           n_threads: int = 1) -> ServerProcess:
+    """llama-cpp-python's server on 127.0.0.1:port (not waited for: call wait_http("/v1/models", ...))."""
+    cmd = [sys.executable, "-c", _LLAMA_CPP_SERVER_RUNNER, "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
+           "--n_threads_batch", str(n_threads),
+           # Its default cuts the running stream short whenever another request arrives: not what we test.
+           "--interrupt_requests", "False"]
+    return _spawn(cmd, log_path, port, "llama_cpp.server")
+
+
+def write_chain(path: Path, backends: list[dict[str, Any]], model_name: str = "smollm2") -> Path:
+    path.write_text(yaml.safe_dump({"model_name": model_name, "backends": backends}, sort_keys=False))
+    return path
+
+
+def start_gateway(chain_file: Path, port: int, log_path: Path, *, api_key: str | None = None,
+                  env: Mapping[str, str] | None = None) -> ServerProcess:
+    """The gateway (uvicorn over create_app, settings from EDGESERVE_*) with the chain in `chain_file`.
+
+    Not waited for: call wait_http("/ready", ...)."""
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "server.gateway.app:app_from_env",
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    extra = {"EDGESERVE_CHAIN_CONFIG": str(chain_file), "EDGESERVE_ENABLE_GPU_METRICS": "false",
+             **(env or {})}
+    if api_key:
+        extra["EDGESERVE_API_KEY"] = api_key
+    return _spawn(cmd, log_path, port, "gateway", extra)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` in Prometheus text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,89 @@
+"""Per-card profiles: one per card id, loaded with pydantic-settings, overridden by env and CLI with sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cards import card_ids
+from server.launch.profiles import (
+    Profile,
+    ProfileError,
+    default_configs_dir,
+    load_profile,
+    profile_file_name,
+    read_profile_file,
+)
+
+from tests.launch_support import clear_edgeserve_env, plan_for
+
+
+@pytest.fixture(autouse=True)
+def _no_env() -> None:
+    clear_edgeserve_env()
+
+
+@pytest.mark.parametrize("card", [*card_ids(), None])
+def test_every_card_has_a_valid_profile(card: str | None) -> None:
+    path = default_configs_dir() / profile_file_name(card or "cpu")
+    assert path.is_file(), f"missing {path.name}"
+    resolved = load_profile(card)
+    assert resolved.path == str(path)
+    assert resolved.profile.card == (card or "cpu")
+    file_keys = set(read_profile_file(path))
+    for field, source in resolved.sources.items():
+        assert source == ("profile" if field in file_keys else "default")
+
+
+def test_p4_profile_prefers_llama_cpp() -> None:
+    p = load_profile("tesla-p4").profile
+    assert p.backend == "llama-server" and p.kv_cache_dtype == "q8_0" and p.flash_attn == "on"
+
+
+def test_env_beats_file_and_cli_beats_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGESERVE_CONTEXT", "1536")
+    monkeypatch.setenv("EDGESERVE_MAX_NUM_SEQS", "3")
+    resolved = load_profile("rtx-4090", {"max_num_seqs": 7})
+    assert resolved.profile.context == 1536 and resolved.source("context") == "env"
+    assert resolved.profile.max_num_seqs == 7 and resolved.source("max_num_seqs") == "cli"
+    assert resolved.source("gpu_memory_utilization") == "profile"
+    assert resolved.source("threads") == "default"
+
+
+def test_plan_reasons_name_each_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGESERVE_CONTEXT", "1024")
+    plan = plan_for("rtx-4090", backend="llama-server", parallel=2)
+    sources = {r.setting: r.source for r in plan.reasons}
+    assert sources["n_ctx"] == "env" and plan.n_ctx == 1024
+    assert sources["n_parallel"] == "cli" and plan.n_parallel == 2
+    assert sources["gpu_memory_utilization"] == "profile"
+    assert sources["backend"] == "cli"
+    assert sources["kv_type"] == "derived"  # profile says auto -> llama.cpp f16
+    assert sources["ubatch_size"] == "default"
+    assert {r.source for r in plan.reasons} <= {"profile", "cli", "env", "derived", "default"}
+
+
+def test_unknown_yaml_key_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "rtx_4090.yaml").write_text("card: rtx-4090\ncache_max_entry_count: 8192\n")
+    with pytest.raises(ProfileError, match=r"rtx_4090\.yaml: unknown setting\(s\) cache_max_entry_count"):
+        load_profile("rtx-4090", configs_dir=tmp_path)
+
+
+def test_bad_value_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "l4.yaml").write_text("gpu_memory_utilization: 1.5\n")
+    with pytest.raises(ProfileError, match=r"l4\.yaml: gpu_memory_utilization"):
+        load_profile("l4", configs_dir=tmp_path)
+
+
+def test_file_for_another_card_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "l4.yaml").write_text("card: a10\n")
+    with pytest.raises(ProfileError, match="says card 'a10'"):
+        load_profile("l4", configs_dir=tmp_path)
+
+
+def test_a_card_without_a_file_gets_the_defaults(tmp_path: Path) -> None:
+    resolved = load_profile("h200", configs_dir=tmp_path)
+    assert resolved.path is None
+    assert resolved.profile == Profile.model_validate({})
+    assert set(resolved.sources.values()) == {"default"}
