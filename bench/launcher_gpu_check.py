@@ -3,8 +3,8 @@
 (i)  `llama-server --help` of the real binary: every flag the llama-server arg builder can emit must appear,
      and `-fa` must take a value (on|off|auto) in this llama.cpp.
 (ii) The start-up OOM ladder on a capped card: a holder process takes all but CAP GiB of the GPU (a P4-sized
-     8 GiB by default), then the supervisor starts llama-server with the tesla-p4 plan for an 8B Q4_K_M model and
-     a context far too large for it; the ladder steps down until llama-server serves, and a completion is made.
+     8 GiB by default), then the supervisor starts llama-server with the tesla-p4 plan for an 8B Q4_K_M model
+     and a context far too large for it; the ladder steps down until llama-server serves a completion.
 Writes launcher_gpu_check.json and launcher_gpu_check.md under --out.
 
     python bench/launcher_gpu_check.py --out "$OUT" --vocab .gpukit/ggml-vocab-llama-bpe.gguf
@@ -70,7 +70,8 @@ def help_check(binary: str) -> dict[str, Any]:
 
 
 def prepare_model(workdir: Path, vocab: Path | None, quantize_bin: str) -> Path:
-    """An 8B-shaped synthetic model (random weights, Llama-3 tokenizer) quantized to Q4_K_M, cached in workdir."""
+    """An 8B-shaped synthetic model (random weights, Llama-3 tokenizer) quantized to Q4_K_M, cached in
+    workdir."""
     q4 = workdir / "llama31-8b-Q4_K_M.gguf"
     if q4.is_file():
         return q4
@@ -79,8 +80,11 @@ def prepare_model(workdir: Path, vocab: Path | None, quantize_bin: str) -> Path:
     f16 = workdir / "llama31-8b-F16.gguf"
     if not f16.is_file():
         write_synthetic_gguf(f16, LLAMA31_8B, vocab_from=vocab, ftype="F16")
-    subprocess.run([quantize_bin, str(f16), str(q4), "Q4_K_M", str(os.cpu_count() or 8)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [quantize_bin, str(f16), str(q4), "Q4_K_M", str(os.cpu_count() or 8)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     f16.unlink()
     return q4
 
@@ -91,10 +95,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def nvidia_smi(args: list[str]) -> str:
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def gpu_used_by(pid: int) -> int | None:
     """Memory nvidia-smi shows for a process, bytes."""
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True).stdout
+    out = nvidia_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
     for line in out.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 2 and parts[0] == str(pid):
@@ -103,19 +113,26 @@ def gpu_used_by(pid: int) -> int | None:
 
 
 def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, Any]:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(int(cap_gib * GIB))], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(int(cap_gib * GIB))], stdout=subprocess.PIPE, text=True
+    )
     try:
         line = holder.stdout.readline() if holder.stdout else ""
         m = re.match(r"held (\d+) free (\d+) total (\d+)", line)
         if not m:
             raise RuntimeError(f"the holder did not start: {line!r}")
         held, free, total = (int(x) for x in m.groups())
-        request = LaunchRequest(backend="llama-server", card=card, model=str(model), ctx=ctx, parallel=1,
-                                port=free_port())
+        request = LaunchRequest(
+            backend="llama-server", card=card, model=str(model), ctx=ctx, parallel=1, port=free_port()
+        )
         plan = make_plan(request, toolchain=probe_toolchain())
-        config = SupervisorConfig(available_bytes=free, health_timeout_s=300, health_interval_s=0.5,
-                                  backoff_initial_s=1.0, max_restarts=2)
+        config = SupervisorConfig(
+            available_bytes=free,
+            health_timeout_s=300,
+            health_interval_s=0.5,
+            backoff_initial_s=1.0,
+            max_restarts=2,
+        )
         sup = Supervisor(plan, config)
         t0 = time.monotonic()
         sup.start()
@@ -126,24 +143,35 @@ def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, An
             "gpu_total_bytes": total,
             "held_bytes": held,
             "free_bytes_for_backend": free,
-            "first_plan": {"argv": list(plan.argv), "n_ctx": plan.n_ctx,
-                           "expected_total_bytes": plan.expected_total_bytes},
+            "first_plan": {
+                "argv": list(plan.argv),
+                "n_ctx": plan.n_ctx,
+                "expected_total_bytes": plan.expected_total_bytes,
+            },
             "ready": ready,
             "seconds_to_ready": round(elapsed, 1),
             "steps": [s.model_dump(mode="json") for s in sup.steps],
             "events": [{"kind": e.kind, "detail": e.detail[:400]} for e in sup.events],
-            "final_plan": {"argv": list(sup.plan.argv), "n_ctx": sup.plan.n_ctx, "kv_type": sup.plan.kv_type,
-                           "n_gpu_layers": sup.plan.n_gpu_layers,
-                           "expected_total_bytes": sup.plan.expected_total_bytes},
+            "final_plan": {
+                "argv": list(sup.plan.argv),
+                "n_ctx": sup.plan.n_ctx,
+                "kv_type": sup.plan.kv_type,
+                "n_gpu_layers": sup.plan.n_gpu_layers,
+                "expected_total_bytes": sup.plan.expected_total_bytes,
+            },
         }
         if ready and sup.pid:
             import httpx
 
             base = sup.plan.health_url.rsplit("/", 1)[0]
-            reply = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=60)
+            reply = httpx.post(
+                f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=60
+            )
             result["completion_status"] = reply.status_code
             result["completion_tokens"] = reply.json().get("usage", {}).get("completion_tokens")
             result["measured_gpu_bytes"] = gpu_used_by(sup.pid)
+            used = nvidia_smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits"]).split()
+            result["gpu_used_total_bytes_with_holder"] = int(used[0]) * MIB if used else None
         sup.stop()
         result["final_state"] = sup.state
         return result
@@ -157,24 +185,42 @@ def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, An
 
 def markdown(report: dict[str, Any]) -> str:
     h = report["help_check"]
-    lines = ["# Launcher GPU check", "", f"GPU: {report.get('gpu', '?')}", "",
-             "## llama-server --help against the arg builder", "",
-             f"binary: `{h['binary']}`, {len(h['flags'])} flags checked, missing: {h['missing'] or 'none'}",
-             f"`-fa` line: `{h['fa_line']}` (takes a value: {h['fa_takes_value']})", ""]
+    lines = [
+        "# Launcher GPU check",
+        "",
+        f"GPU: {report.get('gpu', '?')}",
+        "",
+        "## llama-server --help against the arg builder",
+        "",
+        f"binary: `{h['binary']}`, {len(h['flags'])} flags checked, missing: {h['missing'] or 'none'}",
+        f"`-fa` line: `{h['fa_line']}` (takes a value: {h['fa_takes_value']})",
+        "",
+    ]
     lad = report.get("ladder")
     if lad:
-        lines += ["## OOM ladder on a capped card", "",
-                  f"profile {lad['card_profile']}; {lad['free_bytes_for_backend'] / GIB:.2f} GiB left free by the "
-                  f"holder of {lad['held_bytes'] / GIB:.1f} GiB; first plan -c {lad['first_plan']['n_ctx']} "
-                  f"(expected {(lad['first_plan']['expected_total_bytes'] or 0) / GIB:.2f} GiB)", "",
-                  "| step | rung | setting | old | new | why |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## OOM ladder on a capped card",
+            "",
+            f"profile {lad['card_profile']}; {lad['free_bytes_for_backend'] / GIB:.2f} GiB left free by the "
+            f"holder of {lad['held_bytes'] / GIB:.1f} GiB; first plan -c {lad['first_plan']['n_ctx']} "
+            f"(expected {(lad['first_plan']['expected_total_bytes'] or 0) / GIB:.2f} GiB)",
+            "",
+            "| step | rung | setting | old | new | why |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in lad["steps"]:
-            lines.append(f"| {s['step']} | {s['rung']} | {s['setting']} | {s['old']} | {s['new']} | {s['why']} |")
+            lines.append(
+                f"| {s['step']} | {s['rung']} | {s['setting']} | {s['old']} | {s['new']} | {s['why']} |"
+            )
         final = lad["final_plan"]
-        lines += ["", f"ready: {lad['ready']} after {lad['seconds_to_ready']} s; final -c {final['n_ctx']}, "
-                  f"expected {(final['expected_total_bytes'] or 0) / GIB:.2f} GiB, measured "
-                  f"{(lad.get('measured_gpu_bytes') or 0) / GIB:.2f} GiB (nvidia-smi); completion HTTP "
-                  f"{lad.get('completion_status')}, {lad.get('completion_tokens')} tokens", ""]
+        lines += [
+            "",
+            f"ready: {lad['ready']} after {lad['seconds_to_ready']} s; final -c {final['n_ctx']}, "
+            f"expected {(final['expected_total_bytes'] or 0) / GIB:.2f} GiB, measured "
+            f"{(lad.get('measured_gpu_bytes') or 0) / GIB:.2f} GiB (nvidia-smi); completion HTTP "
+            f"{lad.get('completion_status')}, {lad.get('completion_tokens')} tokens",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -194,11 +240,15 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.llama_server:
         sys.exit("llama-server not found: put the kit's bin/ on PATH or pass --llama-server")
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    # llama-server's own log goes to a file next to the report; the console keeps the supervisor's events.
+    backend_log = logging.getLogger("edgeserve.backend")
+    backend_log.propagate = False
+    backend_log.addHandler(logging.FileHandler(args.out / "backend.log"))
+    gpu = nvidia_smi(["--query-gpu=name,memory.total", "--format=csv,noheader"]).strip() or "no GPU"
     report: dict[str, Any] = {"gpu": gpu, "help_check": help_check(args.llama_server)}
     if not args.skip_ladder:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,12 @@
 
 Runs on the GPU host with llama.cpp's binaries on PATH (see the GPU kit's README). It writes a synthetic
 Llama-3.1-8B-shaped F16 GGUF with the Llama-3 tokenizer (quantize.synthetic), quantizes it to Q4_K_M with
-llama-quantize, then for each configuration starts `llama-server -ngl 99`, waits for /health, reads the
-process's GPU memory with nvidia-smi, sends one long request and reads it again, and stops the server. The
-prediction is quantize.budget.estimate(...).total_bytes for the detected card. llama-server's own buffer log
-lines (model / KV / compute) are recorded too, so each component of the prediction can be checked, and the
-rest (measured minus buffers) is the CUDA context/runtime overhead.
+llama-quantize, and writes a Gemma-3-270M-shaped one (sliding window; or takes the real file with --gemma).
+For each configuration it starts `llama-server -ngl 99`, waits for /health, reads the process's GPU memory
+with nvidia-smi, sends one long request, reads it again and stops the server. The prediction is
+quantize.budget.estimate(...).total_bytes for the detected card. llama-server's own buffer log lines (model,
+KV, compute) are recorded too, so each component of the prediction can be checked; the rest (measured minus
+buffers) is the CUDA context/runtime overhead.
 
 Output: a markdown table on stdout and memory_accuracy.json in --out-dir (default $OUT, else .).
 
@@ -41,6 +42,7 @@ from server.cards import GpuSet, get_card, match_card  # noqa: E402
 
 MIB = 1 << 20
 LLAMA3_VOCAB = 128256
+COMPONENTS = ("weights", "kv", "compute", "overhead")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Result:
     method: str = ""
     startup_s: float | None = None
     error: str | None = None
+    load_error: str | None = None
 
 
 # ---- pure helpers (tested on the CPU) ---------------------------------------------------------------------
@@ -97,16 +100,16 @@ _BUF_RE = re.compile(r"\b(CUDA\d+)\s+(model|KV|compute) buffer size =\s+([0-9.]+
 
 
 def parse_buffer_log(text: str) -> dict[str, float]:
-    """Sum of llama.cpp's CUDA buffer sizes by kind (model, KV, compute), MiB; the last compute line wins
-    per device (sched_reserve may run more than once)."""
-    per_dev: dict[tuple[str, str], float] = {}
+    """llama.cpp's CUDA buffer sizes by kind (model, KV, compute), MiB, summed over devices.
+
+    Model and KV lines add up (an iSWA model logs two KV caches); sched_reserve may log compute more than
+    once: the last wins."""
+    sums: dict[tuple[str, str], float] = {}
     for dev, kind, mib in _BUF_RE.findall(text):
-        if kind == "KV":
-            per_dev[(dev, kind)] = per_dev.get((dev, kind), 0.0) + float(mib)
-        else:
-            per_dev[(dev, kind)] = float(mib) if kind == "compute" else per_dev.get((dev, kind), 0.0) + float(mib)
+        key = (dev, kind)
+        sums[key] = float(mib) if kind == "compute" else sums.get(key, 0.0) + float(mib)
     out: dict[str, float] = {}
-    for (_, kind), mib in per_dev.items():
+    for (_, kind), mib in sums.items():
         out[kind] = out.get(kind, 0.0) + mib
     return out
 
@@ -147,7 +150,8 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 def render_table(results: list[Result], gpu_name: str) -> str:
     lines = [
-        f"GPU: {gpu_name}. Predicted: `edgeserve plan` total for llama-server; measured: nvidia-smi used_memory "
+        f"GPU: {gpu_name}. Predicted: `edgeserve plan` total for llama-server; measured: nvidia-smi "
+        "used_memory "
         "of the llama-server process after /health (idle) and after one long request (loaded).",
         "",
         "| config | predicted MiB | measured MiB idle | error % | measured MiB loaded | error % "
@@ -160,7 +164,8 @@ def render_table(results: list[Result], gpu_name: str) -> str:
             continue
         p, lg = r.predicted, r.logged
         lines.append(
-            f"| {r.config} | {_fmt(r.predicted_mib)} | {_fmt(r.measured_idle_mib)} | {_fmt(r.error_idle_pct, 1)} "
+            f"| {r.config} | {_fmt(r.predicted_mib)} | {_fmt(r.measured_idle_mib)} "
+            f"| {_fmt(r.error_idle_pct, 1)} "
             f"| {_fmt(r.measured_loaded_mib)} | {_fmt(r.error_loaded_pct, 1)} "
             f"| {_fmt(p.get('weights'))}/{_fmt(lg.get('model'))} | {_fmt(p.get('kv'))}/{_fmt(lg.get('KV'))} "
             f"| {_fmt(p.get('compute'))}/{_fmt(lg.get('compute'))} "
@@ -172,7 +177,8 @@ def render_table(results: list[Result], gpu_name: str) -> str:
     cal = calibration(results)
     if cal is not None:
         lines += [
-            f"observed CUDA/runtime overhead (measured idle - llama.cpp buffers): median {cal['median_mib']:.0f} "
+            "observed CUDA/runtime overhead (measured idle - llama.cpp buffers): median "
+            f"{cal['median_mib']:.0f} "
             f"MiB over {cal['n']} runs (predicted {cal['predicted_mib']:.0f}); with it the errors would be "
             f"max {cal['max_abs_error_pct']:.1f}% idle."
         ]
@@ -199,7 +205,8 @@ def calibration(results: list[Result]) -> dict[str, float] | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--vocab", type=Path, help="tokenizer GGUF (ggml-vocab-llama-bpe.gguf) for the 8B model")
-    ap.add_argument("--gemma", type=Path, help="Gemma 3 270M GGUF (sliding window); optional")
+    ap.add_argument("--gemma", type=Path,
+                    help="Gemma 3 270M GGUF (sliding window); default: a synthetic one")  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/edgeserve-memory-bench"),
                     help="where the 16 GB F16 and the Q4_K_M files go (reused when present)")  # fmt: skip
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", ".")))
@@ -216,9 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select_configs(args: argparse.Namespace) -> list[Config]:
-    configs = [TINY_CONFIG, *LLAMA_CONFIGS]
-    if args.gemma is not None:
-        configs += list(GEMMA_CONFIGS)
+    configs = [TINY_CONFIG, *LLAMA_CONFIGS, *GEMMA_CONFIGS]
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         configs = [c for c in configs if any(k in c.name for k in keys)]
@@ -289,11 +294,38 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
+def _measure(
+    args: argparse.Namespace,
+    res: Result,
+    proc: subprocess.Popen[bytes],
+    b: Budget,
+    spec: ModelSpec,
+    baseline: float,
+    t0: float,
+) -> None:
+    try:
+        wait_health(args.port_now, proc)
+        res.startup_s = round(time.monotonic() - t0, 1)
+        time.sleep(1.0)
+        res.measured_idle_mib, res.method = process_mib(proc.pid, args.device, baseline)
+    except Exception as exc:  # one failed config must not end the run
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+        return
+    if args.no_load:
+        return
+    try:
+        long_request(args.port_now, max(16, min(args.load_tokens, b.n_ctx_per_seq - 64)), spec.n_vocab)
+        time.sleep(0.5)
+        res.measured_loaded_mib, _ = process_mib(proc.pid, args.device, baseline)
+    except Exception as exc:
+        res.load_error = f"{type(exc).__name__}: {exc}"[:200]
+
+
 def run_config(args: argparse.Namespace, gpus: GpuSet, model: Path, spec: ModelSpec, cfg: Config) -> Result:
     b = predict(gpus, spec, cfg)
     res = Result(
         config=cfg.name, predicted_mib=round(b.total_bytes / MIB, 1),
-        predicted={k: round(getattr(b, f"{k}_bytes") / MIB, 1) for k in ("weights", "kv", "compute", "overhead")},
+        predicted={k: round(getattr(b, f"{k}_bytes") / MIB, 1) for k in COMPONENTS},
     )  # fmt: skip
     if args.dry_run:
         return res
@@ -302,20 +334,10 @@ def run_config(args: argparse.Namespace, gpus: GpuSet, model: Path, spec: ModelS
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(args.device))
     t0 = time.monotonic()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(llama_server_cmd(args.server, model, cfg, args.port), stdout=log,
+        proc = subprocess.Popen(llama_server_cmd(args.server, model, cfg, args.port_now), stdout=log,
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
         try:
-            wait_health(args.port, proc)
-            res.startup_s = round(time.monotonic() - t0, 1)
-            time.sleep(1.0)
-            res.measured_idle_mib, res.method = process_mib(proc.pid, args.device, baseline)
-            if not args.no_load:
-                n_seq = b.n_ctx_per_seq
-                long_request(args.port, max(16, min(args.load_tokens, n_seq - 64)), spec.n_vocab)
-                time.sleep(0.5)
-                res.measured_loaded_mib, _ = process_mib(proc.pid, args.device, baseline)
-        except Exception as exc:  # one failed config must not end the run
-            res.error = f"{type(exc).__name__}: {exc}"[:200]
+            _measure(args, res, proc, b, spec, baseline, t0)
         finally:
             stop(proc)
     res.logged = parse_buffer_log(log_path.read_text(errors="replace"))
@@ -345,19 +367,25 @@ def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
         f16.unlink(missing_ok=True)  # 16 GB: keep only what the runs need
     if not tiny.exists():
         write_synthetic_gguf(tiny, TINY, vocab_from=args.vocab)
-    models = {"llama8b": q4, "tiny": tiny}
-    if args.gemma is not None:
-        models["gemma"] = args.gemma
-    return models
+    gemma = args.gemma
+    if gemma is None:
+        gemma = args.workdir / "gemma3-270m-like-f16.gguf"
+        if not gemma.exists():
+            from quantize.synthetic_gemma3 import write_gemma3_like
+
+            write_gemma3_like(gemma, args.vocab)
+    return {"llama8b": q4, "tiny": tiny, "gemma": gemma}
 
 
 def dry_run_specs() -> dict[str, ModelSpec]:
     from quantize.levels import spec_at_level
     from quantize.synthetic import LLAMA31_8B, TINY, synthetic_model_spec
+    from quantize.synthetic_gemma3 import gemma3_like_spec
 
     return {
         "llama8b": spec_at_level(synthetic_model_spec(LLAMA31_8B, LLAMA3_VOCAB), "Q4_K_M"),
         "tiny": synthetic_model_spec(TINY, LLAMA3_VOCAB),
+        "gemma": gemma3_like_spec(LLAMA3_VOCAB),
     }
 
 
@@ -386,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         specs = {k: read_model_spec(p) for k, p in models.items()}
     results = []
     t0 = time.monotonic()
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
+        # a fresh port per server: the previous one may linger in TIME_WAIT
+        args.port_now = args.port + i
         r = run_config(args, gpus, models.get(cfg.model, Path()), specs[cfg.model], cfg)
         print(f"{cfg.name}: predicted {r.predicted_mib:,.0f} MiB, measured {_fmt(r.measured_idle_mib)} / "
               f"{_fmt(r.measured_loaded_mib)} MiB {r.error or ''}", file=sys.stderr)  # fmt: skip

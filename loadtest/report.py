@@ -101,7 +101,7 @@ def plot(trials: Sequence[Trial], choice: Choice, constraint: Constraint, path: 
             ax.set_xticklabels([str(p) for p in parallels] or ["1"])
             ax.set_xlabel("--parallel (sequences decoded together)")
             ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # headroom so the chosen marker is not clipped
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")

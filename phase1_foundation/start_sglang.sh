@@ -8,12 +8,15 @@
 #      ladder), then `edgeserve serve --backend openai --upstream ...` in front of it on :8000.
 # Arguments go to `edgeserve launch` (e.g. --model PATH --ctx 8192 --parallel 8 --backend llama-server).
 # Environment: EDGESERVE_HOST (default 127.0.0.1; set 0.0.0.0 to serve other machines), EDGESERVE_PORT (8000),
-# EDGESERVE_BACKEND_PORT (the backend's port; default SGLang 30000, llama-server 8080).
+# EDGESERVE_BACKEND_PORT (the backend's port; default SGLang 30000, llama-server 8080), EDGESERVE_SKIP_SETUP=1
+# (use .venv as it is).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-./phase1_foundation/setup_env.sh runtime
+if [ "${EDGESERVE_SKIP_SETUP:-0}" != 1 ] || [ ! -x .venv/bin/python ]; then
+  ./phase1_foundation/setup_env.sh runtime
+fi
 # shellcheck source=phase1_foundation/set_cuda_env.sh
 . ./phase1_foundation/set_cuda_env.sh
 

@@ -1,7 +1,8 @@
 """Files that appear whole or not at all: write under a temporary name in the same directory, then rename.
 
 os.replace within one directory is atomic on POSIX, so a reader never sees half a file, and an interrupted or
-failed writer leaves nothing behind (the temporary file is removed on any exception, KeyboardInterrupt included).
+failed writer leaves nothing behind (the temporary file is removed on any exception, KeyboardInterrupt
+included).
 """
 
 from __future__ import annotations

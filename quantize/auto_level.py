@@ -1,6 +1,7 @@
 """`--level auto`: the highest-quality quantization level whose memory budget fits the target.
 
-The choice is budget.best_level over the quantized levels; the candidates' budgets are kept so the CLI can show
+The choice is budget.best_level over the quantized levels; the candidates' budgets are kept so the CLI can
+show
 why (each level's weights, total and headroom on the fullest device).
 """
 
@@ -34,8 +35,14 @@ class LevelChoice:
         """The deployment the level was chosen for, for the manifest."""
         b = self.budget
         return {
-            "target": self.target_label, "card": b.card, "gpus": b.gpus, "backend": b.backend, "n_ctx": b.n_ctx,
-            "n_parallel": b.n_parallel, "kv_type": b.kv_type, "flash_attn": b.flash_attn,
+            "target": self.target_label,
+            "card": b.card,
+            "gpus": b.gpus,
+            "backend": b.backend,
+            "n_ctx": b.n_ctx,
+            "n_parallel": b.n_parallel,
+            "kv_type": b.kv_type,
+            "flash_attn": b.flash_attn,
         }
 
 

@@ -10,9 +10,6 @@ context included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from quantize import budget_llama as bl
 from quantize.budget_sglang import (
@@ -22,83 +19,37 @@ from quantize.budget_sglang import (
     sglang_settings,
     weights_per_gpu,
 )
+from quantize.budget_types import (
+    BACKENDS,
+    Backend,
+    Budget,
+    CpuTarget,
+    GpuBudget,
+    LevelTable,
+    TableRow,
+)
 from quantize.levels import LEVELS, QuantLevel, get_level, level_for_ftype, spec_at_level
 from quantize.model_spec import TOKEN_EMBD, ModelSpec
 from server.cards import GpuSet
 
-Backend = Literal["llama-server", "embedded", "sglang"]
-BACKENDS: tuple[Backend, ...] = ("llama-server", "embedded", "sglang")
 DEFAULT_HEADROOM_FRACTION = 0.05
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
 MIB = 1 << 20
 
-
-class CpuTarget(BaseModel):
-    """No GPU: the model runs from system RAM."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ram_bytes: int = Field(gt=0)
-    label: str = "cpu"
-
-
-class GpuBudget(BaseModel):
-    """One device's share."""
-
-    model_config = ConfigDict(frozen=True)
-
-    index: int
-    layers: tuple[int, ...] = Field(default=(), description="first and last repeating layer on this device")
-    has_output: bool = True
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    overhead_bytes: int
-    total_bytes: int
-    memory_bytes: int
-    headroom_bytes: int
-    fits: bool
-
-
-class Budget(BaseModel):
-    """Memory of one deployment. The top-level byte figures are those of the fullest device."""
-
-    model_config = ConfigDict(frozen=True)
-
-    card: str
-    card_name: str
-    gpus: int
-    backend: Backend
-    model: str
-    quant: str
-    is_estimated_quant: bool = Field(
-        description="True when the weights are estimated for a level not on disk"
-    )
-    n_ctx: int = Field(description="requested total context (llama.cpp -c, over all slots)")
-    n_ctx_effective: int = Field(description="cells after llama.cpp's padding / SGLang's pool tokens")
-    n_ctx_per_seq: int
-    n_parallel: int
-    kv_type: str
-    flash_attn: bool
-    n_batch: int
-    n_ubatch: int
-    kv_unified: bool
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    overhead_bytes: int
-    total_bytes: int
-    memory_bytes: int = Field(description="memory of one device (RAM for the CPU)")
-    usable_bytes: int = Field(description="memory * (1 - headroom_fraction)")
-    headroom_fraction: float
-    headroom_bytes: int = Field(description="memory - total (negative: does not fit at all)")
-    fits: bool
-    is_valid: bool = Field(description="False when the settings cannot start (e.g. quantized V without FA)")
-    host_bytes: int = Field(description="host memory besides the GPU: token_embd, logits buffer")
-    per_gpu: tuple[GpuBudget, ...] = ()
-    sglang: SglangSettings | None = None
-    reasons: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_CONTEXTS",
+    "DEFAULT_HEADROOM_FRACTION",
+    "Backend",
+    "Budget",
+    "CpuTarget",
+    "GpuBudget",
+    "LevelTable",
+    "TableRow",
+    "best_level",
+    "estimate",
+    "level_table",
+]
 
 
 def _quant_name(spec: ModelSpec) -> str:
@@ -158,24 +109,7 @@ def estimate(
     if isinstance(target, CpuTarget):
         if backend == "sglang":
             raise ValueError("SGLang needs an NVIDIA GPU (SM80+); the CPU runs llama.cpp backends only")
-        return _llama(
-            target,
-            spec,
-            backend,
-            n_ctx,
-            n_parallel,
-            kv,
-            flash_attn,
-            n_batch,
-            n_ubatch,
-            kv_unified,
-            swa_full,
-            n_outputs_max,
-            headroom_fraction,
-            reasons,
-            is_estimated,
-        )
-    if backend == "sglang":
+    elif backend == "sglang":
         if not target.card.can_run_sglang:
             major, minor = target.card.compute_capability
             raise ValueError(
@@ -186,44 +120,20 @@ def estimate(
             reasons.append(f"FP8 KV cache needs hardware FP8 (SM89+); {target.card.name} lacks it")
         return _sglang(
             target, spec, n_ctx, n_parallel, kv, mem_fraction, headroom_fraction, reasons, is_estimated
-        )
-    if flash_attn and not target.card.has_flash_attn_kernels:
+        )  # fmt: skip
+    elif flash_attn and not target.card.has_flash_attn_kernels:
         reasons.append(f"llama.cpp has no flash-attention kernels for {target.card.name}")
     return _llama(
-        target,
-        spec,
-        backend,
-        n_ctx,
-        n_parallel,
-        kv,
-        flash_attn,
-        n_batch,
-        n_ubatch,
-        kv_unified,
-        swa_full,
-        n_outputs_max,
-        headroom_fraction,
-        reasons,
-        is_estimated,
-    )
+        target, spec, backend, n_ctx, n_parallel, kv, flash_attn, n_batch, n_ubatch, kv_unified,
+        swa_full, n_outputs_max, headroom_fraction, reasons, is_estimated
+    )  # fmt: skip
 
 
+# fmt: off
 def _llama(
-    target: GpuSet | CpuTarget,
-    spec: ModelSpec,
-    backend: Backend,
-    n_ctx: int,
-    n_parallel: int,
-    kv: str,
-    flash_attn: bool,
-    n_batch: int,
-    n_ubatch: int,
-    kv_unified: bool,
-    swa_full: bool | None,
-    n_outputs_max: int | None,
-    headroom_fraction: float,
-    reasons: list[str],
-    is_estimated: bool,
+    target: GpuSet | CpuTarget, spec: ModelSpec, backend: Backend, n_ctx: int, n_parallel: int, kv: str,
+    flash_attn: bool, n_batch: int, n_ubatch: int, kv_unified: bool, swa_full: bool | None,
+    n_outputs_max: int | None, headroom_fraction: float, reasons: list[str], is_estimated: bool,
 ) -> Budget:
     is_cpu = isinstance(target, CpuTarget)
     n_dev = 1 if isinstance(target, CpuTarget) else target.count
@@ -248,8 +158,6 @@ def _llama(
             f"sliding window {spec.sliding_window}: {sum(spec.swa_layers)} of {spec.n_layer} layers keep "
             f"{sizes.swa_cells} cells per stream" + (" (swa_full)" if swa else "")
         )
-    dev_of = bl.layer_devices(spec.n_layer, n_dev)
-    copies = bl.SCHED_MAX_COPIES if n_dev > 1 else 1
     memory = target.ram_bytes if isinstance(target, CpuTarget) else target.memory_bytes_per_gpu
     card = None if isinstance(target, CpuTarget) else target.card
     overhead = (
@@ -257,52 +165,23 @@ def _llama(
         if card is None
         else bl.cuda_overhead_bytes(card.sm_count, card.compute_capability)
     )
-    per_gpu: list[GpuBudget] = []
     embd_bytes = sum(t.n_bytes for t in spec.tensors if t.name == TOKEN_EMBD)
     logits_host = bl.output_buffer_bytes(spec, sizes, outputs)
-    for d in range(n_dev):
-        layers = [il for il in range(spec.n_layer) if dev_of[il] == d]
-        has_output = dev_of[spec.n_layer] == d
-        weights = 0
-        for t in spec.tensors:
-            on_dev = (t.layer is not None and t.layer < spec.n_layer and dev_of[t.layer] == d) or (
-                t.layer is None and t.name != TOKEN_EMBD and has_output
-            )
-            if on_dev:
-                weights += bl.tensor_device_bytes(t, is_cuda=not is_cpu)
-        if has_output and spec.is_output_tied:
-            embd = next(t for t in spec.tensors if t.name == TOKEN_EMBD)
-            weights += bl.tensor_device_bytes(embd, is_cuda=not is_cpu)
-        if is_cpu:
-            # one process, one memory: the mmapped file (token_embd included) and the host logits buffer
-            weights = spec.weights_bytes
-        kv_b = 0
-        if kv_ok:
-            kv_b = sum(
-                bl.kv_layer_bytes(spec, sizes, il, kv, kv, flash_attn=flash_attn, is_cuda=not is_cpu)
-                for il in layers
-            )
-        comp = bl.compute_bytes(
-            spec,
-            sizes,
-            layers,
-            has_output=has_output,
-            type_k=kv,
-            type_v=kv,
-            flash_attn=flash_attn,
-            is_cuda=not is_cpu,
-            n_copies=copies,
-        )
-        if is_cpu:
-            comp += logits_host
-        total = weights + kv_b + comp + overhead
+    per_gpu: list[GpuBudget] = []
+    for share in bl.device_shares(
+        spec, sizes, n_dev, kv, flash_attn=flash_attn, is_cuda=not is_cpu, kv_ok=kv_ok
+    ):
+        # on the CPU one process holds it all: the mmapped file (token_embd included) and the logits buffer
+        weights = spec.weights_bytes if is_cpu else share.weights_bytes
+        comp = share.compute_bytes + (logits_host if is_cpu else 0)
+        total = weights + share.kv_bytes + comp + overhead
         per_gpu.append(
             GpuBudget(
-                index=d,
-                layers=(layers[0], layers[-1]) if layers else (),
-                has_output=has_output,
+                index=share.index,
+                layers=share.layers,
+                has_output=share.has_output,
                 weights_bytes=weights,
-                kv_bytes=kv_b,
+                kv_bytes=share.kv_bytes,
                 compute_bytes=comp,
                 overhead_bytes=overhead,
                 total_bytes=total,
@@ -313,42 +192,21 @@ def _llama(
         )
     if n_dev > 1:
         notes.append(
-            f"layer split over {n_dev} GPUs with pipeline parallelism ({copies} copies of graph inputs)"
+            f"layer split over {n_dev} GPUs with pipeline parallelism "
+            f"({bl.SCHED_MAX_COPIES} copies of graph inputs)"
         )
     return _assemble(
-        target,
-        spec,
-        backend,
-        n_ctx,
-        sizes.n_ctx,
-        sizes.n_ctx_seq,
-        n_parallel,
-        kv,
-        flash_attn,
-        sizes.n_batch,
-        sizes.n_ubatch,
-        kv_unified,
-        per_gpu,
-        memory,
-        headroom_fraction,
-        reasons,
-        notes,
-        is_estimated,
-        host=0 if is_cpu else embd_bytes + logits_host,
-        sglang=None,
-    )
+        target, spec, backend, n_ctx, sizes.n_ctx, sizes.n_ctx_seq, n_parallel, kv, flash_attn,
+        sizes.n_batch, sizes.n_ubatch, kv_unified, per_gpu, memory, headroom_fraction, reasons, notes,
+        is_estimated, host=0 if is_cpu else embd_bytes + logits_host, sglang=None
+    )  # fmt: skip
+# fmt: on
 
 
+# fmt: off
 def _sglang(
-    target: GpuSet,
-    spec: ModelSpec,
-    n_ctx: int,
-    n_parallel: int,
-    kv: str,
-    mem_fraction: float | None,
-    headroom_fraction: float,
-    reasons: list[str],
-    is_estimated: bool,
+    target: GpuSet, spec: ModelSpec, n_ctx: int, n_parallel: int, kv: str, mem_fraction: float | None,
+    headroom_fraction: float, reasons: list[str], is_estimated: bool,
 ) -> Budget:
     memory = target.memory_bytes_per_gpu
     tp = target.count
@@ -393,51 +251,19 @@ def _sglang(
         for i in range(tp)
     )
     return _assemble(
-        target,
-        spec,
-        "sglang",
-        n_ctx,
-        s.max_total_tokens,
-        s.context_length,
-        n_parallel,
-        kv,
-        True,
-        s.chunked_prefill_size,
-        s.chunked_prefill_size,
-        False,
-        list(per_gpu),
-        memory,
-        headroom_fraction,
-        reasons,
-        notes,
-        is_estimated,
-        host=0,
-        sglang=s,
-    )
+        target, spec, "sglang", n_ctx, s.max_total_tokens, s.context_length, n_parallel, kv, True,
+        s.chunked_prefill_size, s.chunked_prefill_size, False, list(per_gpu), memory, headroom_fraction,
+        reasons, notes, is_estimated, host=0, sglang=s
+    )  # fmt: skip
+# fmt: on
 
 
+# fmt: off
 def _assemble(
-    target: GpuSet | CpuTarget,
-    spec: ModelSpec,
-    backend: Backend,
-    n_ctx: int,
-    n_ctx_eff: int,
-    n_ctx_seq: int,
-    n_parallel: int,
-    kv: str,
-    flash_attn: bool,
-    n_batch: int,
-    n_ubatch: int,
-    kv_unified: bool,
-    per_gpu: list[GpuBudget],
-    memory: int,
-    headroom_fraction: float,
-    reasons: list[str],
-    notes: list[str],
-    is_estimated: bool,
-    *,
-    host: int,
-    sglang: SglangSettings | None,
+    target: GpuSet | CpuTarget, spec: ModelSpec, backend: Backend, n_ctx: int, n_ctx_eff: int,
+    n_ctx_seq: int, n_parallel: int, kv: str, flash_attn: bool, n_batch: int, n_ubatch: int,
+    kv_unified: bool, per_gpu: list[GpuBudget], memory: int, headroom_fraction: float, reasons: list[str],
+    notes: list[str], is_estimated: bool, *, host: int, sglang: SglangSettings | None,
 ) -> Budget:
     worst = max(per_gpu, key=lambda g: g.total_bytes)
     invalid = any(
@@ -489,6 +315,7 @@ def _assemble(
         reasons=tuple(reasons),
         notes=tuple(notes),
     )
+# fmt: on
 
 
 def best_level(
@@ -500,24 +327,6 @@ def best_level(
         if b.fits:
             return lv, b
     return None
-
-
-class TableRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    level: str
-    weights_bytes: int
-    cells: tuple[tuple[int, int, bool], ...] = Field(description="(n_ctx, total_bytes, fits) per context")
-
-
-class LevelTable(BaseModel):
-    """Levels x contexts; best[i] is the best level that fits at contexts[i] (None: none fits)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    contexts: tuple[int, ...]
-    rows: tuple[TableRow, ...]
-    best: tuple[str | None, ...]
 
 
 def level_table(

@@ -34,7 +34,7 @@ from fractions import Fraction
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quantize.model_spec import ModelSpec, TensorInfo
+from quantize.model_spec import TOKEN_EMBD, ModelSpec, TensorInfo
 
 MIB = 1 << 20
 CTX_PAD = 256
@@ -42,11 +42,13 @@ CUDA_ALIGNMENT = 128
 MATRIX_ROW_PADDING = 512
 SCHED_MAX_COPIES = 4
 
-# CUDA context + cuBLAS handle + the memory pool after the warm-up decode, as nvidia-smi shows it for an idle
-# llama-server: a base plus the per-SM local-memory reservation (1 KiB stack per resident thread). Calibrated
-# with bench/memory_accuracy.py; see docs/BENCHMARKS.md.
-CUDA_BASE_OVERHEAD_BYTES = 200 * MIB
-LMEM_BYTES_PER_THREAD = 1024
+# What nvidia-smi shows for an idle llama-server beyond its buffers: the CUDA context, which grows with the SM
+# count (a bare context costs about 3 MiB per SM on 1536-thread SMs: 555 MiB on a 188-SM RTX PRO 6000, 107 MiB
+# on a 34-SM RTX 4060 Ti, measured in ggml-org/llama.cpp PR 23604), i.e. about 2 KiB per resident thread, plus
+# a base for cuBLAS, the kernels loaded so far and the CUDA memory pool after the warm-up decode. The base is
+# calibrated with bench/memory_accuracy.py (see docs/BENCHMARKS.md).
+CUDA_BASE_OVERHEAD_BYTES = 150 * MIB
+CONTEXT_BYTES_PER_THREAD = 2048
 CPU_OVERHEAD_BYTES = 64 * MIB
 
 LLAMA_KV_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
@@ -90,7 +92,7 @@ def cuda_overhead_bytes(sm_count: int | None, compute_capability: tuple[int, int
     threads_per_sm = {(7, 5): 1024, (8, 6): 1536, (8, 7): 1536, (8, 9): 1536, (12, 0): 1536}.get(
         compute_capability, 2048
     )
-    return CUDA_BASE_OVERHEAD_BYTES + (sm_count or 40) * threads_per_sm * LMEM_BYTES_PER_THREAD
+    return CUDA_BASE_OVERHEAD_BYTES + (sm_count or 40) * threads_per_sm * CONTEXT_BYTES_PER_THREAD
 
 
 @dataclass(frozen=True)
@@ -244,3 +246,55 @@ def output_buffer_bytes(spec: ModelSpec, sizes: LlamaContextSizes, n_outputs_max
     """Host buffer for the logits of one ubatch (llama_context::output_reserve)."""
     rows = n_outputs_max if n_outputs_max > 0 else sizes.n_batch
     return spec.n_vocab * rows * 4
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one device holds of a llama.cpp deployment (CUDA context not included)."""
+
+    index: int
+    layers: tuple[int, ...]  # first and last repeating layer, () for none
+    has_output: bool
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+
+
+def device_shares(
+    spec: ModelSpec,
+    sizes: LlamaContextSizes,
+    n_devices: int,
+    kv_type: str,
+    *,
+    flash_attn: bool,
+    is_cuda: bool,
+    kv_ok: bool = True,
+) -> list[DeviceShare]:
+    """Weights, KV and compute per device with full offload and a layer split over equal devices."""
+    dev_of = layer_devices(spec.n_layer, n_devices)
+    copies = SCHED_MAX_COPIES if n_devices > 1 else 1
+    embd = next((t for t in spec.tensors if t.name == TOKEN_EMBD), None)
+    out = []
+    for d in range(n_devices):
+        layers = [il for il in range(spec.n_layer) if dev_of[il] == d]
+        has_output = dev_of[spec.n_layer] == d
+        weights = 0
+        for t in spec.tensors:
+            in_layer = t.layer is not None and t.layer < spec.n_layer and dev_of[t.layer] == d
+            if in_layer or (t.layer is None and t.name != TOKEN_EMBD and has_output):
+                weights += tensor_device_bytes(t, is_cuda=is_cuda)
+        if has_output and spec.is_output_tied and embd is not None:
+            weights += tensor_device_bytes(embd, is_cuda=is_cuda)  # the TENSOR_DUPLICATED output matrix
+        kv = 0
+        if kv_ok:
+            kv = sum(
+                kv_layer_bytes(spec, sizes, il, kv_type, kv_type, flash_attn=flash_attn, is_cuda=is_cuda)
+                for il in layers
+            )
+        comp = compute_bytes(
+            spec, sizes, layers, has_output=has_output, type_k=kv_type, type_v=kv_type,
+            flash_attn=flash_attn, is_cuda=is_cuda, n_copies=copies,
+        )  # fmt: skip
+        span = (layers[0], layers[-1]) if layers else ()
+        out.append(DeviceShare(d, span, has_output, weights, kv, comp))
+    return out

@@ -32,7 +32,8 @@ DEFAULT_EVAL_NAME = "eval.txt"
 DEFAULT_EVAL_CTX = 512
 DEFAULT_DECODE_TOKENS = 32
 INDICATIVE_NOTE = (
-    "the source is already quantized: every level is a requantization of it, so this table is indicative only "
+    "the source is already quantized: every level is a requantization of it, so this table is "
+    "indicative only "
     "(quantize from an F16/BF16 GGUF for real figures)"
 )
 
@@ -96,8 +97,9 @@ def measure(
     with LlamaSession(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads) as session:
         p = perplexity(session, text, n_ctx=n_ctx, max_tokens=max_tokens)
         prompt = text[:200]
-        run = session.greedy(prompt, min(decode_tokens, n_ctx - len(session.tokenize(prompt)) - 1),
-                             stop_at_eog=False)
+        run = session.greedy(
+            prompt, min(decode_tokens, n_ctx - len(session.tokenize(prompt)) - 1), stop_at_eog=False
+        )
     return _Measure(p.ppl, p.n_chunks, p.n_scored, run.tokens_per_second, p.tokens_per_second)
 
 
@@ -122,10 +124,19 @@ def quality_table(
         raise PipelineError(f"cannot read the evaluation text {text_path}: {exc}") from None
     # Every refusal (requantize, existing outputs, disk) before the first quantization.
     plans = [
-        prepare(src, lv, QuantizeOptions(
-            out=default_output(src, lv, out_dir), threads=options.threads, imatrix=options.imatrix,
-            allow_requantize=options.allow_requantize, force=options.force, verify_tokens=options.verify_tokens,
-        ), spec=spec)
+        prepare(
+            src,
+            lv,
+            QuantizeOptions(
+                out=default_output(src, lv, out_dir),
+                threads=options.threads,
+                imatrix=options.imatrix,
+                allow_requantize=options.allow_requantize,
+                force=options.force,
+                verify_tokens=options.verify_tokens,
+            ),
+            spec=spec,
+        )
         for lv in levels
     ]
     threads = plans[0].threads if plans else options.threads
@@ -135,27 +146,51 @@ def quality_table(
             on_step(msg)
 
     step(f"measuring the source {src.name}")
-    base = measure(src, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads, decode_tokens=decode_tokens)
-    rows = [QualityRow(
-        label=f"source ({spec.file_type_name or '?'})", path=str(src), size_bytes=src.stat().st_size,
-        bits_per_weight=round(spec.bits_per_weight, 4), ppl=base.ppl, ppl_increase=None,
-        decode_tokens_per_second=base.decode_tps, prompt_tokens_per_second=base.prompt_tps, is_source=True,
-    )]
+    base = measure(
+        src, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads, decode_tokens=decode_tokens
+    )
+    rows = [
+        QualityRow(
+            label=f"source ({spec.file_type_name or '?'})",
+            path=str(src),
+            size_bytes=src.stat().st_size,
+            bits_per_weight=round(spec.bits_per_weight, 4),
+            ppl=base.ppl,
+            ppl_increase=None,
+            decode_tokens_per_second=base.decode_tps,
+            prompt_tokens_per_second=base.prompt_tps,
+            is_source=True,
+        )
+    ]
     results: list[QuantizeResult] = []
     for plan in plans:
         step(f"quantizing to {plan.level.name}")
         result = execute(plan, on_progress=on_progress)
         results.append(result)
         step(f"measuring {plan.level.name}")
-        m = measure(result.out, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads,
-                    decode_tokens=decode_tokens)
-        rows.append(QualityRow(
-            label=plan.level.name, path=str(result.out), size_bytes=result.manifest.output.size_bytes,
-            bits_per_weight=result.manifest.bits_per_weight, ppl=m.ppl, ppl_increase=m.ppl / base.ppl - 1.0,
-            decode_tokens_per_second=m.decode_tps, prompt_tokens_per_second=m.prompt_tps,
-        ))
+        m = measure(
+            result.out, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads, decode_tokens=decode_tokens
+        )
+        rows.append(
+            QualityRow(
+                label=plan.level.name,
+                path=str(result.out),
+                size_bytes=result.manifest.output.size_bytes,
+                bits_per_weight=result.manifest.bits_per_weight,
+                ppl=m.ppl,
+                ppl_increase=m.ppl / base.ppl - 1.0,
+                decode_tokens_per_second=m.decode_tps,
+                prompt_tokens_per_second=m.prompt_tps,
+            )
+        )
     table = QualityTable(
-        source=str(src), eval_text=str(text_path), n_ctx=n_ctx, n_chunks=base.n_chunks, n_scored=base.n_scored,
-        threads=threads, is_indicative=bool(quantized_types(spec)), rows=tuple(rows),
+        source=str(src),
+        eval_text=str(text_path),
+        n_ctx=n_ctx,
+        n_chunks=base.n_chunks,
+        n_scored=base.n_scored,
+        threads=threads,
+        is_indicative=bool(quantized_types(spec)),
+        rows=tuple(rows),
     )
     return table, results

@@ -1,9 +1,12 @@
 """Importance matrices for llama_model_quantize, read as llama-quantize reads them.
 
 Two formats exist (common/imatrix-loader.cpp): the GGUF one written by current llama-imatrix (tensors
-`<name>.in_sum2` and `<name>.counts`, F32, plus imatrix.datasets / chunk_count / chunk_size keys) and the legacy
-binary .dat. The values handed to llama.cpp are normalised the way tools/quantize/quantize.cpp does it: GGUF sums
-divided by their per-expert counts (1 where a count is 0), legacy sums divided by the call count. llama.cpp takes
+`<name>.in_sum2` and `<name>.counts`, F32, plus imatrix.datasets / chunk_count / chunk_size keys) and the
+legacy
+binary .dat. The values handed to llama.cpp are normalised the way tools/quantize/quantize.cpp does it: GGUF
+sums
+divided by their per-expert counts (1 where a count is 0), legacy sums divided by the call count. llama.cpp
+takes
 them through `llama_model_quantize_params.imatrix`, an array of {name, data, size} closed by a NULL name.
 """
 
@@ -42,10 +45,10 @@ class Imatrix:
         keep: list[Any] = []
         arr = (llama_cpp.llama_model_imatrix_data * (len(self.entries) + 1))()
         for i, (name, values) in enumerate(self.entries.items()):
-            name_b = ctypes.create_string_buffer(name.encode())
+            name_b = name.encode()
             data = np.ascontiguousarray(values, dtype=np.float32)
             keep += [name_b, data]
-            arr[i].name = ctypes.cast(name_b, ctypes.c_char_p)
+            arr[i].name = name_b
             arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             arr[i].size = data.size
         arr[len(self.entries)].name = None
@@ -130,7 +133,8 @@ def _load_legacy(p: Path) -> tuple[dict[str, np.ndarray[Any, Any]], int, tuple[s
         sums = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float32)
         off += 4 * nval
         entries[name] = sums / ncall if ncall > 0 else sums
-    chunk_count, datasets = 0, ()
+    chunk_count = 0
+    datasets: tuple[str, ...] = ()
     if off + 4 <= len(data):
         (chunk_count,) = take("<i")
         if off + 4 <= len(data):

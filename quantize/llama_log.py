@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 
 import llama_cpp
 
-LOG_LEVEL_ERROR = 3
+# ggml_log_level (ggml/include/ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+LOG_LEVEL_ERROR = 4
 LOG_LEVEL_CONT = 5
 
 
@@ -29,7 +30,7 @@ class LogCapture:
     ) -> None:
         self.lines: deque[tuple[int, str]] = deque(maxlen=keep)
         self.partial = ""
-        self._level = 1
+        self._level = 2
         self._on_line = on_line
         self._on_fragment = on_fragment
 

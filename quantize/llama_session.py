@@ -49,16 +49,25 @@ class LlamaSession:
     """Context manager: `with LlamaSession(path, n_ctx=256) as s: s.greedy("Hello", 8)`."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, n_ctx: int = 512, n_batch: int = 512, n_threads: int | None = None,
-        n_gpu_layers: int | None = None, use_extra_bufts: bool = False,
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        use_extra_bufts: bool = False,
     ) -> None:
         self.path = Path(path)
         self.n_ctx = n_ctx
         self.n_batch = min(n_batch, n_ctx)
         self.n_threads = n_threads or default_threads()
         # Offload everything when llama.cpp was built with a GPU backend; CPU otherwise.
-        self.n_gpu_layers = (99 if llama_cpp.llama_supports_gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
-        # llama.cpp's CPU "extra" buffer types (AMX, weight repacking) are off by default: the AMX kernels of the
+        self.n_gpu_layers = (
+            (99 if llama_cpp.llama_supports_gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
+        )
+        # llama.cpp's CPU "extra" buffer types (AMX, weight repacking) are off by default: the AMX kernels of
+        # the
         # vendored llama.cpp hit SIGILL (`tilezero` with an invalid tile config, llama.cpp PR 26954) on AMX
         # Xeons when built with -march=native, killing the process on the first batched matmul.
         self.use_extra_bufts = use_extra_bufts
@@ -79,7 +88,9 @@ class LlamaSession:
             mparams.use_extra_bufts = self.use_extra_bufts
             self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
             if not self._model:
-                raise LlamaLoadError(f"llama.cpp cannot load {self.path}: {log.last_error() or 'unknown error'}")
+                raise LlamaLoadError(
+                    f"llama.cpp cannot load {self.path}: {log.last_error() or 'unknown error'}"
+                )
             cparams = llama_cpp.llama_context_default_params()
             cparams.n_ctx = self.n_ctx
             cparams.n_batch = self.n_batch
@@ -134,7 +145,11 @@ class LlamaSession:
 
     @property
     def bos(self) -> int | None:
-        return int(llama_cpp.llama_vocab_bos(self.vocab)) if llama_cpp.llama_vocab_get_add_bos(self.vocab) else None
+        return (
+            int(llama_cpp.llama_vocab_bos(self.vocab))
+            if llama_cpp.llama_vocab_get_add_bos(self.vocab)
+            else None
+        )
 
     # ---- decoding ------------------------------------------------------------------------------------------
 
@@ -142,7 +157,7 @@ class LlamaSession:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
 
     def decode(self, tokens: list[int], pos0: int, logits_from: int) -> np.ndarray[Any, Any]:
-        """Decode `tokens` at positions pos0.. in sequence 0; return logits (float32) of tokens[logits_from:]."""
+        """Decode `tokens` at positions pos0.. (sequence 0); return float32 logits of tokens[logits_from:]."""
         outputs: list[np.ndarray[Any, Any]] = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]

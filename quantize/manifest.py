@@ -70,7 +70,9 @@ class Manifest(BaseModel):
     allow_requantize: bool
     imatrix: str | None = None
     llama: LlamaCppInfo
-    budget: dict[str, Any] | None = Field(default=None, description="the budget an automatic level was chosen for")
+    budget: dict[str, Any] | None = Field(
+        default=None, description="the budget an automatic level was chosen for"
+    )
     checks: tuple[CheckResult, ...] = ()
     sample: str = Field(default="", description="greedy continuation decoded during verification")
 
@@ -80,7 +82,7 @@ class Manifest(BaseModel):
 
 
 def manifest_path(output: Path) -> Path:
-    """`model.Q4_K_M.gguf` -> `model.Q4_K_M.manifest.json` (one manifest per output, several outputs per dir)."""
+    """`model.Q4_K_M.gguf` -> `model.Q4_K_M.manifest.json`: one manifest per output, many outputs per dir."""
     return output.with_name(output.stem + MANIFEST_SUFFIX)
 
 

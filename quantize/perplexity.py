@@ -86,6 +86,11 @@ def perplexity(
     seconds = time.perf_counter() - t0
     mean = nll_sum / n_scored
     return Perplexity(
-        ppl=math.exp(mean), nll_mean=mean, n_ctx=n_ctx, n_chunks=n_chunks, n_scored=n_scored,
-        n_text_tokens=n_text, seconds=seconds,
+        ppl=math.exp(mean),
+        nll_mean=mean,
+        n_ctx=n_ctx,
+        n_chunks=n_chunks,
+        n_scored=n_scored,
+        n_text_tokens=n_text,
+        seconds=seconds,
     )

@@ -95,8 +95,10 @@ def read_source(src: Path) -> ModelSpec:
 
 
 def quantized_types(spec: ModelSpec) -> list[str]:
-    """ggml types of the source's 2-D weights that are already quantized (empty for an F32/F16/BF16 source)."""
-    return sorted({t.ggml_type for t in spec.tensors if t.n_dims >= 2 and t.ggml_type not in _UNQUANTIZED_TYPES})
+    """ggml types of the source's 2-D weights that are quantized already (none for F32/F16/BF16 sources)."""
+    return sorted(
+        {t.ggml_type for t in spec.tensors if t.n_dims >= 2 and t.ggml_type not in _UNQUANTIZED_TYPES}
+    )
 
 
 def resolve_level(name: str) -> QuantLevel:
@@ -113,7 +115,11 @@ def default_output(src: Path, level: QuantLevel, out_dir: Path | None = None) ->
 
 
 def prepare(
-    src: Path, level: QuantLevel, options: QuantizeOptions, *, spec: ModelSpec | None = None,
+    src: Path,
+    level: QuantLevel,
+    options: QuantizeOptions,
+    *,
+    spec: ModelSpec | None = None,
     choice: LevelChoice | None = None,
 ) -> QuantizePlan:
     """Check the request; raise PipelineError for anything that would fail or overwrite by surprise."""
@@ -143,9 +149,17 @@ def prepare(
     expected = expected_file_bytes(spec, src_size, level)
     _check_disk(out, expected)
     return QuantizePlan(
-        src=src, src_spec=spec, src_size_bytes=src_size, level=level, out=out, expected_bytes=expected,
-        threads=options.threads or default_threads(), is_requantize=bool(already),
-        allow_requantize=options.allow_requantize, imatrix=options.imatrix, choice=choice,
+        src=src,
+        src_spec=spec,
+        src_size_bytes=src_size,
+        level=level,
+        out=out,
+        expected_bytes=expected,
+        threads=options.threads or default_threads(),
+        is_requantize=bool(already),
+        allow_requantize=options.allow_requantize,
+        imatrix=options.imatrix,
+        choice=choice,
         verify_tokens=options.verify_tokens,
     )
 
@@ -170,8 +184,12 @@ def execute(
     hasher = BackgroundHash(plan.src)
     with atomic_path(plan.out) as tmp:
         job = QuantizeJob(
-            src=str(plan.src), dst=str(tmp), ftype=plan.level.llama_ftype, nthread=plan.threads,
-            allow_requantize=plan.allow_requantize, imatrix=str(plan.imatrix) if plan.imatrix else None,
+            src=str(plan.src),
+            dst=str(tmp),
+            ftype=plan.level.llama_ftype,
+            nthread=plan.threads,
+            allow_requantize=plan.allow_requantize,
+            imatrix=str(plan.imatrix) if plan.imatrix else None,
         )
         try:
             run = run_llama_quantize(job, on_progress)
@@ -179,24 +197,36 @@ def execute(
             raise PipelineError(str(exc)) from None
         try:
             verification = verify_output(
-                tmp, src=plan.src_spec, src_size_bytes=plan.src_size_bytes, level=plan.level,
-                written_types=run.tensor_types, n_decode=plan.verify_tokens, n_threads=plan.threads,
+                tmp,
+                src=plan.src_spec,
+                src_size_bytes=plan.src_size_bytes,
+                level=plan.level,
+                written_types=run.tensor_types,
+                n_decode=plan.verify_tokens,
+                n_threads=plan.threads,
             )
         except GGUFReadError as exc:
             raise PipelineError(str(exc)) from None
         if not verification.is_ok:
             failed = "; ".join(f"{c.name}: {c.detail}" for c in verification.failures())
-            raise PipelineError(f"the {plan.level.name} output failed verification ({failed}); nothing was written")
+            raise PipelineError(
+                f"the {plan.level.name} output failed verification ({failed}); nothing was written"
+            )
     out_spec = verification.spec
     manifest = Manifest(
         edgeserve_version=edgeserve_version(),
         created_utc=utc_now(),
         source=FileInfo(
-            path=str(plan.src.resolve()), size_bytes=plan.src_size_bytes, sha256=hasher.result(),
+            path=str(plan.src.resolve()),
+            size_bytes=plan.src_size_bytes,
+            sha256=hasher.result(),
             file_type=plan.src_spec.file_type_name,
         ),
-        output=FileInfo(path=str(plan.out.resolve()), size_bytes=verification.size_bytes,
-                        file_type=out_spec.file_type_name),
+        output=FileInfo(
+            path=str(plan.out.resolve()),
+            size_bytes=verification.size_bytes,
+            file_type=out_spec.file_type_name,
+        ),
         level=plan.level.name,
         llama_ftype=plan.level.llama_ftype,
         bits_per_weight=round(out_spec.bits_per_weight, 4),

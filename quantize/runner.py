@@ -19,10 +19,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 _TENSOR_START_RE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
-_TENSOR_LINE_RE = re.compile(
-    r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s*(\w+),"
-    r"(?:.*converting to (\w+))?(?:.*\((\w+)\)\s*$)?"
-)
+_TENSOR_HEAD_RE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s*(\w+),")
+_CONVERTED_RE = re.compile(r"converting to (\w+)")
+_PLANNED_RE = re.compile(r"size =.*\((\w+)\)\s*$")
 
 
 class QuantizeFailedError(RuntimeError):
@@ -63,20 +62,48 @@ class QuantizeRun:
     log_tail: tuple[str, ...] = field(default=())
 
 
+class TensorLogParser:
+    """Turns llama_model_quantize's log lines into finished-tensor records.
+
+    A record starts with "[ i/ n] name - [shape], type = f16, " and ends at "size = ..." ("converting to T"
+    before it when the type changes; "(T)" after it in a dry run). llama.cpp may log other lines in between
+    (an imatrix notice), which split the record over several lines.
+    """
+
+    def __init__(self) -> None:
+        self._head: tuple[int, int, str, str] | None = None
+        self._target: str | None = None
+
+    def feed(self, line: str) -> TensorProgress | None:
+        text = line.strip()
+        m = _TENSOR_HEAD_RE.match(text)
+        if m:
+            self._head = (int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
+            self._target = None
+        if self._head is None:
+            return None
+        conv = _CONVERTED_RE.search(text)
+        if conv:
+            self._target = conv.group(1)
+        if "size =" not in text:
+            return None
+        planned = _PLANNED_RE.search(text)
+        index, total, name, cur = self._head
+        target = self._target or (planned.group(1) if planned else cur)
+        self._head = None
+        return TensorProgress(index, total, name, True, cur.upper(), target.upper())
+
+
 def parse_tensor_line(line: str) -> TensorProgress | None:
-    """A finished tensor line of llama_model_quantize's log (normal or dry run), or None."""
-    m = _TENSOR_LINE_RE.match(line.strip())
-    if not m:
-        return None
-    index, total, name, cur, converted, planned = m.groups()
-    target = converted or planned or cur
-    return TensorProgress(int(index), int(total), name, True, cur.upper(), target.upper())
+    """A complete one-line tensor record of llama_model_quantize's log (normal or dry run), or None."""
+    return TensorLogParser().feed(line)
 
 
 def _child_main(job: QuantizeJob, conn: Connection) -> None:
     # The parent owns Ctrl-C: it terminates this process and removes the partial output.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     started: set[int] = set()
+    parser = TensorLogParser()
 
     def on_fragment(text: str) -> None:
         m = _TENSOR_START_RE.match(text)
@@ -85,7 +112,7 @@ def _child_main(job: QuantizeJob, conn: Connection) -> None:
             conn.send(("tensor", TensorProgress(int(m.group(1)), int(m.group(2)), m.group(3), False)))
 
     def on_line(_level: int, line: str) -> None:
-        progress = parse_tensor_line(line)
+        progress = parser.feed(line)
         if progress is not None:
             conn.send(("tensor", progress))
 

@@ -1,9 +1,12 @@
 """Synthetic llama GGUFs: real shapes and a real tokenizer, random weights.
 
-Tests and benchmarks need F16/BF16/F32 sources (quantization starts from them) and real model shapes (speed and
+Tests and benchmarks need F16/BF16/F32 sources (quantization starts from them) and real model shapes (speed
+and
 memory depend on shapes and types, never on weight values) without downloading weights. The tokenizer (every
-`tokenizer.*` key, chat template included) is copied from a real GGUF so that llama.cpp tokenizes text exactly as
-the real model would. Tensors are generated and written one at a time, so an 8B-shaped F16 file (16 GB) needs only
+`tokenizer.*` key, chat template included) is copied from a real GGUF so that llama.cpp tokenizes text exactly
+as
+the real model would. Tensors are generated and written one at a time, so an 8B-shaped F16 file (16 GB) needs
+only
 about the largest tensor in memory. The file appears atomically: written to a temporary name, then renamed.
 """
 
@@ -27,7 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Small enough that logits stay in a sane range through the residual stream (the output of an RMS-normed hidden
+# Small enough that logits stay in a sane range through the residual stream (the output of an RMS-normed
+# hidden
 # state times a 0.02-std matrix has a std of about 0.02 * sqrt(n_embd)).
 WEIGHT_STD = 0.02
 # Rows are generated in chunks of this many elements so that float32 temporaries stay small.
@@ -87,8 +91,14 @@ LLAMA31_8B = SyntheticShape(
 )
 # Llama-3.2-1B shapes (tied embeddings, as the real model).
 LLAMA32_1B = SyntheticShape(
-    n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ctx_train=131072,
-    rope_freq_base=500000.0, tie_embeddings=True,
+    n_layer=16,
+    n_embd=2048,
+    n_head=32,
+    n_head_kv=8,
+    n_ff=8192,
+    n_ctx_train=131072,
+    rope_freq_base=500000.0,
+    tie_embeddings=True,
 )
 # The smallest shape the K-quants accept (rows of 256); with grouped-query attention like the real models.
 TINY = SyntheticShape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_ctx_train=2048)
@@ -125,7 +135,9 @@ def _tensor_plan(shape: SyntheticShape, n_vocab: int) -> list[_TensorPlan]:
     return plans
 
 
-def _tokenizer_fields(vocab_from: Path) -> list[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+def _tokenizer_fields(
+    vocab_from: Path,
+) -> list[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
     """Every tokenizer.* key of a real GGUF, as (key, value, type, array sub-type)."""
     try:
         reader = gguf.GGUFReader(vocab_from)
@@ -165,7 +177,7 @@ def _random_tensor(
 
 
 def _to_bf16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """float32 -> bfloat16 bit patterns, rounding to nearest even (as ggml_fp32_to_bf16; inputs are finite)."""
+    """float32 -> bfloat16 bits, rounded to nearest even as ggml_fp32_to_bf16 does (inputs are finite)."""
     bits = values.view(np.uint32)
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     return (rounded >> np.uint32(16)).astype(np.uint16)
@@ -189,7 +201,8 @@ def write_synthetic_gguf(
 ) -> Path:
     """Write a llama GGUF with random weights and the tokenizer of `vocab_from`; return its path.
 
-    `shape` defaults to TINY; the keyword dimensions override single fields of it. `vocab_from` defaults to the
+    `shape` defaults to TINY; the keyword dimensions override single fields of it. `vocab_from` defaults to
+    the
     bundled SmolLM2 (use the Llama-3 vocab GGUF for Llama-3 shapes). n_vocab is the tokenizer's size.
     """
     if arch != "llama":
@@ -198,10 +211,15 @@ def write_synthetic_gguf(
     if key not in _FTYPES:
         raise ValueError(f"unsupported ftype {ftype!r}; supported: {', '.join(SUPPORTED_FTYPES)}")
     qtype, file_type = _FTYPES[key]
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in dict(
-            n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff, n_ctx_train=n_ctx_train
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_ff=n_ff,
+            n_ctx_train=n_ctx_train,
         ).items()
         if v is not None
     }
@@ -263,7 +281,7 @@ def _add_metadata(
 def synthetic_model_spec(
     shape: SyntheticShape, n_vocab: int, *, ftype: str = "F16", name: str = "edgeserve synthetic"
 ) -> ModelSpec:
-    """The ModelSpec a file written with this shape would read back as, without writing it (for calculators)."""
+    """The ModelSpec such a file would read back as, without writing it (for calculators)."""
     from quantize.model_spec import ModelSpec, TensorInfo
 
     qtype, file_type = _FTYPES[ftype.upper()]
@@ -272,19 +290,35 @@ def synthetic_model_spec(
         ttype = gguf.GGMLQuantizationType.F32 if plan.std == 0.0 else qtype
         block, type_size = gguf.GGML_QUANT_SIZES[ttype]
         n = int(np.prod(plan.shape))
-        tensors.append(TensorInfo(
-            name=plan.name, shape=tuple(reversed(plan.shape)), ggml_type=ttype.name, n_bytes=n // block * type_size
-        ))
+        tensors.append(
+            TensorInfo(
+                name=plan.name,
+                shape=tuple(reversed(plan.shape)),
+                ggml_type=ttype.name,
+                n_bytes=n // block * type_size,
+            )
+        )
     return ModelSpec(
-        path=None, architecture="llama", name=name, n_layer=shape.n_layer, n_embd=shape.n_embd,
-        n_head=shape.n_head, n_head_kv=(shape.n_head_kv,) * shape.n_layer, head_dim_k=shape.head_dim,
-        head_dim_v=shape.head_dim, n_ff=shape.n_ff, n_vocab=n_vocab, n_ctx_train=shape.n_ctx_train,
-        file_type=int(file_type), file_type_name=file_type.name.removeprefix("MOSTLY_"), tensors=tuple(tensors),
+        path=None,
+        architecture="llama",
+        name=name,
+        n_layer=shape.n_layer,
+        n_embd=shape.n_embd,
+        n_head=shape.n_head,
+        n_head_kv=(shape.n_head_kv,) * shape.n_layer,
+        head_dim_k=shape.head_dim,
+        head_dim_v=shape.head_dim,
+        n_ff=shape.n_ff,
+        n_vocab=n_vocab,
+        n_ctx_train=shape.n_ctx_train,
+        file_type=int(file_type),
+        file_type_name=file_type.name.removeprefix("MOSTLY_"),
+        tensors=tuple(tensors),
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m quantize.synthetic OUT.gguf --preset llama31-8b --vocab-from VOCAB.gguf` (for GPU benches)."""
+    """`python -m quantize.synthetic OUT.gguf --preset llama31-8b --vocab-from VOCAB.gguf` (GPU benches)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -295,7 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_synthetic_gguf(
-        args.out, PRESETS[args.preset], vocab_from=args.vocab_from, ftype=args.ftype, seed=args.seed,
+        args.out,
+        PRESETS[args.preset],
+        vocab_from=args.vocab_from,
+        ftype=args.ftype,
+        seed=args.seed,
         n_layer=args.n_layer,
     )
     logger.info("wrote %s (%d bytes)", args.out, args.out.stat().st_size)

@@ -1,9 +1,10 @@
-"""Check a freshly quantized GGUF: read it back with `gguf`, compare with what was expected, decode with llama.cpp.
+"""Check a new quantized GGUF: read it back with `gguf`, compare with the expectation, decode with llama.cpp.
 
-Fatal checks (the output is not what was asked for): the file parses, its file type is the level's, each tensor
+Fatal checks (the output is not what was asked for): the file parses, its file type is the level's, each
+tensor
 has the type llama.cpp said it wrote, the size is the predicted one within a tolerance, and llama.cpp loads it
 and decodes a few tokens greedily with finite logits. A warning (not fatal): edgeserve's own prediction of the
-type mix (quantize.levels.quantized_tensors) differs from llama.cpp's choice, i.e. the calculator is out of date.
+type mix (quantize.levels.quantized_tensors) differs from llama.cpp's choice: the calculator is out of date.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from quantize.llama_session import LlamaLoadError, LlamaSession
 from quantize.manifest import CheckResult
 from quantize.model_spec import ModelSpec
 
-# The output's size may differ from the prediction by metadata changes (quantization keys added, general.file_type
+# The output's size may differ from the prediction by metadata changes (quantization keys added,
+# general.file_type
 # rewritten) and alignment padding; tensor bytes themselves are exact.
 SIZE_TOLERANCE_FRACTION = 0.01
 SIZE_TOLERANCE_BYTES = 1 << 20
@@ -67,8 +69,11 @@ def _type_check(out: ModelSpec, written: dict[str, str]) -> CheckResult:
 
 def _prediction_check(src: ModelSpec, out: ModelSpec, level: QuantLevel) -> CheckResult:
     predicted = {t.name: t.ggml_type for t in quantized_tensors(src, level)}
-    diff = [f"{t.name}: {t.ggml_type} (predicted {predicted.get(t.name)})" for t in out.tensors
-            if predicted.get(t.name) != t.ggml_type]
+    diff = [
+        f"{t.name}: {t.ggml_type} (predicted {predicted.get(t.name)})"
+        for t in out.tensors
+        if predicted.get(t.name) != t.ggml_type
+    ]
     detail = "type mix as predicted" if not diff else f"{len(diff)} differ, e.g. " + "; ".join(diff[:3])
     return CheckResult(name="predicted mix", is_ok=not diff, is_fatal=False, detail=detail)
 
@@ -93,27 +98,36 @@ def verify_output(
     size = path.stat().st_size
     checks.append(CheckResult(name="gguf", is_ok=True, detail=f"{len(out.tensors)} tensors read back"))
     ftype_ok = out.file_type == level.llama_ftype
-    checks.append(CheckResult(
-        name="file type", is_ok=ftype_ok,
-        detail=f"general.file_type {out.file_type} ({out.file_type_name}), expected {level.llama_ftype}",
-    ))
+    checks.append(
+        CheckResult(
+            name="file type",
+            is_ok=ftype_ok,
+            detail=f"general.file_type {out.file_type} ({out.file_type_name}), expected {level.llama_ftype}",
+        )
+    )
     checks.append(_type_check(out, written_types))
     checks.append(_prediction_check(src, out, level))
     expected = expected_file_bytes(src, src_size_bytes, level)
     tolerance = max(SIZE_TOLERANCE_BYTES, int(expected * SIZE_TOLERANCE_FRACTION))
-    checks.append(CheckResult(
-        name="size", is_ok=abs(size - expected) <= tolerance,
-        detail=f"{size} bytes, predicted {expected} (+/- {tolerance})",
-    ))
+    checks.append(
+        CheckResult(
+            name="size",
+            is_ok=abs(size - expected) <= tolerance,
+            detail=f"{size} bytes, predicted {expected} (+/- {tolerance})",
+        )
+    )
     sample = ""
     try:
         with LlamaSession(path, n_ctx=128, n_threads=n_threads) as session:
             run = session.greedy(VERIFY_PROMPT, n_decode, stop_at_eog=False)
         sample = run.text
-        checks.append(CheckResult(
-            name="decode", is_ok=len(run.tokens) == n_decode,
-            detail=f"llama.cpp decoded {len(run.tokens)} tokens greedily",
-        ))
+        checks.append(
+            CheckResult(
+                name="decode",
+                is_ok=len(run.tokens) == n_decode,
+                detail=f"llama.cpp decoded {len(run.tokens)} tokens greedily",
+            )
+        )
     except (LlamaLoadError, RuntimeError) as exc:
         checks.append(CheckResult(name="decode", is_ok=False, detail=str(exc)))
     return Verification(

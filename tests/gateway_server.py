@@ -21,7 +21,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 # Room for 8 concurrent sequences of a few hundred tokens, small enough to load fast on 2 cores.
 EMBEDDED_PARALLEL = 8
-EMBEDDED_CTX = 4096
+EMBEDDED_CTX = 8192  # 1024 tokens per sequence (llama-server semantics: -c split over -np)
 
 
 def free_port() -> int:

@@ -19,16 +19,31 @@ HOST_RAM = 64 * GIB
 REPO = Path(__file__).resolve().parents[1]
 
 # A machine with everything installed (plans only: nothing here is started).
-FULL = Toolchain(python="python3", has_sglang=True, llama_server="/opt/llama/bin/llama-server",
-                 edgeserve=("edgeserve",), cpu_threads=8)
+FULL = Toolchain(
+    python="python3",
+    has_sglang=True,
+    llama_server="/opt/llama/bin/llama-server",
+    edgeserve=("edgeserve",),
+    cpu_threads=8,
+)
 # A machine with neither SGLang nor llama-server.
-BARE = Toolchain(python="python3", has_sglang=False, llama_server=None, edgeserve=("edgeserve",), cpu_threads=8)
+BARE = Toolchain(
+    python="python3", has_sglang=False, llama_server=None, edgeserve=("edgeserve",), cpu_threads=8
+)
 
 LLAMA_31_8B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
-    "tie_word_embeddings": False, "rope_theta": 500000.0,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+    "rope_theta": 500000.0,
 }
 
 
@@ -46,8 +61,14 @@ def hf_model_dir(tmp: Path, config: dict[str, object] | None = None) -> Path:
     return folder
 
 
-def plan_for(card: str, backend: str = "auto", gpus: int | None = None, toolchain: Toolchain = FULL,
-             configs_dir: Path | None = None, **flags: object) -> LaunchPlan:
+def plan_for(
+    card: str,
+    backend: str = "auto",
+    gpus: int | None = None,
+    toolchain: Toolchain = FULL,
+    configs_dir: Path | None = None,
+    **flags: object,
+) -> LaunchPlan:
     """The plan `edgeserve launch --card CARD ...` makes, without detecting anything."""
     target = None if card == "cpu" else GpuSet.of(get_card(card), gpus or 1)
     request = LaunchRequest(backend=backend, card=card, gpus=gpus, **flags)  # type: ignore[arg-type]

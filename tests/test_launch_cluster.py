@@ -15,7 +15,6 @@ from server.launch.cluster import ClusterSpec, cluster_commands, load_cluster
 from server.launch.planner import make_plan
 from server.launch.request import LaunchRequest
 from server.launch.resolve import PlanError
-
 from tests.launch_support import FULL, REPO, clear_edgeserve_env, hf_model_dir, sglang_parser
 
 
@@ -38,8 +37,14 @@ def test_example_file_loads() -> None:
 
 def test_sglang_nodes_parse_with_sglangs_parser(tmp_path: Path) -> None:
     pytest.importorskip("sglang.srt.server_args", reason="SGLang's parser is needed")
-    spec = ClusterSpec(backend="sglang", card="rtx-5090", gpus_per_node=2, model=str(hf_model_dir(tmp_path)),
-                       dist_init_addr="10.0.0.1:50000", nodes=({"host": "10.0.0.1"}, {"host": "10.0.0.2"}))
+    spec = ClusterSpec(
+        backend="sglang",
+        card="rtx-5090",
+        gpus_per_node=2,
+        model=str(hf_model_dir(tmp_path)),
+        dist_init_addr="10.0.0.1:50000",
+        nodes=({"host": "10.0.0.1"}, {"host": "10.0.0.2"}),
+    )
     commands = cluster_commands(spec, LaunchRequest(), _maker)
     assert [c.rank for c in commands] == [0, 1]
     for c in commands:
@@ -51,8 +56,13 @@ def test_sglang_nodes_parse_with_sglangs_parser(tmp_path: Path) -> None:
 
 
 def test_llama_rpc_head_and_workers() -> None:
-    spec = ClusterSpec(backend="llama-server", card="tesla-p4", gpus_per_node=1, rpc_port=50052,
-                       nodes=({"host": "a"}, {"host": "b"}, {"host": "c"}))
+    spec = ClusterSpec(
+        backend="llama-server",
+        card="tesla-p4",
+        gpus_per_node=1,
+        rpc_port=50052,
+        nodes=({"host": "a"}, {"host": "b"}, {"host": "c"}),
+    )
     head, *workers = cluster_commands(spec, LaunchRequest(), _maker)
     assert head.argv[0].endswith("llama-server")
     rpc = head.argv[head.argv.index("--rpc") + 1]
@@ -73,7 +83,9 @@ def test_cli_prints_each_node() -> None:
     app.command("noop", hidden=True)(lambda: None)
     example = REPO / "configs" / "cluster.example.yaml"
     model = str(smollm2_path())  # the example names a model this machine does not have
-    result = CliRunner().invoke(app, ["launch", "--cluster", str(example), "--model", model, "--dry-run", "--json"])
+    result = CliRunner().invoke(
+        app, ["launch", "--cluster", str(example), "--model", model, "--dry-run", "--json"]
+    )
     assert result.exit_code == 0, result.output
     nodes = json.loads(result.stdout)["nodes"]
     assert [n["host"] for n in nodes] == ["10.0.0.1", "10.0.0.2"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.launch.ladder import next_step
 from server.launch.oom import Failure, classify
 from server.launch.plan import LaunchPlan, QuantFile
-
 from tests.launch_support import clear_edgeserve_env, plan_for, sglang_parse
 
 GIB = 1 << 30
@@ -33,15 +34,30 @@ def _flag(plan: LaunchPlan, flag: str) -> str:
 
 def test_llama_server_ladder_order() -> None:
     plan = plan_for("tesla-p4", backend="llama-server", ctx=4096, parallel=4)
-    plan = plan.model_copy(update={"quant_alternatives": (
-        QuantFile(path="/m/model-Q3_K_M.gguf", quant="Q3_K_M", size_bytes=60 << 20),
-        QuantFile(path="/m/model-Q2_K.gguf", quant="Q2_K", size_bytes=50 << 20),
-    )})
+    plan = plan.model_copy(
+        update={
+            "quant_alternatives": (
+                QuantFile(path="/m/model-Q3_K_M.gguf", quant="Q3_K_M", size_bytes=60 << 20),
+                QuantFile(path="/m/model-Q2_K.gguf", quant="Q2_K", size_bytes=50 << 20),
+            )
+        }
+    )
     plans = _walk(plan)
     rungs = [p.ladder[-1].rung for p in plans[1:]]
     # context 4096 -> 2048 -> 1024, parallel 4 -> 2 -> 1, KV q8_0 -> q4_0, two smaller files, layers, CPU
-    assert rungs == ["context", "context", "parallel", "parallel", "kv_type", "quant", "quant",
-                     "gpu_layers", "gpu_layers", "gpu_layers", "cpu"]
+    assert rungs == [
+        "context",
+        "context",
+        "parallel",
+        "parallel",
+        "kv_type",
+        "quant",
+        "quant",
+        "gpu_layers",
+        "gpu_layers",
+        "gpu_layers",
+        "cpu",
+    ]
     by_rung = {p.ladder[-1].rung: p for p in plans[1:]}
     assert _flag(by_rung["context"], "-c") == str(by_rung["context"].n_ctx * 4)
     assert _flag(by_rung["kv_type"], "-ctk") == "q4_0" == _flag(by_rung["kv_type"], "-ctv")
@@ -100,19 +116,37 @@ def test_not_an_oom_is_not_the_ladders_business() -> None:
 
 
 # Log lines as the sources print them (format strings filled in).
-@pytest.mark.parametrize(("line", "size"), [
-    ("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: cudaMalloc failed: "
-     "out of memory", 4096 << 20),
-    ("ggml_aligned_malloc: insufficient memory (attempted to allocate 49152.00 MB)", 49152 << 20),
-    ("ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 51539607552", 51539607552),
-    ("ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 2147483648", 2147483648),
-    ("llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache", None),
-    ("llama_model_load: error loading model: unable to allocate CUDA0 buffer", None),
-    ("common_init_from_params: failed to create context with model 'm.gguf'", None),
-    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-     "79.19 GiB", 2 << 30),
-    ("model load failed: llama.cpp could not create a context for m.gguf (n_ctx=4194304, n_parallel=1)", None),
-])
+@pytest.mark.parametrize(
+    ("line", "size"),
+    [
+        (
+            "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
+            "cudaMalloc failed: out of memory",
+            4096 << 20,
+        ),
+        ("ggml_aligned_malloc: insufficient memory (attempted to allocate 49152.00 MB)", 49152 << 20),
+        (
+            "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 51539607552",
+            51539607552,
+        ),
+        ("ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 2147483648", 2147483648),
+        (
+            "llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache",
+            None,
+        ),
+        ("llama_model_load: error loading model: unable to allocate CUDA0 buffer", None),
+        ("common_init_from_params: failed to create context with model 'm.gguf'", None),
+        (
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
+            "GPU 0 has a total capacity of 79.19 GiB",
+            2 << 30,
+        ),
+        (
+            "model load failed: llama.cpp could not create a context for m.gguf (n_ctx=4194304)",
+            None,
+        ),
+    ],
+)
 def test_oom_lines(line: str, size: int | None) -> None:
     failure = classify(["loading model", line, "exiting"], 1, phase="startup", available_bytes=GIB)
     assert failure.kind == "oom" and failure.cause == "alloc"
@@ -127,8 +161,10 @@ def test_sglang_pool_message() -> None:
 
 
 def test_failed_load_without_allocation_is_a_load_error() -> None:
-    lines = ["gguf_init_from_file: failed to open GGUF file 'x.gguf' (No such file or directory)",
-             "srv load_model: failed to load model, 'x.gguf'"]
+    lines = [
+        "gguf_init_from_file: failed to open GGUF file 'x.gguf' (No such file or directory)",
+        "srv load_model: failed to load model, 'x.gguf'",
+    ]
     assert classify(lines, 1, phase="startup").kind == "load_error"
     with_alloc = [*lines, "unable to allocate CUDA0 buffer"]
     assert classify(with_alloc, 1, phase="startup").kind == "oom"
@@ -137,3 +173,23 @@ def test_failed_load_without_allocation_is_a_load_error() -> None:
 def test_anything_else_is_a_crash() -> None:
     failure = classify(["serving", "Segmentation fault", ""], -11, phase="running")
     assert failure.kind == "crash" and failure.evidence == "Segmentation fault" and failure.exit_code == -11
+
+
+def test_smaller_quantizations_next_to_the_model_are_found(tmp_path: Path) -> None:
+    from quantize.synthetic import write_synthetic_gguf
+
+    model = write_synthetic_gguf(tmp_path / "tiny-F16.gguf")
+    (tmp_path / "tiny-Q8_0.gguf").write_bytes(b"\0" * 2000)
+    (tmp_path / "tiny-Q4_K_M.gguf").write_bytes(b"\0" * 1000)
+    (tmp_path / "other-Q4_0.gguf").write_bytes(b"\0" * 10)  # another model: not an alternative
+    plan = plan_for("tesla-p4", backend="llama-server", model=str(model))
+    assert [q.quant for q in plan.quant_alternatives] == ["Q8_0", "Q4_K_M"]
+    nxt = plan
+    for _ in range(20):  # walk to the quant rung
+        nxt = next_step(nxt, OOM)  # type: ignore[assignment]
+        assert nxt is not None
+        if nxt.ladder[-1].rung == "quant":
+            break
+    assert nxt.model_path.endswith("tiny-Q8_0.gguf") and nxt.quant == "Q8_0"
+    assert _flag(nxt, "-m") == nxt.model_path
+    assert [q.quant for q in nxt.quant_alternatives] == ["Q4_K_M"]

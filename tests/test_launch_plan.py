@@ -14,7 +14,6 @@ from server.launch import llama_server
 from server.launch.plan import LaunchPlan
 from server.launch.registry import UnknownBackendError, backend_choices, get_backend
 from server.launch.resolve import PlanError
-
 from tests.launch_support import BARE, FULL, clear_edgeserve_env, plan_for
 
 
@@ -71,7 +70,9 @@ def test_llama_server_on_the_cpu_sets_threads() -> None:
     assert plan.reason("threads").source == "derived"  # type: ignore[union-attr]
 
 
-def test_quantized_kv_turns_flash_attention_on_and_refuses_a_pinned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantized_kv_turns_flash_attention_on_and_refuses_a_pinned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("EDGESERVE_FLASH_ATTN", "off")
     with pytest.raises(PlanError, match="flash attention"):
         plan_for("rtx-3090", backend="llama-server", kv_type="q4_0")
@@ -100,6 +101,11 @@ def test_embedded_argv_uses_edgeserve_serve() -> None:
     # settings edgeserve serve cannot take are reported, not sent under invented names
     for key in plan.env:
         assert key.startswith(("EDGESERVE_", "CUDA_"))
+
+
+def test_embedded_refuses_what_it_cannot_pass_on() -> None:
+    with pytest.raises(PlanError, match="use --backend llama-server"):
+        plan_for("cpu", backend="embedded", kv_type="q8_0")
 
 
 def test_auto_rule() -> None:
@@ -140,11 +146,24 @@ def _app() -> typer.Typer:
 
 
 def test_cli_dry_run_json() -> None:
-    result = CliRunner().invoke(_app(), ["launch", "--card", "tesla-p4", "--dry-run", "--json", "--ctx", "2048"])
+    result = CliRunner().invoke(
+        _app(), ["launch", "--card", "tesla-p4", "--dry-run", "--json", "--ctx", "2048"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    for key in ("backend", "card", "gpus", "argv", "env", "n_ctx", "n_parallel", "mem_fraction", "kv_type",
-                "expected_total_bytes", "reasons"):
+    for key in (
+        "backend",
+        "card",
+        "gpus",
+        "argv",
+        "env",
+        "n_ctx",
+        "n_parallel",
+        "mem_fraction",
+        "kv_type",
+        "expected_total_bytes",
+        "reasons",
+    ):
         assert key in data
     assert data["card"] == "tesla-p4" and data["n_ctx"] == 2048
     assert data["backend"] in ("llama-server", "embedded")
@@ -153,7 +172,8 @@ def test_cli_dry_run_json() -> None:
 
 def test_cli_sglang_pair_dry_run() -> None:
     result = CliRunner().invoke(
-        _app(), ["launch", "--card", "rtx-5090", "--gpus", "2", "--backend", "sglang", "--dry-run", "--json"])
+        _app(), ["launch", "--card", "rtx-5090", "--gpus", "2", "--backend", "sglang", "--dry-run", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["backend"] == "sglang" and "--tp-size" in data["argv"]

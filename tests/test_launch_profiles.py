@@ -1,4 +1,5 @@
-"""Per-card profiles: one per card id, loaded with pydantic-settings, overridden by env and CLI with sources."""
+"""Per-card profiles: one per card id, loaded with pydantic-settings, overridden by env and CLI with
+sources."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from server.launch.profiles import (
     profile_file_name,
     read_profile_file,
 )
-
 from tests.launch_support import clear_edgeserve_env, plan_for
 
 
@@ -38,7 +38,7 @@ def test_every_card_has_a_valid_profile(card: str | None) -> None:
 
 def test_p4_profile_prefers_llama_cpp() -> None:
     p = load_profile("tesla-p4").profile
-    assert p.backend == "llama-server" and p.kv_cache_dtype == "q8_0" and p.flash_attn == "on"
+    assert p.preferred_backend == "llama-server" and p.kv_cache_dtype == "q8_0" and p.flash_attn == "on"
 
 
 def test_env_beats_file_and_cli_beats_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from loadtest.runner import (
     run_locust,
     running_server,
     wait_ready,
+    warm_up,
 )
 from loadtest.selection import Setting
 from loadtest.tuner import TuneResult
@@ -26,7 +27,8 @@ from loadtest.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "loadtest-key"
-SMALL = {"prompt_tokens": 16, "max_tokens": 8}
+PROMPT_TOKENS = 16
+MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_server(argv, log_path) as proc:
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, "/ready", proc, timeout_s=180, log_path=log_path)
+        warm_up(base_url, Workload(api_key=API_KEY), count=1)  # as the tuner does before measuring
         yield base_url
 
 
@@ -50,13 +53,13 @@ def _stats_rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
 
 @pytest.mark.slow
 def test_locust_measures_streamed_chat_completions(gateway: str, tmp_path: Path) -> None:
-    summary = run_locust(gateway, users=2, duration_s=5, workload=Workload(api_key=API_KEY, **SMALL),
-                         trial_dir=tmp_path)
+    workload = Workload(api_key=API_KEY, prompt_tokens=PROMPT_TOKENS, max_tokens=MAX_TOKENS)
+    summary = run_locust(gateway, users=2, duration_s=5, workload=workload, trial_dir=tmp_path)
     assert summary.requests_ok >= 1, summary
     assert summary.requests_failed == 0, summary.errors
     assert summary.users == 2
     # Streaming with ignore_eos: every finished request carried exactly max_tokens and a first-token time.
-    assert summary.completion_tokens == SMALL["max_tokens"] * summary.requests_ok
+    assert summary.completion_tokens == MAX_TOKENS * summary.requests_ok
     assert len(summary.ttft_ms) == summary.requests_ok
     assert all(0 < t <= e for t, e in zip(summary.ttft_ms, summary.e2e_ms, strict=True))
     assert summary.tokens_per_s > 0
@@ -71,8 +74,8 @@ def test_locust_measures_streamed_chat_completions(gateway: str, tmp_path: Path)
 
 @pytest.mark.slow
 def test_locust_counts_refused_requests_as_errors(gateway: str, tmp_path: Path) -> None:
-    summary = run_locust(gateway, users=2, duration_s=2, workload=Workload(api_key="wrong", **SMALL),
-                         trial_dir=tmp_path)
+    workload = Workload(api_key="wrong", prompt_tokens=PROMPT_TOKENS, max_tokens=MAX_TOKENS)
+    summary = run_locust(gateway, users=2, duration_s=2, workload=workload, trial_dir=tmp_path)
     assert summary.requests_ok == 0
     assert summary.requests_failed >= 1
     assert summary.error_rate == 1.0
@@ -88,8 +91,8 @@ def test_batch_test_sweeps_parallel_and_reports(tmp_path: Path) -> None:
     env = {**os.environ, "EDGESERVE_PYTHON": sys.executable}
     proc = subprocess.run(
         [str(ROOT / "phase1_foundation" / "batch_test.sh"), "--parallel", "1,2", "--ctx", "1024",
-         "--duration", "4", "--prompt-tokens", str(SMALL["prompt_tokens"]),
-         "--max-tokens", str(SMALL["max_tokens"]), "--out", str(out), "--report", str(report)],
+         "--duration", "4", "--prompt-tokens", str(PROMPT_TOKENS),
+         "--max-tokens", str(MAX_TOKENS), "--out", str(out), "--report", str(report)],
         capture_output=True, text=True, env=env, timeout=400, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -101,7 +101,7 @@ class StreamResult:
 async def one_stream(client: openai.AsyncOpenAI, i: int, result: StreamResult) -> None:
     try:
         stream = await client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": f"Tell story number {i} about a brave cat."}],
+            model="smollm2", messages=[{"role": "user", "content": f"Tell story {i} about a brave cat."}],
             max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.usage is not None:
@@ -171,7 +171,8 @@ def test_gateway_returns_to_the_primary_when_it_heals(cluster: Cluster) -> None:
         assert time.monotonic() < deadline, "no request went back to the primary"
         time.sleep(0.5)
     # The probe succeeded: half-open -> closed.
-    assert metric_value(text, "edgeserve_breaker_transitions_total", backend="primary", to_state="half_open") >= 1
+    assert metric_value(text, "edgeserve_breaker_transitions_total", backend="primary",
+                        to_state="half_open") >= 1
     assert metric_value(text, "edgeserve_breaker_state", backend="primary") == 0
 
 
@@ -186,8 +187,8 @@ def test_primary_out_of_memory_at_restart_requests_succeed_on_fallback(cluster: 
     assert failure.is_oom, failure
     client = openai.OpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0, timeout=120)
     for question in ("Name three colors.", "What is 2+2?", "Say hello."):
-        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
-                                               max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0)
         assert reply.choices[0].message.content
         assert reply.usage is not None and reply.usage.completion_tokens > 0
     assert metric_value(cluster.metrics(), "edgeserve_chain_backend_available", backend="primary") == 0
@@ -204,8 +205,8 @@ def test_burst_of_ten_times_capacity_gets_429_and_memory_returns(cluster: Cluste
         limits = httpx.Limits(max_connections=burst, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=CLIENT_TIMEOUT_S,
                                      limits=limits) as client:
-            return list(await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(burst)),
-                                             return_exceptions=True))
+            posts = (client.post("/v1/completions", json=body) for _ in range(burst))
+            return list(await asyncio.gather(*posts, return_exceptions=True))
 
     replies = asyncio.run(scenario())
     errors = [r for r in replies if isinstance(r, BaseException)]
@@ -224,7 +225,8 @@ def test_burst_of_ten_times_capacity_gets_429_and_memory_returns(cluster: Cluste
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
     time.sleep(2.0)
     after_kib = cluster.gateway.rss_kib()
-    cluster.notes.append(f"burst of {burst} (capacity {capacity}): {len(accepted)} served, {len(refused)} x 429; "
-                         f"gateway RSS {baseline_kib / 1024:.0f} MiB before, {after_kib / 1024:.0f} MiB after")
+    cluster.notes.append(
+        f"burst of {burst} (capacity {capacity}): {len(accepted)} served, {len(refused)} x 429; "
+        f"gateway RSS {baseline_kib / 1024:.0f} MiB before, {after_kib / 1024:.0f} MiB after")
     # Loose on purpose: allocator arenas keep some pages, but a flood must not leave its requests behind.
     assert after_kib < baseline_kib + 64 * 1024

@@ -48,8 +48,15 @@ CHILD = textwrap.dedent("""
     HTTPServer(("127.0.0.1", port), Health).serve_forever()
 """)
 
-FAST = SupervisorConfig(backoff_initial_s=0.05, backoff_factor=2.0, backoff_max_s=1.0, health_interval_s=0.05,
-                        health_timeout_s=60, stop_timeout_s=5, max_restarts=3)
+FAST = SupervisorConfig(
+    backoff_initial_s=0.05,
+    backoff_factor=2.0,
+    backoff_max_s=1.0,
+    health_interval_s=0.05,
+    health_timeout_s=60,
+    stop_timeout_s=5,
+    max_restarts=3,
+)
 
 
 def _free_port() -> int:
@@ -65,16 +72,27 @@ def _plan(tmp_path: Path, fails: int, *, grandchild: bool = False) -> LaunchPlan
     argv = [sys.executable, str(script), str(tmp_path / "starts"), str(fails), str(port)]
     if grandchild:
         argv.append(str(tmp_path / "grandchild.pid"))
-    return LaunchPlan(backend="llama-server", card="cpu", gpus=0, model_path="none", program=(sys.executable,),
-                      argv=tuple(argv), port=port, health_url=f"http://127.0.0.1:{port}/health", n_ctx=16,
-                      n_ctx_total=16, n_parallel=1, kv_type="f16")
+    return LaunchPlan(
+        backend="llama-server",
+        card="cpu",
+        gpus=0,
+        model_path="none",
+        program=(sys.executable,),
+        argv=tuple(argv),
+        port=port,
+        health_url=f"http://127.0.0.1:{port}/health",
+        n_ctx=16,
+        n_ctx_total=16,
+        n_parallel=1,
+        kv_type="f16",
+    )
 
 
 def test_crash_restart_with_backoff(tmp_path: Path) -> None:
     lines: list[str] = []
     status = tmp_path / "status.json"
-    sup = Supervisor(_plan(tmp_path, fails=2), FAST, status_path=status, log_prefix="[child]")
-    sup._sink = lines.append  # type: ignore[method-assign]  (collect the streamed log)
+    plan = _plan(tmp_path, fails=2).model_copy(update={"api_key": "sk-secret-123"})
+    sup = Supervisor(plan, FAST, status_path=status, log_prefix="[child]", on_line=lines.append)
     sup.start()
     try:
         assert sup.wait_ready(60), [e.detail for e in sup.events]
@@ -89,6 +107,7 @@ def test_crash_restart_with_backoff(tmp_path: Path) -> None:
         assert "attempt 1" in lines and "listening" in lines
         data = json.loads(status.read_text())
         assert data["state"] == "ready" and data["restarts"] == 2 and data["pid"] == sup.pid
+        assert "sk-secret-123" not in status.read_text()
         pid = sup.pid
     finally:
         sup.stop()
@@ -150,8 +169,10 @@ def test_signal_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     (tmp_path / "plan.json").write_text(plan.model_dump_json())
     (tmp_path / "runner.py").write_text(RUNNER)
     status = tmp_path / "status.json"
-    runner = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "plan.json"),
-                               str(status)], cwd=Path(__file__).resolve().parents[1])
+    runner = subprocess.Popen(
+        [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "plan.json"), str(status)],
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

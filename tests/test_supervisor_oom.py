@@ -17,7 +17,6 @@ from server.launch.planner import make_plan
 from server.launch.request import LaunchRequest
 from server.launch.supervisor import Supervisor, SupervisorConfig
 from server.launch.toolchain import Toolchain
-
 from tests.launch_support import clear_edgeserve_env
 
 GIB = 1 << 30
@@ -45,14 +44,25 @@ def edgeserve_cmd() -> tuple[str, ...]:
 def test_ladder_steps_context_down_until_the_backend_serves(edgeserve_cmd: tuple[str, ...]) -> None:
     clear_edgeserve_env()
     toolchain = Toolchain(python=sys.executable, edgeserve=edgeserve_cmd, cpu_threads=2)
-    request = LaunchRequest(backend="embedded", card="cpu", model=str(smollm2_path()), ctx=IMPOSSIBLE_CTX,
-                            parallel=1, port=_free_port())
+    request = LaunchRequest(
+        backend="embedded",
+        card="cpu",
+        model=str(smollm2_path()),
+        ctx=IMPOSSIBLE_CTX,
+        parallel=1,
+        port=_free_port(),
+    )
     plan = make_plan(request, toolchain=toolchain, target=(None, 16 * GIB))
     assert plan.n_ctx == IMPOSSIBLE_CTX
     assert plan.memory is not None and plan.memory.total_bytes > 10 * CAP_BYTES
 
-    config = SupervisorConfig(memory_limit_bytes=CAP_BYTES, available_bytes=CAP_BYTES, health_interval_s=0.2,
-                              health_timeout_s=240, backoff_initial_s=0.1)
+    config = SupervisorConfig(
+        memory_limit_bytes=CAP_BYTES,
+        available_bytes=CAP_BYTES,
+        health_interval_s=0.2,
+        health_timeout_s=240,
+        backoff_initial_s=0.1,
+    )
     sup = Supervisor(plan, config)
     sup.start()
     try:
@@ -60,7 +70,7 @@ def test_ladder_steps_context_down_until_the_backend_serves(edgeserve_cmd: tuple
         steps = sup.steps
         assert steps, "the backend started without any step down"
         assert {s.rung for s in steps} == {"context"}
-        assert [s.old for s in steps][0] == IMPOSSIBLE_CTX
+        assert steps[0].old == IMPOSSIBLE_CTX
         news = [s.new for s in steps]
         assert news == sorted(news, reverse=True) and news[-1] < IMPOSSIBLE_CTX // 8
         exits = [e for e in sup.events if e.kind == "exit"]

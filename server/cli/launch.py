@@ -70,6 +70,16 @@ def _check_runnable(plan: LaunchPlan) -> None:
             )
 
 
+def _available_bytes(plan: LaunchPlan) -> int | None:
+    """Memory free for the backend right now (the OOM ladder sizes its first step with it)."""
+    from server.detect import detect, detect_cpu
+
+    if plan.gpus == 0:
+        return detect_cpu().available_ram_bytes
+    gpus = detect().gpus[: plan.gpus]
+    return min(g.memory_free_bytes for g in gpus) if gpus else None
+
+
 def launch(
     backend: Annotated[
         BackendOption, typer.Option(help="backend, or auto: SGLang where it runs, else llama.cpp")
@@ -157,9 +167,11 @@ def launch(
 
     _check_runnable(plan)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not every health poll
     if not as_json:
         _show_plan(plan)
-    supervisor = Supervisor(plan, SupervisorConfig(use_ladder=not no_ladder), status_path=status_file)
+    config = SupervisorConfig(use_ladder=not no_ladder, available_bytes=_available_bytes(plan))
+    supervisor = Supervisor(plan, config, status_path=status_file)
     code = supervisor.run()
     if as_json:
         _echo_json(supervisor.status())

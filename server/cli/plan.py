@@ -111,9 +111,7 @@ def _verdict(b: Budget) -> str:
 
 
 def _level_table(t: LevelTable) -> Table:
-    table = Table(
-        title="total GiB per device by level and context (-c); * = best level that fits", title_justify="left"
-    )
+    table = Table(title="GiB per device by level and -c (* = best that fits)", title_justify="left")
     table.add_column("level")
     table.add_column("weights GiB", justify="right")
     for c in t.contexts:

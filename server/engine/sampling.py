@@ -43,7 +43,8 @@ class Sampler:
         self._has_penalties = _has_penalties(params)
         if self._has_penalties:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-                PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+                n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty))
         seed = params.seed if params.seed is not None else default_seed
         self.seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
         if params.is_greedy:

@@ -69,9 +69,12 @@ class Member:
     def is_available(self) -> bool:
         return self.is_up() and self.breaker.can_try()
 
-    def has_room(self) -> bool:
+    def has_room(self, *, is_failover: bool) -> bool:
+        """A new request may queue up to queue_size; one moving over from a failed backend was already
+        accepted by the gateway and may wait beyond it (the gate's hard bound: the whole chain's capacity)."""
         snap = self.gate.snapshot()
-        return snap.in_flight < snap.limit or snap.waiting < snap.max_queue
+        bound = snap.max_queue if is_failover else self.config.queue_size
+        return snap.in_flight < snap.limit or snap.waiting < bound
 
     def has_free_slot(self) -> bool:
         snap = self.gate.snapshot()
@@ -106,10 +109,11 @@ class FallbackBackend:
             raise ValueError("a fallback chain needs at least one backend")
         self.metrics = metrics or ChainMetrics()
         self._model_name = model_name
+        total = sum(cfg.capacity for cfg, _ in members)
         self.members: list[Member] = [
             Member(config=cfg, backend=backend,
                    breaker=CircuitBreaker(cfg.name, cfg.breaker, on_change=self._breaker_changed),
-                   gate=Admission(limit=cfg.slots, max_queue=cfg.queue_size))
+                   gate=Admission(limit=cfg.slots, max_queue=total))
             for cfg, backend in members
         ]
         self.metrics.watch(self.snapshots)
@@ -258,7 +262,8 @@ class FallbackBackend:
                 clamped.append((m, fitted))
         return full + clamped, too_long
 
-    async def _place(self, job: GenerationJob, exclude: set[str]) -> tuple[Member, GenerationJob, Lease]:
+    async def _place(self, job: GenerationJob, exclude: set[str], *,
+                     is_failover: bool = False) -> tuple[Member, GenerationJob, Lease]:
         """Choose a backend for `job` and take one of its slots (waiting in its queue if need be)."""
         candidates, too_long = self._candidates(job, exclude)
         if not candidates:
@@ -273,7 +278,7 @@ class FallbackBackend:
             raise BackendUnavailableError("no backend of the chain is available: " + self._describe(exclude))
         # A free slot now beats a queue; among queues, the order of the chain.
         ordered = [c for c in candidates if c[0].has_free_slot()] + [
-            c for c in candidates if not c[0].has_free_slot() and c[0].has_room()]
+            c for c in candidates if not c[0].has_free_slot() and c[0].has_room(is_failover=is_failover)]
         for member, fitted in ordered:
             if not member.breaker.allow():
                 continue  # half-open and another request is the probe
@@ -346,7 +351,7 @@ class FallbackBackend:
                 yield progress.length_finish()
                 return
             try:
-                member, attempt, lease = await self._place(attempt, tried)
+                member, attempt, lease = await self._place(attempt, tried, is_failover=bool(tried))
             except BackendUnavailableError:
                 if context_error is not None:
                     raise context_error from None  # the others are down: the prompt is what failed here

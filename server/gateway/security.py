@@ -7,7 +7,6 @@ and /ready stay open so orchestrators can probe without a key; /metrics needs th
 
 from __future__ import annotations
 
-import hmac
 import json
 
 from fastapi import Request
@@ -17,12 +16,6 @@ from server.gateway.errors import error_body
 from server.gateway.state import StateDep, verify_api_key
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
-
-
-def bearer_matches(authorization: str | None, expected: str) -> bool:
-    """True when an `Authorization: Bearer <key>` header carries `expected` (compared in constant time)."""
-    scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
 async def verify_metrics_access(request: Request, state: StateDep) -> None:

@@ -9,16 +9,33 @@ all sequences (like llama-server's -c), so it gets the plan's n_ctx_total.
 
 from __future__ import annotations
 
+import dataclasses
+
 from server.gateway.settings import GatewaySettings
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.llama_server import resolve_llama_settings
-from server.launch.plan import LaunchPlan
+from server.launch.plan import LaunchPlan, Scalar
 from server.launch.resolve import PlanError, gpu_env, health_url, pick_port
 
 NAME = "embedded"
 DEFAULT_PORT = 8000
 HEALTH_PATH = "/ready"
 
+# The engine's defaults (server/engine/config.py EngineConfig) for profile keys the gateway may not pass on.
+ENGINE_DEFAULTS: dict[str, Scalar] = {
+    "kv_cache_dtype": "f16",
+    "flash_attn": "auto",
+    "ubatch_size": 512,
+    "kv_unified": True,
+    "threads": None,
+}
+_PROFILE_TO_GATEWAY = {
+    "kv_cache_dtype": "kv_type",
+    "flash_attn": "flash_attn",
+    "ubatch_size": "n_ubatch",
+    "kv_unified": "kv_unified",
+    "threads": "threads",
+}
 # plan field -> the gateway setting (EDGESERVE_<NAME>) that carries it, when the gateway has that field.
 _ENV_FIELDS = {
     "batch_size": "n_batch",
@@ -46,13 +63,27 @@ def build(ctx: BuildContext) -> LaunchPlan:
     if why_not:
         raise PlanError(why_not)
     log = ReasonLog()
-    # The engine shares one KV pool between its sequences unless told otherwise (EngineConfig.kv_unified).
-    kv_unified = bool(ctx.setting("kv_unified")[0]) if gateway_reads("kv_unified") else True
+    # Settings `edgeserve serve` cannot pass are planned (and budgeted) at the engine's own defaults.
+    locked = {k: v for k, v in ENGINE_DEFAULTS.items() if not gateway_reads(_PROFILE_TO_GATEWAY[k])}
+    for key, value in locked.items():
+        if ctx.setting(key)[0] != value and ctx.profile.source(key) in ("cli", "env"):
+            raise PlanError(
+                f"the embedded engine cannot take {key}={ctx.setting(key)[0]} "
+                f"(edgeserve serve has no such setting); use --backend llama-server"
+            )
+    ctx = dataclasses.replace(ctx, profile=ctx.profile.overridden(locked))
+    kv_unified = bool(ctx.setting("kv_unified")[0])
     settings = resolve_llama_settings(ctx, log, backend="embedded", kv_unified=kv_unified)
     port = pick_port(ctx, DEFAULT_PORT, "the gateway", log)
-    for field, setting in _ENV_FIELDS.items():
-        if not gateway_reads(setting):
-            log.add(field, None, "default", f"edgeserve serve has no {setting} setting: the engine's default")
+    names = {"kv_type" if k == "kv_cache_dtype" else k for k in locked}
+    log.items = [r for r in log.items if r.setting not in names]
+    for key in locked:
+        log.add(
+            key if key != "kv_cache_dtype" else "kv_type",
+            locked[key],
+            "derived",
+            f"edgeserve serve has no {_PROFILE_TO_GATEWAY[key]} setting: the engine's default",
+        )
     plan = LaunchPlan(
         backend=NAME,
         card=ctx.card_id,
@@ -75,7 +106,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
         batch_size=settings.batch_size,
         ubatch_size=settings.ubatch_size,
         kv_unified=bool(kv_unified),
-        threads=settings.threads,
+        threads=None if "threads" in locked else settings.threads,
         api_key=ctx.request.api_key,
         memory=settings.memory,
         expected_total_bytes=settings.memory.total_bytes if settings.memory else None,

@@ -46,7 +46,8 @@ class Profile(BaseSettings):
     card: str | None = Field(
         default=None, description="card id the file describes (checked against its name)"
     )
-    backend: BackendChoice = Field(default="auto", description="preferred backend on this card")
+    # Not `backend`: EDGESERVE_BACKEND is the gateway's (embedded | openai).
+    preferred_backend: BackendChoice = Field(default="auto", description="backend `auto` picks on this card")
     gpu_memory_utilization: float = Field(
         default=0.90, gt=0.1, le=0.99, description="share of each GPU's memory the backend may use in all"
     )
@@ -91,6 +92,15 @@ class ResolvedProfile(BaseModel):
 
     def value(self, field: str) -> Any:
         return getattr(self.profile, field)
+
+    def overridden(self, values: Mapping[str, Any], source: Source = "derived") -> ResolvedProfile:
+        """The same profile with `values` forced (e.g. what a backend cannot change), marked with `source`."""
+        if not values:
+            return self
+        profile = self.profile.model_copy(update=dict(values))
+        return self.model_copy(
+            update={"profile": profile, "sources": {**self.sources, **dict.fromkeys(values, source)}}
+        )
 
 
 def read_profile_file(path: Path) -> dict[str, Any]:

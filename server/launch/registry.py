@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from server.launch import embedded, llama_server, sglang
 from server.launch.context import BuildContext
-from server.launch.plan import LaunchPlan, Reason, Source
+from server.launch.plan import LaunchPlan, Reason
 from server.launch.resolve import PlanError, gpu_env
 
 _DEVICE_VARS = ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES")
@@ -115,7 +115,7 @@ def choose_backend(ctx: BuildContext) -> tuple[BackendSpec, Reason]:
         if why_not:
             raise BackendRefusedError(why_not)
         return spec, Reason(setting="backend", value=spec.name, source="cli", why="--backend")
-    preferred, source = ctx.setting("backend")
+    preferred, source = ctx.setting("preferred_backend")
     if preferred != AUTO:
         spec = get_backend(preferred)
         if spec.refusal(ctx) is None and _is_installed(spec.name, ctx):
@@ -164,8 +164,3 @@ def build_plan(ctx: BuildContext) -> LaunchPlan:
     plan = spec.build(ctx)
     rest = tuple(r for r in plan.reasons if r.setting != "backend")
     return plan.model_copy(update={"reasons": (reason, *rest)})
-
-
-def source_of(plan: LaunchPlan, setting: str) -> Source | None:
-    found = plan.reason(setting)
-    return found.source if found else None

@@ -84,6 +84,7 @@ class Supervisor:
         status_path: Path | None = None,
         on_event: Callable[[SupervisorEvent], None] | None = None,
         log_prefix: str | None = None,
+        on_line: Callable[[str], None] | None = None,
         next_step: NextStep = ladder.next_step,
     ) -> None:
         self.config = config or SupervisorConfig()
@@ -93,6 +94,7 @@ class Supervisor:
         self._on_event = on_event
         self._prefix = log_prefix or f"[{plan.backend}]"
         self._next_step = next_step
+        self._on_line = on_line
         self._state: State = "idle"
         self._events: list[SupervisorEvent] = []
         self._restarts = 0
@@ -155,7 +157,7 @@ class Supervisor:
             "health_url": plan.health_url,
             "ladder_steps": [s.model_dump(mode="json") for s in plan.ladder],
             "last_failure": self._last_failure.model_dump(mode="json") if self._last_failure else None,
-            "plan": {k: v for k, v in plan.to_json_dict().items() if k != "reasons"},
+            "plan": _masked({k: v for k, v in plan.to_json_dict().items() if k != "reasons"}, plan.api_key),
             "updated_at": time.time(),
         }
 
@@ -246,6 +248,8 @@ class Supervisor:
 
     def _sink(self, line: str) -> None:
         backend_log.info("%s %s", self._prefix, line)
+        if self._on_line is not None:
+            self._on_line(line)
 
     def _loop(self) -> None:
         failures_in_row = 0
@@ -325,6 +329,13 @@ class Supervisor:
                 if self._stop.wait(delay):
                     break
             self._shutdown()
+        except Exception:
+            log.exception("%s supervisor failed", self._prefix)
+            with self._lock:
+                current = self._proc
+            if current is not None and current.poll() is None:
+                current.stop(self.config.stop_timeout_s)
+            self._set_state("failed")
         finally:
             self._done.set()
             self._ready.set()
@@ -353,7 +364,8 @@ class Supervisor:
                         return True
                     fatal = _fatal_reason(reply)
                     if fatal:
-                        # The gateway stays up after its model failed to load; the process is no use like that.
+                        # The gateway stays up after its model failed to load; the process is no use like
+                        # that.
                         self._fatal_lines.append(fatal)
                         proc.stop(self.config.stop_timeout_s)
                         return False
@@ -367,6 +379,14 @@ class Supervisor:
                     return False
                 self._stop.wait(self.config.health_interval_s)
         return False
+
+
+def _masked(data: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """The status file outlives the process: keep the API key out of it."""
+    if not secret:
+        return data
+    text = json.dumps(data).replace(secret, "***")
+    return dict(json.loads(text))
 
 
 def _fatal_reason(reply: httpx.Response) -> str | None:
