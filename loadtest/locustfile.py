@@ -12,7 +12,8 @@ tokens) it fires two custom events per request so they show in the UI and the CS
 The request is shaped by EDGESERVE_LOADTEST_* variables (see loadtest/workload.py): PROMPT_TOKENS,
 MAX_TOKENS, STREAM, IGNORE_EOS, TEMPERATURE, MODEL, API_KEY, REQUEST_TIMEOUT_S. With
 EDGESERVE_LOADTEST_SUMMARY_PATH set, a JSON summary (TTFT and latency samples, aggregate tokens/s,
-errors) is written there when the test stops.
+errors) is written there when the test stops. With --stop-timeout, requests running when the time is up
+finish and count for latency and errors; throughput counts only tokens generated before the stop.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 import requests
 from locust import User, constant, events, task
 from locust.env import Environment
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from loadtest.summary import Recorder
 from loadtest.workload import Workload, chat_body
@@ -86,6 +89,7 @@ class _Progress:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.chunks = 0
+        self.window_chunks = 0  # content chunks that arrived before the run was told to stop
         self.usage_tokens: int | None = None
 
     def on_chunk(self, chunk: dict[str, Any]) -> None:
@@ -100,6 +104,8 @@ class _Progress:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self.chunks += 1
+                if "end" not in _window:
+                    self.window_chunks += 1
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
 
@@ -110,6 +116,17 @@ class _Progress:
     @property
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000.0
+
+    def window_tokens(self, finished: float) -> int:
+        """Tokens generated before the window closed (all of them when the request finished inside it)."""
+        end = _window.get("end")
+        if end is None or finished <= end:
+            return self.tokens
+        if WORKLOAD.stream:
+            return self.window_chunks
+        # Non-streaming: no arrival times; assume tokens came at an even pace over the request.
+        share = (end - self.started) / (finished - self.started)
+        return round(self.tokens * min(1.0, max(0.0, share)))
 
 
 def _read_stream(resp: requests.Response, progress: _Progress) -> None:
@@ -179,19 +196,21 @@ class ChatUser(User):
                         _read_whole(resp, progress)
             except (requests.RequestException, StreamError, ValueError) as exc:
                 error = exc if isinstance(exc, StreamError) else StreamError(type(exc).__name__)
-            e2e_ms = (time.perf_counter() - progress.started) * 1000.0
+            finished_at = time.perf_counter()
+            e2e_ms = (finished_at - progress.started) * 1000.0
             finished = True
         finally:
             if not finished:
-                # The run ended (GreenletExit) mid-request: its tokens were generated inside the window.
-                RECORDER.cut_off(progress.chunks)
+                # Locust stopped this user (GreenletExit) mid-request.
+                RECORDER.cut_off(progress.window_chunks)
         if error is not None:
             RECORDER.failure(str(error))
             self._fire("POST", CHAT_PATH, e2e_ms, 0, error)
             return
         tokens = progress.tokens
         ttft_ms = progress.ttft_ms
-        RECORDER.success(ttft_ms=ttft_ms, e2e_ms=e2e_ms, completion_tokens=tokens)
+        RECORDER.success(ttft_ms=ttft_ms, e2e_ms=e2e_ms, completion_tokens=tokens,
+                         window_tokens=progress.window_tokens(finished_at))
         self._fire("POST", CHAT_PATH, e2e_ms, tokens, None)
         if ttft_ms is not None:
             self._fire("TTFT", CHAT_PATH, ttft_ms, 0, None)
@@ -217,6 +236,11 @@ def _on_test_stopping(environment: Environment, **_: Any) -> None:
 
 @events.test_stop.add_listener
 def _on_test_stop(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is not None and getattr(options, "csv_prefix", None):
+        # Locust rewrites its CSV files once a second and not again at exit: let the writer make one more
+        # pass so requests that finished while draining are in them.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
     if not WORKLOAD.summary_path or "start" not in _window:
         return
     end = _window.get("end", time.perf_counter())

@@ -32,8 +32,8 @@ def _num(value: float | None, digits: int = 0) -> str:
 def markdown_table(trials: Sequence[Trial], choice: Choice) -> str:
     """One row per trial; the chosen one is marked, the others say why they were not feasible."""
     header = ("| parallel | ctx | requests ok | failed | error rate | tokens/s | requests/s | TTFT p50 ms "
-              "| TTFT p95 ms | latency p95 ms | stream tokens/s p50 | GPU MiB | verdict |")
-    rule = "|" + "---:|" * 12 + "---|"
+              "| TTFT p95 ms | latency p95 ms | stream tokens/s p50 | GPU MiB | host load | verdict |")
+    rule = "|" + "---:|" * 13 + "---|"
     rows = [header, rule]
     reasons = {v.setting: v for v in choice.verdicts}
     for trial in trials:
@@ -53,7 +53,7 @@ def markdown_table(trials: Sequence[Trial], choice: Choice) -> str:
                      _num(s.tokens_per_s, 1), _num(s.requests_per_s, 2), _num(s.ttft_p50_ms),
                      _num(s.ttft_p95_ms), _num(s.e2e_p95_ms), _num(s.decode_tokens_per_s_p50, 1)]
         rows.append("| " + " | ".join([str(trial.setting.parallel), str(trial.setting.ctx), *cells, _num(gpu),
-                                       note]) + " |")
+                                       _num(trial.host_load_1m, 1), note]) + " |")
     return "\n".join(rows)
 
 
@@ -67,7 +67,8 @@ def describe_run(workload: Workload, users: int, duration_s: int, constraint: Co
             f"chat completions, prompt about {workload.prompt_tokens} tokens, max_tokens "
             f"{workload.max_tokens}{eos}. Constraint: {latency}, error rate <= "
             f"{constraint.max_error_rate:.1%}. tokens/s is the aggregate generation rate over the run; "
-            "stream tokens/s is what one client sees after its first token.")
+            "stream tokens/s is what one client sees after its first token; host load is the 1-minute load "
+            "average before the setting's server started (above 0 means other work shared the cores).")
 
 
 def plot(trials: Sequence[Trial], choice: Choice, constraint: Constraint, path: Path, title: str) -> Path:

@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     duration_s: int = Field(ge=1, le=86_400)
     workload: Workload = Workload()
     warmup_requests: int = Field(default=1, ge=0, description="sent before Locust starts, not measured")
+    drain_s: int = Field(default=60, ge=0, description="time in-flight requests get to finish after the run")
     out_dir: Path
 
 
@@ -159,17 +160,22 @@ def warm_up(base_url: str, workload: Workload, count: int) -> None:
 
 
 def run_locust(base_url: str, *, users: int, duration_s: int, workload: Workload, trial_dir: Path,
-               timeout_s: float | None = None) -> LoadSummary:
-    """Run Locust headless against `base_url` for `duration_s` seconds; returns the locustfile's summary."""
+               drain_s: int = 60, timeout_s: float | None = None) -> LoadSummary:
+    """Run Locust headless against `base_url` for `duration_s` seconds; returns the locustfile's summary.
+
+    Requests still running at the end get `drain_s` seconds to finish, so slow requests show up in the
+    latency figures instead of vanishing; throughput counts only the tokens of the measured window.
+    """
     trial_dir.mkdir(parents=True, exist_ok=True)
     summary_path = trial_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     env = {**os.environ, **workload.model_copy(update={"summary_path": str(summary_path)}).to_env()}
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
             "-r", str(users), "-t", f"{duration_s}s", "--host", base_url, "--csv", str(trial_dir / "locust"),
-            "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+            "--stop-timeout", str(drain_s), "--only-summary", "--loglevel", "WARNING",
+            "--exit-code-on-error", "0"]
     log_path = trial_dir / "locust.log"
-    limit = timeout_s if timeout_s is not None else duration_s + 120.0
+    limit = timeout_s if timeout_s is not None else duration_s + drain_s + 120.0
     with log_path.open("wb") as log_file:
         try:
             proc = subprocess.run(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -216,7 +222,9 @@ def run_trial(setting: Setting, config: RunConfig) -> Trial:
     argv = render_command(config.server_template, setting, host=config.host, port=port, model=config.model)
     (trial_dir / "server_command.txt").write_text(" ".join(argv) + "\n", encoding="utf-8")
     log_path = trial_dir / "server.log"
-    log.info("%s: starting %s", setting.label, " ".join(argv))
+    # Other work on the same cores distorts every figure: record how busy the host was.
+    load_1m = os.getloadavg()[0]
+    log.info("%s: starting %s (load average %.2f)", setting.label, " ".join(argv), load_1m)
     try:
         with running_server(argv, log_path) as proc:
             ready_s = wait_ready(base_url, config.ready_path, proc, config.ready_timeout_s, log_path)
@@ -224,9 +232,11 @@ def run_trial(setting: Setting, config: RunConfig) -> Trial:
             warm_up(base_url, config.workload, config.warmup_requests)
             log.info("%s: %d users for %d s", setting.label, config.users, config.duration_s)
             summary = run_locust(base_url, users=config.users, duration_s=config.duration_s,
-                                 workload=config.workload, trial_dir=trial_dir)
+                                 workload=config.workload, trial_dir=trial_dir, drain_s=config.drain_s)
             memory = _snapshot_metrics(base_url, trial_dir)
     except (TrialError, httpx.HTTPError) as exc:
         log.warning("%s: %s", setting.label, exc)
-        return Trial(setting=setting, users=config.users, failure=str(exc) or type(exc).__name__)
-    return Trial(setting=setting, users=config.users, summary=summary, gpu_memory_used_bytes=memory)
+        return Trial(setting=setting, users=config.users, failure=str(exc) or type(exc).__name__,
+                     host_load_1m=load_1m)
+    return Trial(setting=setting, users=config.users, summary=summary, gpu_memory_used_bytes=memory,
+                 host_load_1m=load_1m)

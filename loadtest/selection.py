@@ -51,6 +51,7 @@ class Trial(BaseModel):
     summary: LoadSummary | None = None
     failure: str | None = Field(default=None, description="why the server or Locust did not run")
     gpu_memory_used_bytes: int | None = Field(default=None, ge=0, description="from /metrics after the run")
+    host_load_1m: float | None = Field(default=None, ge=0, description="load average before the server began")
 
     @model_validator(mode="after")
     def _one_outcome(self) -> Trial:

@@ -29,8 +29,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 class LoadSummary(BaseModel):
-    """Samples of one run. Only requests that finished inside the window count as successes or failures;
-    requests cut off by the end of the run add their streamed tokens to throughput and nothing else."""
+    """Samples of one run.
+
+    Throughput counts only tokens generated inside the measured window (from the start of the run to the
+    moment it was told to stop), so requests draining afterwards, or cut off, add just their in-window tokens.
+    Latency, TTFT and error figures come from every request that finished, draining ones included.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,7 +48,7 @@ class LoadSummary(BaseModel):
     e2e_ms: tuple[float, ...] = ()
     decode_tokens_per_s: tuple[float, ...] = Field(default=(), description="per request, after 1st token")
     completion_tokens: int = Field(default=0, ge=0, description="tokens of finished successful requests")
-    streamed_tokens_cut: int = Field(default=0, ge=0, description="tokens streamed by cut-off requests")
+    window_tokens: int = Field(default=0, ge=0, description="tokens generated inside the measured window")
 
     @model_validator(mode="before")
     @classmethod
@@ -72,7 +76,7 @@ class LoadSummary(BaseModel):
         """Aggregate generated tokens per second over the whole run."""
         if self.duration_s <= 0:
             return 0.0
-        return (self.completion_tokens + self.streamed_tokens_cut) / self.duration_s
+        return self.window_tokens / self.duration_s
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -126,12 +130,15 @@ class Recorder:
         self.e2e_ms: list[float] = []
         self.decode_tps: list[float] = []
         self.completion_tokens = 0
-        self.streamed_tokens_cut = 0
+        self.window_tokens = 0
 
-    def success(self, *, ttft_ms: float | None, e2e_ms: float, completion_tokens: int) -> None:
+    def success(self, *, ttft_ms: float | None, e2e_ms: float, completion_tokens: int,
+                window_tokens: int | None = None) -> None:
+        """A finished request; `window_tokens` (default: all of them) were generated inside the window."""
         self.ok += 1
         self.e2e_ms.append(e2e_ms)
         self.completion_tokens += completion_tokens
+        self.window_tokens += completion_tokens if window_tokens is None else window_tokens
         if ttft_ms is not None:
             self.ttft_ms.append(ttft_ms)
             decode_s = (e2e_ms - ttft_ms) / 1000.0
@@ -146,14 +153,15 @@ class Recorder:
         else:
             self.errors["(other)"] = self.errors.get("(other)", 0) + 1
 
-    def cut_off(self, streamed_tokens: int) -> None:
+    def cut_off(self, window_tokens: int) -> None:
+        """A request still running when the run ended: only its in-window tokens count."""
         self.cut += 1
-        self.streamed_tokens_cut += streamed_tokens
+        self.window_tokens += window_tokens
 
     def summary(self, *, users: int, duration_s: float) -> LoadSummary:
         return LoadSummary(
             users=users, duration_s=duration_s, requests_ok=self.ok, requests_failed=self.failed,
             requests_cut=self.cut, errors=dict(self.errors), ttft_ms=tuple(self.ttft_ms),
             e2e_ms=tuple(self.e2e_ms), decode_tokens_per_s=tuple(self.decode_tps),
-            completion_tokens=self.completion_tokens, streamed_tokens_cut=self.streamed_tokens_cut,
+            completion_tokens=self.completion_tokens, window_tokens=self.window_tokens,
         )

@@ -144,6 +144,8 @@ def run_command(
         help="each slot gets ctx/parallel tokens (llama-server without --kv-unified); used to skip settings "
              "whose requests cannot fit")] = False,
     warmup: Annotated[int, typer.Option(help="unmeasured requests before each run", min=0)] = 1,
+    drain: Annotated[int, typer.Option(help="seconds running requests get to finish after each run (they "
+                                            "count for latency and errors, not throughput)", min=0)] = 60,
     out: Annotated[Path | None, typer.Option(help="folder for logs, CSVs and results.json")] = None,
     report: Annotated[Path | None, typer.Option(help="markdown report path (PNG next to it); "
                                                      "default OUT/report.md")] = None,
@@ -161,7 +163,8 @@ def run_command(
                             ignore_eos=ignore_eos, model=served_model, api_key=api_key)
         config = RunConfig(server_template=template, model=model, ready_path=ready_path,
                            ready_timeout_s=ready_timeout, users=users or max(s.parallel for s in settings),
-                           duration_s=duration, workload=workload, warmup_requests=warmup, out_dir=out_dir)
+                           duration_s=duration, workload=workload, warmup_requests=warmup, drain_s=drain,
+                           out_dir=out_dir)
         constraint = Constraint(max_ttft_p95_ms=max_ttft_p95_ms, max_error_rate=max_error_rate)
         # Fail fast on a bad template, before any server starts.
         render_command(template, settings[0], host=config.host, port=1, model=model)

@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 
 from quantize.llama_log import LogCapture, captured_llama_log
+from server.engine.llama_context import cpu_reports_amx
 
 
 class LlamaLoadError(RuntimeError):
@@ -56,7 +57,7 @@ class LlamaSession:
         n_batch: int = 512,
         n_threads: int | None = None,
         n_gpu_layers: int | None = None,
-        use_extra_bufts: bool = False,
+        use_extra_bufts: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.n_ctx = n_ctx
@@ -66,11 +67,10 @@ class LlamaSession:
         self.n_gpu_layers = (
             (99 if llama_cpp.llama_supports_gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
         )
-        # llama.cpp's CPU "extra" buffer types (AMX, weight repacking) are off by default: the AMX kernels of
-        # the
-        # vendored llama.cpp hit SIGILL (`tilezero` with an invalid tile config, llama.cpp PR 26954) on AMX
-        # Xeons when built with -march=native, killing the process on the first batched matmul.
-        self.use_extra_bufts = use_extra_bufts
+        # llama.cpp's CPU "extra" buffer types (weight repacking, AMX) stay off where the CPU reports AMX, as
+        # in the engine: there the vendored llama.cpp's AMX kernels die with SIGILL (`tilezero` on an invalid
+        # tile config; llama.cpp PR 26954) on the first batched matmul.
+        self.use_extra_bufts = (not cpu_reports_amx()) if use_extra_bufts is None else use_extra_bufts
         self._model: Any = None
         self._ctx: Any = None
         self.vocab: Any = None

@@ -28,7 +28,6 @@ from quantize.manifest import (
     Manifest,
     edgeserve_version,
     llama_cpp_info,
-    manifest_path,
     utc_now,
     write_manifest,
 )
@@ -254,11 +253,6 @@ def _budget_record(choice: LevelChoice | None) -> dict[str, object] | None:
     return {"chosen_for": choice.settings(), "budget": choice.budget.model_dump(mode="json")}
 
 
-def leftovers(directory: Path) -> list[Path]:
-    """Temporary files a run left in `directory` (there should never be any)."""
-    return sorted(p for p in directory.glob(".*.partial"))
-
-
 __all__ = [
     "PipelineError",
     "QuantizeOptions",
@@ -266,8 +260,6 @@ __all__ = [
     "QuantizeResult",
     "default_output",
     "execute",
-    "leftovers",
-    "manifest_path",
     "prepare",
     "quantized_types",
     "read_source",

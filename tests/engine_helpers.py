@@ -14,6 +14,10 @@ from server.engine.engine import Engine
 from server.engine.llama_context import LlamaRuntime
 from server.engine.types import SamplingParams, StreamEvent
 
+# One llama.cpp thread: on a shared CI machine two spinning threads that get descheduled slow a step down by
+# orders of magnitude, and batch invariance does not depend on the thread count on these paths.
+THREADS = 1
+
 QUESTIONS = (
     "Name three colors.",
     "What is 2+2?",
@@ -44,7 +48,7 @@ async def collect(engine: Engine, prompt: str | Sequence[int], params: SamplingP
     )
 
 
-def run(coro):  # noqa: ANN001, ANN201 - tiny test helper
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -56,9 +60,9 @@ class SerialReference:
     """Greedy decoding of one sequence at a time with plain llama.cpp calls and numpy argmax (no engine code
     beyond loading): the ground truth the engine's batched output must equal."""
 
-    def __init__(self, model_path: str, n_ctx: int = 2048) -> None:
+    def __init__(self, model_path: str, n_ctx: int = 2048, flash_attn: bool | None = None) -> None:
         self.rt = LlamaRuntime(EngineConfig(model_path=model_path, n_ctx=n_ctx, n_parallel=1, n_batch=512,
-                                            n_ubatch=512, n_threads=2))
+                                            n_ubatch=512, n_threads=THREADS, flash_attn=flash_attn))
         self.batch = lc.llama_batch_init(512, 0, 1)
 
     def _decode(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
@@ -75,11 +79,14 @@ class SerialReference:
         return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.rt.ctx, len(tokens) - 1),
                                      shape=(self.rt.n_vocab,)).copy()
 
-    def generate(self, prompt: Sequence[int], max_tokens: int, ignore_eos: bool = False) -> tuple[int, ...]:
+    def generate(self, prompt: Sequence[int], max_tokens: int, ignore_eos: bool = False,
+                 chunk: int = 512) -> tuple[int, ...]:
+        """Greedy tokens for `prompt`, prefilled `chunk` tokens per llama_decode."""
         self.rt.seq_rm(0)
         eog = list(self.rt.eog_tokens())
         out: list[int] = []
-        logits = self._decode(list(prompt), 0)
+        for start in range(0, len(prompt), chunk):
+            logits = self._decode(list(prompt[start: start + chunk]), start)
         pos = len(prompt)
         while True:
             if ignore_eos:

@@ -1,6 +1,6 @@
-"""Real servers on 127.0.0.1 for the gateway tests: `edgeserve serve` (and llama-cpp-python's server) as processes.
+"""Real servers on 127.0.0.1 for the gateway tests: `edgeserve serve` and llama-cpp-python's server.
 
-One embedded server is shared by every test module in the session (the model loads once); it is stopped at exit.
+One embedded server is shared by every test module of the session (the model loads once), stopped at exit.
 """
 
 from __future__ import annotations
@@ -24,6 +24,26 @@ EMBEDDED_PARALLEL = 8
 EMBEDDED_CTX = 8192  # 1024 tokens per sequence (llama-server semantics: -c split over -np)
 
 
+# llama-cpp-python's own server, with one change: on CPUs that report AMX, llama.cpp's CPU "extra" buffer
+# types are switched off (as the embedded engine does); with them its high-level Llama dies of SIGILL there.
+LLAMA_CPP_SERVER = """
+import runpy
+import llama_cpp.llama_cpp as lc
+try:
+    amx = any(l.startswith("flags") and "amx_tile" in l.split() for l in open("/proc/cpuinfo"))
+except OSError:
+    amx = False
+if amx:
+    _default = lc.llama_model_default_params
+    def _params():
+        params = _default()
+        params.use_extra_bufts = False
+        return params
+    lc.llama_model_default_params = _params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +56,8 @@ class ServerProcess:
     def __init__(self, args: list[str], port: int, ready_path: str = "/ready") -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.NamedTemporaryFile(prefix="edgeserve-test-", suffix=".log", delete=False)
+        # The log file lives as long as the server, so no context manager.
+        self._log = tempfile.NamedTemporaryFile(prefix="edgeserve-test-", suffix=".log", delete=False)  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait(ready_path)
@@ -54,8 +75,9 @@ class ServerProcess:
                 if httpx.get(self.url + ready_path, timeout=2.0).status_code == 200:
                     return
             time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"server not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(f"server not ready within {timeout_s:.0f} s:\n{tail}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

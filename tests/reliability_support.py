@@ -117,10 +117,12 @@ class ServerProcess:
         raise RuntimeError(f"no VmRSS for pid {self.proc.pid}")
 
 
-def _spawn(cmd: list[str], log_path: Path, port: int, name: str, env: Mapping[str, str] | None = None
+def spawn(cmd: list[str], log_path: Path, port: int, name: str, env: Mapping[str, str] | None = None
            ) -> ServerProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    # The repository first, then whatever the caller had (the GPU host brings its packages that way).
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=full_env,
                                 start_new_session=True)
@@ -135,7 +137,7 @@ def start_llama_cpp_server(model: Path, port: int, log_path: Path, *, n_ctx: int
            "--n_threads_batch", str(n_threads),
            # Its default cuts the running stream short whenever another request arrives: not what we test.
            "--interrupt_requests", "False"]
-    return _spawn(cmd, log_path, port, "llama_cpp.server")
+    return spawn(cmd, log_path, port, "llama_cpp.server")
 
 
 def write_chain(path: Path, backends: list[dict[str, Any]], model_name: str = "smollm2") -> Path:
@@ -154,7 +156,7 @@ def start_gateway(chain_file: Path, port: int, log_path: Path, *, api_key: str |
              **(env or {})}
     if api_key:
         extra["EDGESERVE_API_KEY"] = api_key
-    return _spawn(cmd, log_path, port, "gateway", extra)
+    return spawn(cmd, log_path, port, "gateway", extra)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import ValidationError
@@ -14,15 +15,16 @@ from server.gateway.backends.base import (
     BackendStats,
     BackendUnavailableError,
     ContextLengthExceededError,
+    Delta,
     GenerationJob,
 )
-from server.gateway.backends.openai_upstream import request_body
 from server.gateway.backends.upstream_errors import is_error_payload, map_error
+from server.gateway.backends.upstream_protocol import EmptyStreamError, request_body, stream_deltas
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from server.gateway.settings import GatewaySettings
 
-# --- admission --------------------------------------------------------------------------------------------------
+# --- admission ----------------------------------------------------------------------------------------------
 
 
 def test_admission_runs_limit_queues_then_refuses() -> None:
@@ -86,26 +88,47 @@ def test_admission_timeout_and_cancel_do_not_leak_slots() -> None:
     asyncio.run(scenario())
 
 
-# --- request schemas --------------------------------------------------------------------------------------------
+# --- request schemas ----------------------------------------------------------------------------------------
 
 
 def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
-    req = ChatCompletionRequest.model_validate({
-        "model": "x", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
-                                   {"role": "user", "content": "hi"}],
-        "max_completion_tokens": 9, "stop": "END", "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "unknown_field": 1,
-    })
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "x",
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                {"role": "user", "content": "hi"},
+            ],
+            "max_completion_tokens": 9,
+            "stop": "END",
+            "top_k": 40,
+            "min_p": 0.05,
+            "repeat_penalty": 1.1,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "unknown_field": 1,
+        }
+    )
     assert req.effective_max_tokens == 9
     assert req.stop_tuple() == ("END",)
     assert req.wants_usage_chunk
     assert req.messages[0].as_template_dict() == {"role": "system", "content": "be brief"}
 
 
-@pytest.mark.parametrize("bad", [{"n": 2}, {"temperature": 2.5}, {"top_p": 0}, {"max_tokens": 0},
-                                 {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]},
-                                 {"messages": [{"role": "wizard", "content": "x"}]},
-                                 {"presence_penalty": 3}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n": 2},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"messages": []},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"presence_penalty": 3},
+    ],
+)
 def test_chat_request_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **bad})
@@ -126,13 +149,20 @@ def test_settings_need_an_upstream_for_the_openai_backend() -> None:
     assert GatewaySettings().host == "127.0.0.1"
 
 
-# --- upstream errors ---------------------------------------------------------------------------------------------
+# --- upstream errors ----------------------------------------------------------------------------------------
 
-# llama-server's body for a prompt over the slot's context: format_error_response(msg, ERROR_TYPE_EXCEED_CONTEXT_SIZE)
-# plus n_prompt_tokens / n_ctx (tools/server/server-task.cpp, server_task_result_error::to_json).
-LLAMA_SERVER_CONTEXT = {"error": {"code": 400, "message": "request (4476 tokens) exceeds the available context size "
-                                  "(4096 tokens), try increasing it", "type": "exceed_context_size_error",
-                                  "n_prompt_tokens": 4476, "n_ctx": 4096}}
+# llama-server's body for a prompt over the slot's context: format_error_response(msg,
+# ERROR_TYPE_EXCEED_CONTEXT_SIZE) plus n_prompt_tokens / n_ctx (server_task_result_error::to_json).
+LLAMA_SERVER_CONTEXT = {
+    "error": {
+        "code": 400,
+        "message": "request (4476 tokens) exceeds the available context size "
+        "(4096 tokens), try increasing it",
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": 4476,
+        "n_ctx": 4096,
+    }
+}
 
 
 def test_llama_server_context_error_maps_to_context_length_exceeded() -> None:
@@ -145,16 +175,20 @@ def test_llama_server_context_error_maps_to_context_length_exceeded() -> None:
 def _sglang_error(message: str, status: int) -> dict[str, object]:
     protocol = pytest.importorskip("sglang.srt.entrypoints.openai.protocol", reason="sglang is not installed")
     # What OpenAIServingBase.create_error_response puts in the body (flat, `object: "error"`, integer code).
-    body: dict[str, object] = protocol.ErrorResponse(object="error", message=message, type="BadRequest",
-                                                      param=None, code=status).model_dump()
+    body: dict[str, object] = protocol.ErrorResponse(
+        object="error", message=message, type="BadRequest", param=None, code=status
+    ).model_dump()
     return body
 
 
 def test_sglang_flat_errors_map_to_the_openai_shape() -> None:
     # SGLang's own wording (TokenizerManager._validate_one_request) for prompt + max_tokens over the context.
-    too_long = _sglang_error("Requested token count exceeds the model's maximum context length of 4096 tokens. "
-                             "You requested a total of 5000 tokens: 4000 tokens from the input messages and "
-                             "1000 tokens for the completion.", 400)
+    too_long = _sglang_error(
+        "Requested token count exceeds the model's maximum context length of 4096 tokens. "
+        "You requested a total of 5000 tokens: 4000 tokens from the input messages and "
+        "1000 tokens for the completion.",
+        400,
+    )
     assert is_error_payload(too_long)
     err = map_error(400, too_long, "completion")
     assert isinstance(err, ContextLengthExceededError) and err.param == "prompt"
@@ -164,7 +198,9 @@ def test_sglang_flat_errors_map_to_the_openai_shape() -> None:
 
 
 def test_upstream_status_classes() -> None:
-    assert isinstance(map_error(503, {"error": {"message": "Loading model"}}, "chat"), BackendUnavailableError)
+    assert isinstance(
+        map_error(503, {"error": {"message": "Loading model"}}, "chat"), BackendUnavailableError
+    )
     busy = map_error(429, None, "chat", text="slow down")
     assert busy.status_code == 429 and busy.retryable
     crashed = map_error(500, {"error": {"message": "CUDA error"}}, "chat")
@@ -175,10 +211,24 @@ def test_upstream_status_classes() -> None:
 
 
 def test_upstream_request_body_carries_both_extras_spellings() -> None:
-    params = SamplingParams(max_tokens=5, temperature=0.0, top_k=40, min_p=0.1, repeat_penalty=1.2, seed=3,
-                            stop=("x",), ignore_eos=True, logprobs=2)
-    job = GenerationJob(kind="chat", params=params, messages=({"role": "user", "content": "hi"},),
-                        continuation="Hel", extra={"max_tokens_explicit": False})
+    params = SamplingParams(
+        max_tokens=5,
+        temperature=0.0,
+        top_k=40,
+        min_p=0.1,
+        repeat_penalty=1.2,
+        seed=3,
+        stop=("x",),
+        ignore_eos=True,
+        logprobs=2,
+    )
+    job = GenerationJob(
+        kind="chat",
+        params=params,
+        messages=({"role": "user", "content": "hi"},),
+        continuation="Hel",
+        extra={"max_tokens_explicit": False},
+    )
     body = request_body(job, "m")
     assert body["messages"][-1] == {"role": "assistant", "content": "Hel"}
     assert "max_tokens" not in body
@@ -186,12 +236,74 @@ def test_upstream_request_body_carries_both_extras_spellings() -> None:
     assert body["top_k"] == 40 and body["ignore_eos"] is True and body["seed"] == 3
     assert body["logprobs"] is True and body["top_logprobs"] == 2
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    completion = request_body(GenerationJob(kind="completion", params=params, prompt="a", continuation="b",
-                                            extra={"max_tokens_explicit": False}), "m")
+    completion = request_body(
+        GenerationJob(
+            kind="completion",
+            params=params,
+            prompt="a",
+            continuation="b",
+            extra={"max_tokens_explicit": False},
+        ),
+        "m",
+    )
     assert completion["prompt"] == "ab" and completion["max_tokens"] == 5 and completion["logprobs"] == 2
 
 
-# --- metrics -----------------------------------------------------------------------------------------------------
+async def _lines(*lines: str) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+def _collect(job: GenerationJob, *lines: str) -> list[Delta]:
+    async def run() -> list[Delta]:
+        return [d async for d in stream_deltas(_lines(*lines), job)]
+
+    return asyncio.run(run())
+
+
+CHAT_JOB = GenerationJob(
+    kind="chat", params=SamplingParams(max_tokens=4), messages=({"role": "user", "content": "x"},)
+)
+
+
+def test_stream_deltas_puts_the_finish_last_with_usage_counts() -> None:
+    deltas = _collect(
+        CHAT_JOB,
+        'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+        "",
+        'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}',
+        "",
+        'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}',
+        "",
+        'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}',
+        "",
+        "data: [DONE]",
+    )
+    assert [d.text for d in deltas] == ["Hel", "lo", ""]
+    assert deltas[-1].finish_reason == "length"
+    assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (7, 2)
+
+
+def test_stream_deltas_raise_upstream_errors() -> None:
+    # SGLang's streaming error: data: {"error": ErrorResponse} with an integer code.
+    sglang = (
+        'data: {"error":{"object":"error","message":"The input (5000 tokens) is longer than the model\'s '
+        'context length (4096 tokens).","type":"BadRequest","param":null,"code":400}}'
+    )
+    with pytest.raises(ContextLengthExceededError):
+        _collect(CHAT_JOB, sglang)
+    # llama-server's SSE error event.
+    with pytest.raises(BackendError) as info:
+        _collect(CHAT_JOB, 'error: {"code":500,"message":"slot unavailable","type":"server_error"}')
+    assert info.value.status_code == 502
+    with pytest.raises(EmptyStreamError):
+        _collect(CHAT_JOB)
+    with pytest.raises(BackendError) as info:
+        _collect(CHAT_JOB, 'data: {"choices":[{"index":0,"delta":{"content":"cut"}}]}')
+    assert info.value.code == "upstream_truncated"
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
 
 
 class _StatsBackend:
@@ -203,8 +315,16 @@ class _StatsBackend:
         return True
 
     def stats(self) -> BackendStats:
-        return BackendStats(running=2, waiting=1, kv_used_cells=30, kv_total_cells=120, preemptions_total=4,
-                            steps_total=10, batch_size_steps={1: 4, 2: 6}, step_tokens_steps={2: 10})
+        return BackendStats(
+            running=2,
+            waiting=1,
+            kv_used_cells=30,
+            kv_total_cells=120,
+            preemptions_total=4,
+            steps_total=10,
+            batch_size_steps={1: 4, 2: 6},
+            step_tokens_steps={2: 10},
+        )
 
 
 def test_metrics_render_engine_histograms_per_registry() -> None:

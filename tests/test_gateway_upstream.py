@@ -15,7 +15,14 @@ import openai
 import pytest
 
 from quantize.bundled import smollm2_path
-from tests.gateway_server import ServerProcess, edgeserve, free_port, metric_values, shared_embedded_server
+from tests.gateway_server import (
+    LLAMA_CPP_SERVER,
+    ServerProcess,
+    edgeserve,
+    free_port,
+    metric_values,
+    shared_embedded_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +35,9 @@ def upstream() -> ServerProcess:
 @pytest.fixture(scope="module")
 def proxy(upstream: ServerProcess) -> Iterator[ServerProcess]:
     """A one-slot, one-queue-place gateway whose backend is the embedded server above."""
-    server = edgeserve("--backend", "openai", "--upstream", upstream.url + "/v1", "--parallel", "1",
-                       "--max-queue", "1")
+    server = edgeserve(
+        "--backend", "openai", "--upstream", upstream.url + "/v1", "--parallel", "1", "--max-queue", "1"
+    )
     yield server
     server.stop()
 
@@ -46,32 +54,49 @@ def test_proxy_reports_the_upstream_model(proxy: ServerProcess, upstream: Server
 
 def test_proxy_answers_like_the_upstream(proxy: ServerProcess, upstream: ServerProcess) -> None:
     messages = [{"role": "user", "content": "Name three colors."}]
-    direct = _client(upstream).chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=20)
-    proxied = _client(proxy).chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=20)
+    direct = _client(upstream).chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=20
+    )
+    proxied = _client(proxy).chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=20
+    )
     assert proxied.choices[0].message.content == direct.choices[0].message.content
     assert proxied.usage == direct.usage
-    chunks = list(_client(proxy).chat.completions.create(model="m", messages=messages, temperature=0,
-                                                         max_tokens=20, stream=True,
-                                                         stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
-        direct.choices[0].message.content
+    chunks = list(
+        _client(proxy).chat.completions.create(
+            model="m",
+            messages=messages,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == direct.choices[0].message.content
+    )
     assert chunks[-1].usage == direct.usage
-    text = _client(proxy).completions.create(model="m", prompt="One, two,", max_tokens=6, temperature=0,
-                                             extra_body={"ignore_eos": True})
+    text = _client(proxy).completions.create(
+        model="m", prompt="One, two,", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert text.choices[0].finish_reason == "length" and text.usage and text.usage.completion_tokens == 6
 
 
 def test_proxy_maps_upstream_context_errors(proxy: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        _client(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 6000}],
-                                               max_tokens=4)
+        _client(proxy).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "word " * 6000}], max_tokens=4
+        )
     assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
 
 
 async def _hold_stream(url: str, started: asyncio.Event) -> None:
     body = {"prompt": "Tell a long story.", "max_tokens": 1000, "stream": True, "ignore_eos": True}
-    async with httpx.AsyncClient(timeout=600) as client, \
-            client.stream("POST", url + "/v1/completions", json=body) as response:
+    async with (
+        httpx.AsyncClient(timeout=600) as client,
+        client.stream("POST", url + "/v1/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         started.set()
         async for _ in response.aiter_lines():
@@ -106,7 +131,9 @@ def test_full_queue_is_429_with_retry_after(proxy: ServerProcess, upstream: Serv
             break
         time.sleep(0.1)
     assert metric_values(upstream.url)["edgeserve_engine_running_sequences"] == 0
-    assert 'edgeserve_rejected_requests_total{reason="queue_full"} 1.0' in httpx.get(proxy.url + "/metrics").text
+    assert (
+        'edgeserve_rejected_requests_total{reason="queue_full"} 1.0' in httpx.get(proxy.url + "/metrics").text
+    )
 
 
 def _has_llama_cpp_server() -> bool:
@@ -118,9 +145,25 @@ def llama_cpp_server() -> Iterator[ServerProcess]:
     if not _has_llama_cpp_server():
         pytest.skip("llama-cpp-python's server needs sse-starlette and starlette-context (test extras)")
     port = free_port()
-    server = ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
-                            "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "1024", "--verbose", "False"],
-                           port, ready_path="/v1/models")
+    server = ServerProcess(
+        [
+            sys.executable,
+            "-c",
+            LLAMA_CPP_SERVER,
+            "--model",
+            str(smollm2_path()),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--n_ctx",
+            "1024",
+            "--verbose",
+            "False",
+        ],
+        port,
+        ready_path="/v1/models",
+    )
     yield server
     server.stop()
 
@@ -129,17 +172,23 @@ def test_proxy_in_front_of_llama_cpp_python_server(llama_cpp_server: ServerProce
     gateway = edgeserve("--backend", "openai", "--upstream", llama_cpp_server.url, "--ctx", "1024")
     try:
         messages = [{"role": "user", "content": "Name three colors."}]
-        direct = _client(llama_cpp_server).chat.completions.create(model="m", messages=messages, temperature=0,
-                                                                   max_tokens=16)
-        proxied = _client(gateway).chat.completions.create(model="m", messages=messages, temperature=0,
-                                                           max_tokens=16)
+        direct = _client(llama_cpp_server).chat.completions.create(
+            model="m", messages=messages, temperature=0, max_tokens=16
+        )
+        proxied = _client(gateway).chat.completions.create(
+            model="m", messages=messages, temperature=0, max_tokens=16
+        )
         assert proxied.choices[0].message.content == direct.choices[0].message.content
-        streamed = list(_client(gateway).completions.create(model="m", prompt="The sky is", temperature=0,
-                                                            max_tokens=8, stream=True))
+        streamed = list(
+            _client(gateway).completions.create(
+                model="m", prompt="The sky is", temperature=0, max_tokens=8, stream=True
+            )
+        )
         assert "".join(c.choices[0].text for c in streamed if c.choices)
         with pytest.raises(openai.BadRequestError) as info:
-            _client(gateway).chat.completions.create(model="m", messages=[{"role": "user", "content": "a " * 3000}],
-                                                     max_tokens=8)
+            _client(gateway).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "a " * 3000}], max_tokens=8
+            )
         assert info.value.code == "context_length_exceeded"
     finally:
         gateway.stop()

@@ -18,9 +18,10 @@ from loadtest.workload import ENV_PREFIX, Workload, chat_body, make_prompt
 
 def _summary(tokens_per_s: float, ttft_ms: list[float], *, ok: int = 20, failed: int = 0) -> LoadSummary:
     duration_s = 10.0
+    tokens = int(tokens_per_s * duration_s)
     return LoadSummary(users=4, duration_s=duration_s, requests_ok=ok, requests_failed=failed,
                        ttft_ms=tuple(ttft_ms), e2e_ms=tuple(t + 500 for t in ttft_ms),
-                       completion_tokens=int(tokens_per_s * duration_s))
+                       completion_tokens=tokens, window_tokens=tokens)
 
 
 def _trial(parallel: int, tokens_per_s: float, ttft_p95_ms: float, *, failed: int = 0,
@@ -45,16 +46,19 @@ def test_percentile_interpolates_like_numpy() -> None:
 def test_recorder_summary_figures_and_json_round_trip(tmp_path: Path) -> None:
     rec = Recorder()
     rec.success(ttft_ms=100.0, e2e_ms=1100.0, completion_tokens=11)  # 10 tokens in 1 s after the first
-    rec.success(ttft_ms=300.0, e2e_ms=2300.0, completion_tokens=21)
+    # Finished while draining after the stop: 5 of its 21 tokens came inside the window.
+    rec.success(ttft_ms=300.0, e2e_ms=2300.0, completion_tokens=21, window_tokens=5)
     rec.failure("HTTP 429: queue_full")
     rec.failure("HTTP 429: queue_full")
-    rec.cut_off(streamed_tokens=8)
+    rec.cut_off(window_tokens=8)
     summary = rec.summary(users=3, duration_s=4.0)
     assert summary.requests_total == 4
+    assert summary.requests_cut == 1
     assert summary.error_rate == 0.5
     assert summary.errors == {"HTTP 429: queue_full": 2}
-    # Tokens of cut-off requests were generated inside the window: they count for throughput.
-    assert summary.tokens_per_s == pytest.approx((11 + 21 + 8) / 4.0)
+    assert summary.completion_tokens == 32
+    # Throughput counts what was generated inside the window only.
+    assert summary.tokens_per_s == pytest.approx((11 + 5 + 8) / 4.0)
     assert summary.requests_per_s == pytest.approx(0.5)
     assert summary.ttft_p50_ms == pytest.approx(200.0)
     assert summary.decode_tokens_per_s_p50 == pytest.approx(10.0)
@@ -175,7 +179,8 @@ def test_choose_reports_when_nothing_qualifies() -> None:
 
 def test_judge_needs_ttft_when_a_latency_limit_is_set() -> None:
     trial = Trial(setting=Setting(parallel=1, ctx=1024), users=1,
-                  summary=LoadSummary(users=1, duration_s=5.0, requests_ok=3, completion_tokens=30))
+                  summary=LoadSummary(users=1, duration_s=5.0, requests_ok=3, completion_tokens=30,
+                                      window_tokens=30))
     verdict = judge(trial, Constraint(max_ttft_p95_ms=500.0))
     assert not verdict.is_feasible
     assert "no TTFT measured" in verdict.reasons[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from quantize.auto_level import choose_level
 from quantize.gguf_model import read_model_spec
+from quantize.imatrix import ImatrixError, load_imatrix
 from quantize.levels import get_level
 from quantize.llama_session import LlamaSession
 from quantize.manifest import manifest_path
@@ -72,7 +74,9 @@ def files_in(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_each_level_end_to_end(src: Path, outputs: dict[str, tuple[Path, dict[str, Any]]], level: str) -> None:
+def test_each_level_end_to_end(
+    src: Path, outputs: dict[str, tuple[Path, dict[str, Any]]], level: str
+) -> None:
     out, manifest = outputs[level]
     assert out.is_file()
     assert json.loads(manifest_path(out).read_text()) == manifest
@@ -102,7 +106,9 @@ def test_types_and_bits_per_weight(outputs: dict[str, tuple[Path, dict[str, Any]
     assert sizes == sorted(sizes, reverse=True)
 
 
-def test_q4_k_m_has_the_q4_k_q6_k_mix_llama_cpp_makes(outputs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+def test_q4_k_m_has_the_q4_k_q6_k_mix_llama_cpp_makes(
+    outputs: dict[str, tuple[Path, dict[str, Any]]],
+) -> None:
     out, manifest = outputs["Q4_K_M"]
     types = {t.name: t.ggml_type for t in read_model_spec(out).tensors}
     assert set(manifest["tensor_types"]) == {"Q4_K", "Q6_K", "F32"}
@@ -110,7 +116,9 @@ def test_q4_k_m_has_the_q4_k_q6_k_mix_llama_cpp_makes(outputs: dict[str, tuple[P
     assert types["output.weight"] == "Q6_K"
     assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
     assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
-    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
+    assert (
+        types["token_embd.weight"] == types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
+    )
     with LlamaSession(out, n_ctx=64, n_threads=1) as session:
         run = session.greedy("Once upon a time", 5, stop_at_eog=False)
     assert len(run.tokens) == 5
@@ -141,7 +149,9 @@ def test_auto_on_the_cli_shows_candidates_and_records_the_budget(src: Path, tmp_
     assert manifest["budget"]["budget"]["fits"] is True
 
 
-def test_existing_output_is_kept_without_force(src: Path, outputs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+def test_existing_output_is_kept_without_force(
+    src: Path, outputs: dict[str, tuple[Path, dict[str, Any]]]
+) -> None:
     out, _ = outputs["Q8_0"]
     before = (out.stat().st_mtime_ns, out.stat().st_size)
     result = run_cli(str(src), "--level", "Q6_K", "--out", str(out))
@@ -197,7 +207,9 @@ def test_llama_cpp_failure_midway_leaves_nothing(src: Path, tmp_path: Path) -> N
     write_imatrix(src, imatrix, width_fraction=2)  # half as wide as the weights: llama.cpp refuses mid-run
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = run_cli(str(src), "--level", "Q4_K_M", "--imatrix", str(imatrix), "--out", str(out_dir / "x.gguf"))
+    result = run_cli(
+        str(src), "--level", "Q4_K_M", "--imatrix", str(imatrix), "--out", str(out_dir / "x.gguf")
+    )
     assert result.exit_code == 2
     assert "llama.cpp could not quantize" in result.stderr and "imatrix size" in result.stderr
     assert files_in(out_dir) == []
@@ -223,13 +235,33 @@ def test_imatrix_is_used(src: Path, outputs: dict[str, tuple[Path, dict[str, Any
     imatrix = tmp_path / "im.gguf"
     write_imatrix(src, imatrix)
     with_im, without = tmp_path / "with.gguf", tmp_path / "without.gguf"
-    assert run_cli(str(src), "--level", "IQ4_XS", "--imatrix", str(imatrix), "--out", str(with_im)).exit_code == 0
+    assert (
+        run_cli(str(src), "--level", "IQ4_XS", "--imatrix", str(imatrix), "--out", str(with_im)).exit_code
+        == 0
+    )
     assert run_cli(str(src), "--level", "IQ4_XS", "--out", str(without)).exit_code == 0
     assert json.loads(manifest_path(with_im).read_text())["imatrix"] == str(imatrix)
     a = {t.name: t.data.tobytes() for t in gguf.GGUFReader(with_im).tensors}
     b = {t.name: t.data.tobytes() for t in gguf.GGUFReader(without).tensors}
     assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]  # weighted by the importance matrix
     assert a["token_embd.weight"] == b["token_embd.weight"]  # no entry for it in the matrix
+
+
+def test_legacy_imatrix_is_normalised_like_llama_quantize(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.dat"
+    name = b"blk.0.attn_q.weight"
+    sums = np.array([2.0, 4.0, 6.0, 8.0], dtype="<f4")
+    dataset = b"wiki.train.raw"
+    entry = struct.pack("<i", len(name)) + name + struct.pack("<ii", 2, 4) + sums.tobytes()
+    body = struct.pack("<i", 1) + entry
+    path.write_bytes(body + struct.pack("<ii", 10, len(dataset)) + dataset)
+    im = load_imatrix(path)
+    assert list(im.entries) == ["blk.0.attn_q.weight"]
+    assert im.entries["blk.0.attn_q.weight"].tolist() == [1.0, 2.0, 3.0, 4.0]  # sums / ncall
+    assert (im.chunk_count, im.datasets) == (10, ("wiki.train.raw",))
+    path.write_bytes(body[:-4])
+    with pytest.raises(ImatrixError, match="truncated"):
+        load_imatrix(path)
 
 
 def test_disk_space_is_checked_first(tmp_path: Path) -> None:

@@ -45,8 +45,19 @@ def test_perplexity_follows_llama_perplexity_windows_and_knows_english() -> None
 
 def test_quality_table_on_a_requantized_real_model_says_indicative(tmp_path: Path) -> None:
     args = [
-        "quantize", str(smollm2_path()), "--levels", "Q8_0,Q4_K_M", "--allow-requantize", "--out-dir",
-        str(tmp_path), "--eval-ctx", str(EVAL_CTX), "--eval-tokens", str(EVAL_TOKENS), "--threads", "1",
+        "quantize",
+        str(smollm2_path()),
+        "--levels",
+        "Q8_0,Q4_K_M",
+        "--allow-requantize",
+        "--out-dir",
+        str(tmp_path),
+        "--eval-ctx",
+        str(EVAL_CTX),
+        "--eval-tokens",
+        str(EVAL_TOKENS),
+        "--threads",
+        "1",
     ]
     result = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -54,8 +65,10 @@ def test_quality_table_on_a_requantized_real_model_says_indicative(tmp_path: Pat
     for col in ("perplexity", "vs source", "decode tok/s", "bits/weight"):
         assert col in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "SmolLM2-135M-Instruct.Q4_K_M.gguf", "SmolLM2-135M-Instruct.Q4_K_M.manifest.json",
-        "SmolLM2-135M-Instruct.Q8_0.gguf", "SmolLM2-135M-Instruct.Q8_0.manifest.json",
+        "SmolLM2-135M-Instruct.Q4_K_M.gguf",
+        "SmolLM2-135M-Instruct.Q4_K_M.manifest.json",
+        "SmolLM2-135M-Instruct.Q8_0.gguf",
+        "SmolLM2-135M-Instruct.Q8_0.manifest.json",
     ]
 
     again = CliRunner().invoke(app, [*args, "--force", "--json"])

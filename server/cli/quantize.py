@@ -151,7 +151,7 @@ def _quality_table(t: QualityTable) -> Table:
             row.label,
             _mib(row.size_bytes),
             f"{row.bits_per_weight:.3f}",
-            f"{row.ppl:.4f}",
+            f"{row.ppl:,.3f}",
             delta,
             f"{row.decode_tokens_per_second:.1f}",
             f"{row.prompt_tokens_per_second:.0f}",
@@ -171,7 +171,8 @@ def _parse_levels(text: str) -> list[QuantLevel]:
 
 def quantize(
     src: Annotated[
-        Path, typer.Argument(metavar="SRC", help="source GGUF: F16/BF16/F32 (a quantized one: --allow-requantize)")
+        Path,
+        typer.Argument(metavar="SRC", help="source GGUF: F16/BF16/F32 (a quantized one: --allow-requantize)"),
     ],
     level: Annotated[
         str, typer.Option(help="auto, or Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_M|Q2_K|IQ4_XS|...")

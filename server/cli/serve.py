@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    """`python -m server.cli.serve [OPTIONS]`: the serve command on its own (no other command groups loaded)."""
+    """`python -m server.cli.serve [OPTIONS]`: the serve command alone (no other command groups loaded)."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     register(app)
     app()

@@ -1,4 +1,4 @@
-"""A reusable llama_batch whose arrays are numpy buffers the engine fills in place (no per-step allocation)."""
+"""A reusable llama_batch over numpy buffers that the engine fills in place (no per-step allocation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 
 class TokenBatch:
-    """Up to `capacity` tokens, each for one sequence. Fill with add_run/add_decodes, pass `.struct` to decode.
+    """Up to `capacity` tokens, each for one sequence. Fill with add_run/add_decodes, then decode `finish()`.
 
     llama_batch_init would allocate one seq_id array per token; here all seq ids live in one int32 buffer and
     the per-token pointers into it are set once, so a step only writes plain numpy slices.
@@ -25,15 +25,17 @@ class TokenBatch:
         self.logits = np.zeros(capacity, dtype=np.int8)
         int32_p = ctypes.POINTER(ctypes.c_int32)
         seq_base = self.seq.ctypes.data
-        self._seq_ptrs = (int32_p * capacity)(*[ctypes.cast(seq_base + 4 * i, int32_p) for i in range(capacity)])
-        self.struct = lc.llama_batch()
-        self.struct.n_tokens = 0
-        self.struct.token = self.token.ctypes.data_as(int32_p)
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(int32_p)
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int32_p)
-        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(int32_p))
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._seq_ptrs = (int32_p * capacity)(
+            *[ctypes.cast(seq_base + 4 * i, int32_p) for i in range(capacity)])
+        self.struct = lc.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(int32_p),
+            embd=None,
+            pos=self.pos.ctypes.data_as(int32_p),
+            n_seq_id=self.n_seq_id.ctypes.data_as(int32_p),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(int32_p)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
         self.n = 0
 
     def clear(self) -> None:
@@ -55,7 +57,7 @@ class TokenBatch:
         return start
 
     def add_run(self, tokens: Sequence[int], pos0: int, seq: int, want_logits: bool) -> int:
-        """Consecutive tokens of one sequence from position pos0. Returns the batch index of the last token."""
+        """Consecutive tokens of one sequence from position pos0. Returns the batch index of the last."""
         start = self.n
         end = start + len(tokens)
         self.token[start:end] = tokens

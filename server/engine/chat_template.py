@@ -34,7 +34,8 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
             sort_keys: bool = False, ensure_ascii: bool = False) -> str:
     # transformers' tojson: no HTML escaping and unicode kept, unlike jinja2's built-in filter
-    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:

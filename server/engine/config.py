@@ -93,8 +93,8 @@ class EngineStats:
     """A snapshot of the engine's state and counters (counters only grow).
 
     `kv_used_cells` are cells held by running sequences, `kv_cached_cells` cells kept by idle slots for prefix
-    reuse (given back first when the cache runs short). Step figures: a step is one llama_decode; its tokens are
-    one per decoding sequence plus prefill chunks; `max_step_seqs` > 1 means sequences really shared steps.
+    reuse (given back first when the cache runs short). Step figures: a step is one llama_decode; its tokens
+    are one per decoding sequence plus prefill chunks; `max_step_seqs` > 1 means sequences shared steps.
     """
 
     is_ready: bool

@@ -66,7 +66,7 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> None:
-        """Load the model and start the decode thread. With wait, block until loaded (raises ModelLoadError)."""
+        """Load the model and start the decode thread; with `wait`, block until loaded (or ModelLoadError)."""
         if self._thread is not None:
             raise RuntimeError("the engine was already started")
         self._thread = threading.Thread(target=self._main, name="edgeserve-engine", daemon=True)
@@ -179,7 +179,8 @@ class Engine:
         assert self._template is not None
         return self._template
 
-    def apply_chat_template(self, messages: Seq[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Seq[Mapping[str, Any]],
+                            add_generation_prompt: bool = True) -> str:
         """Render OpenAI-style messages with the model's template (ChatML when it has none)."""
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
@@ -229,7 +230,8 @@ class Engine:
         loop = self._loop
         if loop is None:
             return EngineStats(
-                is_ready=False, n_slots=self.n_slots, running=0, waiting=0, kv_used_cells=0, kv_cached_cells=0,
+                is_ready=False, n_slots=self.n_slots, running=0, waiting=0, kv_used_cells=0,
+                kv_cached_cells=0,
                 kv_total_cells=self.config.n_ctx, preemptions_total=0, steps_total=0, step_tokens_total=0,
                 last_step_tokens=0, last_step_seqs=0, max_step_tokens=0, max_step_seqs=0,
                 prompt_tokens_total=0, generated_tokens_total=0, prefix_reused_tokens_total=0,

@@ -35,11 +35,10 @@ class Sampler:
         chain = lc.llama_sampler_chain_init(cparams)
         self._chain = chain
         if params.ignore_eos and eog_tokens:
-            bias = (lc.llama_logit_bias * len(eog_tokens))()
-            for i, tok in enumerate(eog_tokens):
-                bias[i].token = tok
-                bias[i].bias = -math.inf
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), bias))
+            bias = (lc.llama_logit_bias * len(eog_tokens))(
+                *[lc.llama_logit_bias(tok, -math.inf) for tok in eog_tokens])
+            lc.llama_sampler_chain_add(
+                chain, lc.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), bias))
         self._has_penalties = _has_penalties(params)
         if self._has_penalties:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(

@@ -1,7 +1,8 @@
-"""Which tokens go into the next engine step: slots, KV accounting, chunked prefill, prefix reuse, preemption."""
+"""What goes into the next engine step: slots, KV accounting, chunked prefill, prefix reuse, preemption."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,7 +19,7 @@ class KvOps(Protocol):
 
 @dataclass
 class Slot:
-    """A llama.cpp sequence id. Idle slots may keep the KV of their last sequence (`cached`) for prefix reuse."""
+    """A llama.cpp sequence id. An idle slot may keep its last sequence's KV (`cached`) for prefix reuse."""
 
     idx: int
     seq: Sequence | None = None
@@ -131,10 +132,8 @@ class Scheduler:
     def drop(self, seq: Sequence, keep_cache: bool) -> None:
         """Take a finished or cancelled sequence out; its slot keeps its KV only when `keep_cache`."""
         if seq.slot < 0:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
             return
         self.running.remove(seq)
         slot = self.slots[seq.slot]
@@ -284,10 +283,9 @@ class Scheduler:
             if n > 0:
                 work.append(self._add_chunk(batch, seq, n))
                 budget -= n
-        if not work and self.running:
-            # Everyone is prefilling and the cache is full: make room by preempting the newest.
-            if self.preempt_newest() is not None and self.running:
-                return self.plan(batch)
+        # Everyone is prefilling and the cache is full: make room by preempting the newest.
+        if not work and self.running and self.preempt_newest() is not None and self.running:
+            return self.plan(batch)
         return work
 
     @staticmethod

@@ -55,5 +55,5 @@ class StreamEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[float, ...] = field(default=())
-    # With SamplingParams.logprobs = n > 0: for each token of this event, the n most likely (token id, logprob).
+    # With SamplingParams.logprobs = n > 0: per token of this event, the n most likely (token id, logprob).
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = field(default=())

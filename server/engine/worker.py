@@ -34,7 +34,8 @@ class DecodeLoop:
     Events of one step are handed to each event loop in one call_soon_threadsafe call.
     """
 
-    def __init__(self, runtime: LlamaRuntime, config: EngineConfig, on_step: StepObserver | None = None) -> None:
+    def __init__(self, runtime: LlamaRuntime, config: EngineConfig,
+                 on_step: StepObserver | None = None) -> None:
         self.rt = runtime
         self.config = config
         self.on_step = on_step
@@ -114,7 +115,8 @@ class DecodeLoop:
         return True
 
     def _start(self, seq: Sequence) -> None:
-        sampler = Sampler(seq.params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog, default_seed=self.config.seed)
+        sampler = Sampler(seq.params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog,
+                          default_seed=self.config.seed)
         sampler.accept_prompt(seq.tokens)
         seq.sampler = sampler
         self.prompt_tokens_total += seq.n_prompt
@@ -177,7 +179,8 @@ class DecodeLoop:
         lps: tuple[float, ...] = ()
         tops: tuple[tuple[tuple[int, float], ...], ...] = ()
         if seq.logprobs:
-            lp, top = token_logprobs(self.rt.logits_row(out_idx), self.rt.n_vocab, token, params.logprobs or 0)
+            lp, top = token_logprobs(self.rt.logits_row(out_idx), self.rt.n_vocab, token,
+                                     params.logprobs or 0)
             lps, tops = (lp,), ((top,) if params.logprobs else ())
         stopped = False
         if not params.ignore_eos and self.rt.is_eog(token):

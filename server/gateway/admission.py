@@ -69,15 +69,20 @@ class Admission:
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(self._in_flight, self.waiting, self.limit, self.max_queue)
 
-    async def acquire(self, timeout_s: float | None = None) -> Lease:
-        """Wait for a slot. QueueFullError at once when the queue is full; QueueTimeoutError on timeout."""
-        if self._in_flight < self.limit and not self.waiting:
+    async def acquire(self, timeout_s: float | None = None, *, first: bool = False) -> Lease:
+        """Wait for a slot. QueueFullError at once when the queue is full; QueueTimeoutError on timeout.
+
+        `first` puts the caller at the head of the line (a stream resumed mid-way: its client is waiting)."""
+        if self._in_flight < self.limit and (first or not self.waiting):
             self._in_flight += 1
             return Lease(self)
         if self.waiting >= self.max_queue:
             raise QueueFullError(f"{self._in_flight} requests running and {self.waiting} queued")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:

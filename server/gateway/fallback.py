@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-import httpx
 from prometheus_client import CollectorRegistry
 
 from server.engine.chat_template import ChatTemplate
@@ -34,8 +32,14 @@ from server.gateway.backends.base import (
 )
 from server.gateway.breaker import CircuitBreaker
 from server.gateway.chain_config import ChainConfig, MemberConfig, build_member_backend
-from server.gateway.reliability_metrics import ChainMetrics, MemberSnapshot
-from server.gateway.resume import StreamProgress, as_completion, clamp_to_context, continuation_job
+from server.gateway.reliability_metrics import ChainMetrics, MemberSnapshot, watch_supervisors
+from server.gateway.resume import (
+    StreamProgress,
+    clamp_to_context,
+    continuation_job,
+    fetch_chat_template,
+    for_remote,
+)
 from server.launch.oom import find_oom
 
 log = logging.getLogger(__name__)
@@ -170,7 +174,8 @@ class FallbackBackend:
             raise RuntimeError("no backend of the chain could start: " + "; ".join(
                 f"{m.name}: {m.start_error}" for m in self.members))
         if any(m.config.supervisor_status for m in self.members):
-            self._watcher = asyncio.create_task(self._watch_supervisors())
+            paths = {m.name: m.config.supervisor_status for m in self.members if m.config.supervisor_status}
+            self._watcher = asyncio.create_task(watch_supervisors(paths, self.record_ladder_step))
 
     @staticmethod
     async def _start_member(m: Member) -> None:
@@ -262,8 +267,8 @@ class FallbackBackend:
                 clamped.append((m, fitted))
         return full + clamped, too_long
 
-    async def _place(self, job: GenerationJob, exclude: set[str], *,
-                     is_failover: bool = False) -> tuple[Member, GenerationJob, Lease]:
+    async def _place(self, job: GenerationJob, exclude: set[str], *, is_failover: bool = False,
+                     is_resume: bool = False) -> tuple[Member, GenerationJob, Lease]:
         """Choose a backend for `job` and take one of its slots (waiting in its queue if need be)."""
         candidates, too_long = self._candidates(job, exclude)
         if not candidates:
@@ -283,7 +288,8 @@ class FallbackBackend:
             if not member.breaker.allow():
                 continue  # half-open and another request is the probe
             try:
-                lease = await member.gate.acquire(member.config.queue_timeout_s)
+                # A resumed stream goes to the head of the line: its client is mid-answer.
+                lease = await member.gate.acquire(member.config.queue_timeout_s, first=is_resume)
             except QueueFullError:
                 member.breaker.release_probe()
                 continue
@@ -319,25 +325,13 @@ class FallbackBackend:
         """A resumed chat for a remote goes as a raw completion when its chat template is known."""
         if member.config.kind != "openai" or job.kind != "chat" or not job.continuation:
             return job
-        template = await self._template(member)
-        return as_completion(job, template) if template is not None else job
-
-    async def _template(self, member: Member) -> ChatTemplate | None:
-        if member._template_tried:
-            return member.template
-        member._template_tried = True
-        url = (member.config.url or "").rstrip("/").removesuffix("/v1")
-        try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(member.config.connect_timeout_s)) as client:
-                props = (await client.get(f"{url}/props")).json()
-            source = props.get("chat_template") if isinstance(props, dict) else None
-            if isinstance(source, str) and source:
-                # The server adds BOS itself when it tokenizes a completion prompt.
-                eos = str(props.get("eos_token") or "")
-                member.template = ChatTemplate(source, bos_token="", eos_token=eos)
-        except (httpx.HTTPError, ValueError, TypeError) as exc:
-            log.info("backend %s reports no chat template (%s): resumed chats go as chat", member.name, exc)
-        return member.template
+        if not member._template_tried:
+            member._template_tried = True
+            url, timeout_s = member.config.url or "", member.config.connect_timeout_s
+            member.template = await fetch_chat_template(url, timeout_s)
+            if member.template is None:
+                log.info("backend %s reports no chat template: resumed chats go to it as chat", member.name)
+        return for_remote(job, member.template)
 
     # --- one request ----------------------------------------------------------------------------------------
 
@@ -351,7 +345,8 @@ class FallbackBackend:
                 yield progress.length_finish()
                 return
             try:
-                member, attempt, lease = await self._place(attempt, tried, is_failover=bool(tried))
+                member, attempt, lease = await self._place(attempt, tried, is_failover=bool(tried),
+                                                           is_resume=progress.has_output)
             except BackendUnavailableError:
                 if context_error is not None:
                     raise context_error from None  # the others are down: the prompt is what failed here
@@ -419,24 +414,3 @@ class FallbackBackend:
         self.metrics.failures.labels(backend=member.name, reason=reason).inc()
         log.warning("backend %s failed (%s%s): %s", member.name, reason,
                     ", mid-stream" if progress.has_output else "", error.message[:300])
-
-    async def _watch_supervisors(self) -> None:
-        """Turn the OOM-ladder steps a supervisor writes to its status file into metrics and log lines."""
-        seen: dict[str, int] = {}
-        while True:
-            for m in self.members:
-                path = m.config.supervisor_status
-                if path is None:
-                    continue
-                try:
-                    status = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                steps = (status.get("ladder_steps") or []) if isinstance(status, dict) else []
-                for step in steps[seen.get(m.name, 0):]:
-                    if isinstance(step, dict):
-                        change = f"{step.get('setting')} {step.get('old')} -> {step.get('new')}"
-                        detail = f"{change}: {step.get('why')}"
-                        self.record_ladder_step(m.name, str(step.get("rung", "unknown")), detail)
-                seen[m.name] = len(steps)
-            await asyncio.sleep(1.0)

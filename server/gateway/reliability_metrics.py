@@ -6,8 +6,11 @@ per-backend gauges (breaker state, availability, slots in use, queue depth) are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import asyncio
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -79,3 +82,23 @@ class ChainMetrics:
         """Report per-backend gauges from `snapshots` at scrape time."""
         self._collector = _ChainCollector(snapshots)
         self.registry.register(self._collector)
+
+
+async def watch_supervisors(status_files: Mapping[str, Path], record: Callable[[str, str, str], None],
+                            interval_s: float = 1.0) -> None:
+    """Call `record(backend, rung, detail)` once for every OOM-ladder step a supervisor writes to its status
+    file (server.launch.supervisor: "ladder_steps"), so each step is a metric and a log line here too."""
+    seen: dict[str, int] = {}
+    while True:
+        for name, path in status_files.items():
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            steps = (status.get("ladder_steps") or []) if isinstance(status, dict) else []
+            for step in steps[seen.get(name, 0):]:
+                if isinstance(step, dict):
+                    change = f"{step.get('setting')} {step.get('old')} -> {step.get('new')}"
+                    record(name, str(step.get("rung", "unknown")), f"{change}: {step.get('why')}")
+            seen[name] = len(steps)
+        await asyncio.sleep(interval_s)

@@ -9,11 +9,16 @@ the backends, the prompt tokens of the original prompt, and one finish_reason at
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
-from server.engine.chat_template import ChatTemplate
+import httpx
+
+from server.engine.chat_template import ChatTemplate, ChatTemplateError
 from server.gateway.backends.base import Delta, GenerationJob
 from server.gateway.jobs import MAX_TOKENS_EXPLICIT
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,30 @@ def as_completion(job: GenerationJob, template: ChatTemplate) -> GenerationJob:
         return job
     prompt = template.render(list(job.messages), add_generation_prompt=True)
     return dataclasses.replace(job, kind="completion", prompt=prompt, messages=())
+
+
+def for_remote(job: GenerationJob, template: ChatTemplate | None) -> GenerationJob:
+    """What to send a remote to continue `job`: the raw completion when the template renders, else the chat
+    (with the partial assistant message, which most servers continue)."""
+    if template is None or job.kind != "chat":
+        return job
+    try:
+        return as_completion(job, template)
+    except ChatTemplateError as exc:
+        log.info("cannot render the chat for a raw continuation (%s): sending it as chat", exc)
+        return job
+
+
+async def fetch_chat_template(base_url: str, timeout_s: float) -> ChatTemplate | None:
+    """The chat template a llama-server reports at /props, or None (no /props, or no template there)."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as client:
+            props = (await client.get(f"{root}/props")).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    source = props.get("chat_template") if isinstance(props, dict) else None
+    if not isinstance(source, str) or not source:
+        return None
+    # The server adds BOS itself when it tokenizes a completion prompt: render none.
+    return ChatTemplate(source, bos_token="", eos_token=str(props.get("eos_token") or ""))

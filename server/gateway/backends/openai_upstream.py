@@ -11,81 +11,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 
-from server.gateway.backends.base import (
-    BackendError,
-    BackendUnavailableError,
-    Delta,
-    GenerationJob,
-    TokenLogprob,
+from server.gateway.backends.base import BackendError, BackendUnavailableError, Delta, GenerationJob
+from server.gateway.backends.upstream_errors import map_error, parse_json
+from server.gateway.backends.upstream_protocol import (
+    EmptyStreamError,
+    answer_deltas,
+    request_body,
+    stream_deltas,
 )
-from server.gateway.backends.upstream_errors import is_error_payload, map_error, parse_json
 from server.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-
-def request_body(job: GenerationJob, model: str) -> dict[str, Any]:
-    """The upstream request for `job`: OpenAI fields plus the llama.cpp / SGLang extras that are set."""
-    p = job.params
-    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
-    if job.kind == "chat":
-        messages = list(job.messages)
-        if job.continuation:
-            # llama-server and SGLang continue a trailing assistant message instead of starting a new one.
-            messages.append({"role": "assistant", "content": job.continuation})
-        body["messages"] = messages
-    else:
-        body["prompt"] = job.prompt + job.continuation
-    # Without max_tokens llama-server generates until the context is full; completions always carry one.
-    if job.extra.get("max_tokens_explicit", True) or job.kind == "completion":
-        body["max_tokens"] = p.max_tokens
-    body["temperature"] = p.temperature
-    body["top_p"] = p.top_p
-    if p.top_k:
-        body["top_k"] = p.top_k
-    if p.min_p:
-        body["min_p"] = p.min_p
-    if p.repeat_penalty != 1.0:
-        body["repeat_penalty"] = p.repeat_penalty  # llama-server's name
-        body["repetition_penalty"] = p.repeat_penalty  # SGLang's and vLLM's
-    if p.presence_penalty:
-        body["presence_penalty"] = p.presence_penalty
-    if p.frequency_penalty:
-        body["frequency_penalty"] = p.frequency_penalty
-    if p.seed is not None:
-        body["seed"] = p.seed
-    if p.stop:
-        body["stop"] = list(p.stop)
-    if p.ignore_eos:
-        body["ignore_eos"] = True
-    if p.logprobs is not None:
-        if job.kind == "chat":
-            body["logprobs"] = True
-            body["top_logprobs"] = p.logprobs
-        else:
-            body["logprobs"] = p.logprobs
-    return body
-
-
-def _chunk_logprobs(choice: dict[str, Any], kind: str) -> tuple[TokenLogprob, ...]:
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return ()
-    if kind == "chat":
-        entries = lp.get("content") or []
-        return tuple(
-            TokenLogprob(token=str(e.get("token", "")), logprob=float(e.get("logprob", 0.0)),
-                         token_bytes=tuple(e.get("bytes") or ()))
-            for e in entries if isinstance(e, dict)
-        )
-    tokens = lp.get("tokens") or []
-    values = lp.get("token_logprobs") or []
-    return tuple(TokenLogprob(token=str(t), logprob=float(v or 0.0))
-                 for t, v in zip(tokens, values, strict=False))
 
 
 class OpenAIUpstreamBackend:
@@ -168,7 +107,16 @@ class OpenAIUpstreamBackend:
         assert self._client is not None
         try:
             health = await self._client.get(self._health_url, timeout=self._connect_timeout_s)
+            if health.status_code == 404 and self._health_url != "/v1/models":
+                # No health route (llama-cpp-python's server): a model list means it is up.
+                health = await self._client.get("/v1/models", timeout=self._connect_timeout_s)
             healthy = health.status_code == 200
+        except httpx.ConnectError:
+            healthy = False
+        except httpx.TimeoutException:
+            # Accepting connections but slow to answer (llama-cpp-python's server holds every route behind its
+            # model lock while it generates): busy, not down.
+            healthy = self._is_healthy
         except httpx.HTTPError:
             healthy = False
         if healthy != self._is_healthy:
@@ -197,18 +145,43 @@ class OpenAIUpstreamBackend:
     def generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
         return self._generate(job)
 
+    async def _send(self, path: str, body: dict[str, object]) -> httpx.Response:
+        """POST with the response body left to stream; the caller closes the response."""
+        assert self._client is not None
+        for attempt in (1, 2):
+            request = self._client.build_request("POST", path, json=body)
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # A pooled keep-alive connection the server had already closed: the request never got there.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
         if self._client is None:
             raise BackendUnavailableError("the upstream backend is not started")
         path = "/v1/chat/completions" if job.kind == "chat" else "/v1/completions"
-        body = request_body(job, self.model_id or job.model)
+        model = self.model_id or job.model
         try:
-            async with self._client.stream("POST", path, json=body) as response:
+            response = await self._send(path, request_body(job, model))
+            try:
                 if response.status_code != 200:
                     raw = (await response.aread()).decode(errors="replace")
                     raise map_error(response.status_code, parse_json(raw), job.kind, text=raw[:500])
-                async for delta in self._deltas(response, job):
+                async for delta in stream_deltas(response.aiter_lines(), job):
                     yield delta
+            except EmptyStreamError:
+                # Nothing reached the client yet: ask once more without streaming for the answer or the error.
+                await response.aclose()
+                response = await self._send(path, request_body(job, model, stream=False))
+                raw = (await response.aread()).decode(errors="replace")
+                if response.status_code != 200:
+                    raise map_error(response.status_code, parse_json(raw), job.kind, text=raw[:500]) from None
+                for delta in answer_deltas(parse_json(raw), job):
+                    yield delta
+            finally:
+                await response.aclose()
         except httpx.ConnectError as exc:
             self._is_healthy = False
             raise BackendUnavailableError(f"cannot reach upstream {self.base_url}: {exc}") from exc
@@ -217,47 +190,3 @@ class OpenAIUpstreamBackend:
         except httpx.HTTPError as exc:
             raise BackendError(f"upstream {self.base_url} failed: {exc}", status_code=502,
                                code="upstream_error") from exc
-
-    async def _deltas(self, response: httpx.Response, job: GenerationJob) -> AsyncIterator[Delta]:
-        prompt_tokens = 0
-        reported_tokens: int | None = None
-        chunks_seen = 0
-        finish_reason: str | None = None
-        async for line in response.aiter_lines():
-            if not line or line.startswith(":"):
-                continue
-            field, _, data = line.partition(":")
-            data = data.strip()
-            if field == "error":
-                raise map_error(500, parse_json(data), job.kind, text=data)
-            if field != "data":
-                continue
-            if data == "[DONE]":
-                break
-            chunk = parse_json(data)
-            if is_error_payload(chunk):
-                status = chunk.get("error", {}).get("code") if isinstance(chunk.get("error"), dict) else None
-                raise map_error(status if isinstance(status, int) else 500, chunk, job.kind, text=data)
-            if not isinstance(chunk, dict):
-                continue
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
-                if usage.get("completion_tokens") is not None:
-                    reported_tokens = int(usage["completion_tokens"])
-            for choice in chunk.get("choices") or ():
-                if job.kind == "chat":
-                    text = (choice.get("delta") or {}).get("content") or ""
-                else:
-                    text = choice.get("text") or ""
-                logprobs = _chunk_logprobs(choice, job.kind)
-                if text or logprobs:
-                    # Until usage arrives, count about one token per chunk (what streaming servers send).
-                    chunks_seen += 1
-                    yield Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=chunks_seen,
-                                logprobs=logprobs)
-                if choice.get("finish_reason"):
-                    finish_reason = str(choice["finish_reason"])
-        # The usage chunk follows the finish chunk, so the finish goes out last, with the final counts.
-        yield Delta(text="", finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
-                    completion_tokens=reported_tokens if reported_tokens is not None else chunks_seen)
