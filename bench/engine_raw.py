@@ -1,10 +1,10 @@
-"""Aggregate generation speed of the embedded engine by batch size, next to raw llama_decode on the same context.
+"""Aggregate generation speed of the embedded engine by batch size, beside raw llama_decode of that shape.
 
     python bench/engine_raw.py                                  # bundled SmolLM2 on the CPU
     python bench/engine_raw.py --model m.gguf --n-gpu-layers 99 --batch-sizes 1,4,16,64 --gen-tokens 128
 
-For every batch size B, B requests with a `--prompt-tokens` prompt each generate `--gen-tokens` tokens with EOS
-ignored, all at once. Reported per B:
+For every batch size B, B requests with a `--prompt-tokens` prompt each generate `--gen-tokens` tokens with
+EOS ignored, all at once. Reported per B:
   engine t/s   generated tokens / wall time from submission to the last token (prefill included)
   decode t/s   generated tokens after each sequence's first / time from the last first-token to the end
   raw t/s      plain llama_decode of B tokens per step on a context of the same shape, greedy via numpy
@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.engine.batch import TokenBatch  # noqa: E402
-from server.engine.engine import Engine, EngineConfig  # noqa: E402
-from server.engine.llama_context import LlamaRuntime  # noqa: E402
-from server.engine.types import SamplingParams  # noqa: E402
+from server.engine.batch import TokenBatch
+from server.engine.engine import Engine, EngineConfig
+from server.engine.llama_context import LlamaRuntime
+from server.engine.types import SamplingParams
 
 
 def _prompt(n_vocab: int, n: int, seed: int) -> list[int]:
@@ -46,7 +46,8 @@ async def _one(engine: Engine, prompt: list[int], gen: int) -> tuple[float, floa
     return first, time.perf_counter(), n
 
 
-async def _engine_run(engine: Engine, batch: int, prompt_tokens: int, gen: int, seed: int) -> dict[str, float]:
+async def _engine_run(engine: Engine, batch: int, prompt_tokens: int, gen: int,
+                      seed: int) -> dict[str, float]:
     prompts = [_prompt(engine.n_vocab, prompt_tokens, seed + i) for i in range(batch)]
     start = time.perf_counter()
     results = await asyncio.gather(*(_one(engine, p, gen) for p in prompts))
@@ -76,8 +77,7 @@ def _raw_run(rt: LlamaRuntime, batch: int, prompt_tokens: int, gen: int, seed: i
         tb.add_decodes(tokens, [prompt_tokens + step] * batch, seqs)
         assert rt.decode(tb.finish()) == 0
         for i in range(batch):
-            row = np.ctypeslib.as_array(rt.logits_row(i), shape=(rt.n_vocab,))
-            tokens[i] = int(row.argmax())
+            tokens[i] = int(rt.logits(i).argmax())
     elapsed = time.perf_counter() - start
     for s in range(batch):
         rt.seq_rm(s)

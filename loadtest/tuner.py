@@ -9,6 +9,7 @@ markdown report and a PNG; `report` re-renders them from results.json.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shlex
 import sys
@@ -176,6 +177,8 @@ def run_command(
         raise _fail(str(exc)) from None
     if model is not None and not model.is_file():
         raise _fail(f"model file not found: {model}")
+    if importlib.util.find_spec("locust") is None:
+        raise _fail("the tuner runs Locust, which is not installed: pip install 'edgeserve[loadtest]'")
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = sweep(settings, config, is_unified_kv=not kv_split)
     result = TuneResult(config=config, constraint=constraint, trials=trials,

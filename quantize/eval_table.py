@@ -96,10 +96,9 @@ def measure(
     """Perplexity of `text` and decode speed for the model at `path`."""
     with LlamaSession(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads) as session:
         p = perplexity(session, text, n_ctx=n_ctx, max_tokens=max_tokens)
-        prompt = text[:200]
-        run = session.greedy(
-            prompt, min(decode_tokens, n_ctx - len(session.tokenize(prompt)) - 1), stop_at_eog=False
-        )
+        # a short prompt from the text, leaving room in the window for the decoded tokens
+        prompt = session.tokenize(text)[: max(1, n_ctx // 4)]
+        run = session.greedy(prompt, min(decode_tokens, n_ctx - len(prompt) - 1), stop_at_eog=False)
     return _Measure(p.ppl, p.n_chunks, p.n_scored, run.tokens_per_second, p.tokens_per_second)
 
 

@@ -187,13 +187,15 @@ class LlamaSession:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(outputs)
 
-    def greedy(self, prompt: str, n_tokens: int, *, stop_at_eog: bool = True) -> GreedyRun:
-        """Greedy decoding of up to `n_tokens` after `prompt`.
+    def greedy(self, prompt: str | list[int], n_tokens: int, *, stop_at_eog: bool = True) -> GreedyRun:
+        """Greedy decoding of up to `n_tokens` after `prompt` (text, or tokens).
 
         With stop_at_eog False it runs the full count (a fixed amount of work, for speed measurements).
         """
         self.clear()
-        prompt_tokens = self.tokenize(prompt)
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(prompt_tokens) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(prompt_tokens)} tokens; the context holds {self.n_ctx}")
         if not prompt_tokens:
             raise ValueError("the prompt has no tokens")
         logits = self.decode(prompt_tokens, 0, len(prompt_tokens) - 1)[-1]

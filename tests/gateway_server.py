@@ -102,7 +102,9 @@ def edgeserve(*args: str) -> ServerProcess:
 @functools.cache
 def shared_embedded_server() -> ServerProcess:
     """The session's embedded server over the bundled SmolLM2 (started on first use)."""
-    server = edgeserve("--parallel", str(EMBEDDED_PARALLEL), "--ctx", str(EMBEDDED_CTX))
+    # One engine thread: with as many threads as cores, llama.cpp's spinning workers collapse whenever the
+    # test process or anything else wants a core too (measured on 2 cores: 3 instead of 25 tokens/s).
+    server = edgeserve("--parallel", str(EMBEDDED_PARALLEL), "--ctx", str(EMBEDDED_CTX), "--threads", "1")
     atexit.register(server.stop)
     return server
 

@@ -16,6 +16,7 @@ from quantize.bundled import smollm2_path
 from quantize.synthetic import write_synthetic_gguf
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine, EngineConfig
+from server.engine.errors import EngineNotReadyError, EngineStoppedError, ModelLoadError
 from server.engine.types import SamplingParams, StreamEvent
 from tests.engine_helpers import QUESTIONS, THREADS, Result, SerialReference, collect, greedy, run
 
@@ -144,13 +145,24 @@ def _vocab_without_chat_template(src: str, dst: str) -> None:
     writer.close()
 
 
-def test_model_without_chat_template_uses_chatml(tmp_path) -> None:
-    vocab = tmp_path / "vocab.gguf"
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 1-layer random-weight model with SmolLM2's tokenizer but no chat template."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    vocab = tmp / "vocab.gguf"
     _vocab_without_chat_template(str(smollm2_path()), str(vocab))
-    model = write_synthetic_gguf(tmp_path / "no-template.gguf", vocab_from=vocab, n_layer=1, n_embd=64,
+    model = write_synthetic_gguf(tmp / "no-template.gguf", vocab_from=vocab, n_layer=1, n_embd=64,
                                  n_head=2, n_head_kv=1, n_ff=128)
-    engine = Engine(EngineConfig(model_path=str(model), n_ctx=256, n_parallel=2, n_batch=64, n_ubatch=64,
-                                 n_threads=THREADS))
+    return str(model)
+
+
+def _tiny_engine(path: str) -> Engine:
+    return Engine(EngineConfig(model_path=path, n_ctx=512, n_parallel=2, n_batch=64, n_ubatch=64,
+                               n_threads=THREADS))
+
+
+def test_model_without_chat_template_uses_chatml(tiny_model: str) -> None:
+    engine = _tiny_engine(tiny_model)
     engine.start()
     try:
         assert engine.chat_template.is_fallback
@@ -160,3 +172,55 @@ def test_model_without_chat_template_uses_chatml(tmp_path) -> None:
         assert len(result.tokens) == 4 and result.finish_reason == "length"
     finally:
         engine.stop()
+
+
+def test_stop_ends_streams_in_flight_and_refuses_new_work(tiny_model: str) -> None:
+    engine = _tiny_engine(tiny_model)
+    engine.start()
+    received: list[StreamEvent] = []
+
+    async def interrupted() -> None:
+        with pytest.raises(EngineStoppedError):
+            async for event in engine.generate("Hello", SamplingParams(max_tokens=200, ignore_eos=True)):
+                received.append(event)
+                engine.stop()
+
+    run(interrupted())
+    assert received and received[-1].finish_reason is None
+    assert not engine.is_ready
+    with pytest.raises(EngineNotReadyError):
+        engine.generate("Hello", SamplingParams(max_tokens=4))
+
+
+def test_missing_model_fails_to_load(tmp_path) -> None:
+    engine = Engine(EngineConfig(model_path=str(tmp_path / "missing.gguf")))
+    with pytest.raises(ModelLoadError, match="missing.gguf"):
+        engine.start()
+    background = Engine(EngineConfig(model_path=str(tmp_path / "missing.gguf")))
+    background.start(wait=False)
+    assert not background.wait_ready(timeout=30)
+    assert isinstance(background.load_error, ModelLoadError)
+    with pytest.raises(EngineNotReadyError, match="failed to load"):
+        background.generate("Hello", SamplingParams())
+    background.stop()
+
+
+def test_shared_prompt_prefix_is_reused_across_slots(tight: Engine, reference) -> None:
+    system = "You are a terse assistant who answers in five words or fewer."
+    prompts = [tight.tokenize(tight.apply_chat_template([{"role": "system", "content": system},
+                                                         {"role": "user", "content": q}]))
+               for q in QUESTIONS[4:7]]
+    shared = 0
+    while all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    expected = [reference.generate(p, 8, ignore_eos=True, chunk=N_BATCH) for p in prompts]
+    run(collect(tight, prompts[0], greedy(8, ignore_eos=True)))  # leaves the prefix cached in an idle slot
+    before = tight.stats().prefix_reused_tokens_total
+
+    async def together() -> list[Result]:
+        return list(await asyncio.gather(*(collect(tight, p, greedy(8, ignore_eos=True)) for p in prompts[1:])))
+
+    results = run(together())
+    assert [r.tokens for r in results] == expected[1:]
+    # both took the shared part from the cache: one from the idle slot, the other copied from a running slot
+    assert tight.stats().prefix_reused_tokens_total - before >= 2 * shared

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -340,3 +343,26 @@ def test_metrics_render_engine_histograms_per_registry() -> None:
     assert 'edgeserve_requests_total{route="/v1/completions",status="200"} 1.0' in text
     # Separate registries: a second app in the same process starts from zero.
     assert "edgeserve_requests_total{" not in second.render().decode()
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model.gguf"], "model file not found"),
+        (["--backend", "openai"], "upstream"),
+        (["--parallel", "0"], "parallel"),
+    ],
+)
+def test_serve_refuses_bad_input_with_one_line(args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli.serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -268,3 +268,26 @@ def test_disk_space_is_checked_first(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not enough free space"):
         _check_disk(tmp_path / "big.gguf", 1 << 60)
     assert files_in(tmp_path) == []
+
+
+def test_quality_table_from_an_f16_source_is_not_indicative(src: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        str(src),
+        "--levels",
+        "Q4_0",
+        "--out-dir",
+        str(tmp_path),
+        "--eval-ctx",
+        "64",
+        "--eval-tokens",
+        "128",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    assert table["is_indicative"] is False and table["note"] == ""
+    source, q4 = table["rows"]
+    assert source["label"] == "source (F16)" and q4["label"] == "Q4_0"
+    # random weights: close to a uniform guess over the vocabulary, for the source and its quantization alike
+    assert source["ppl"] > 1000 and q4["ppl"] > 1000
+    assert files_in(tmp_path) == ["tiny.Q4_0.gguf", "tiny.Q4_0.manifest.json"]

@@ -256,7 +256,7 @@ def quantize(
         raise _fail("interrupted; no output was left behind", code=130) from None
     except (PipelineError, NoLevelFitsError, UnknownCardError, PlanInputError, EvalTextTooShortError) as exc:
         raise _fail(str(exc)) from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
     if as_json:
         typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))

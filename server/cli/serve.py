@@ -59,6 +59,7 @@ ParallelOpt = Annotated[int | None, typer.Option(help="sequences decoded togethe
 CtxOpt = Annotated[int | None, typer.Option(help="KV cache tokens for all sequences, like -c (default 4096)")]
 ApiKeyOpt = Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")]
 GpuLayersOpt = Annotated[int | None, typer.Option(help="layers on the GPU, -1 = all (default)")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads of the engine (default: all cores)")]
 QueueOpt = Annotated[int | None, typer.Option(help="requests queued behind busy slots (then 429)")]
 NameOpt = Annotated[str | None, typer.Option(help="model id to serve (default: file name)")]
 LogOpt = Annotated[str, typer.Option(help="uvicorn log level")]
@@ -74,6 +75,7 @@ def serve(
     ctx: CtxOpt = None,
     api_key: ApiKeyOpt = None,
     n_gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
     max_queue: QueueOpt = None,
     model_name: NameOpt = None,
     log_level: LogOpt = "info",
@@ -82,6 +84,7 @@ def serve(
     settings = _settings({
         "backend": backend, "model_path": model, "upstream_url": upstream, "host": host, "port": port,
         "parallel": parallel, "ctx": ctx, "api_key": api_key, "n_gpu_layers": n_gpu_layers,
+        "n_threads": threads,
         "max_queue": max_queue, "model_name": model_name,
     })
     settings = _resolve_model(settings)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Mapping
 from collections.abc import Sequence as Seq
@@ -44,6 +45,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
 
 class Engine:
     """One model, one llama.cpp context with `n_parallel` sequence slots, one decode thread.
@@ -69,6 +72,10 @@ class Engine:
         """Load the model and start the decode thread; with `wait`, block until loaded (or ModelLoadError)."""
         if self._thread is not None:
             raise RuntimeError("the engine was already started")
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            # The decode thread needs the GIL for a moment between two llama_decode calls; a busy event loop
+            # would make it wait up to the interpreter's switch interval (5 ms by default) every step.
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._main, name="edgeserve-engine", daemon=True)
         self._thread.start()
         if wait:

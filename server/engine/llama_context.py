@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import llama_cpp.llama_cpp as lc
+import numpy as np
 
 from server.engine.config import EngineConfig
 from server.engine.errors import ModelLoadError
@@ -111,6 +112,12 @@ class LlamaRuntime:
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._eog: bytearray = bytearray(self.n_vocab)  # 0 unknown, 1 no, 2 yes
         self._eog_all: tuple[int, ...] | None = None
+        # Our own handle on llama_get_logits_ith returning a plain address: a logits row becomes a numpy view
+        # without a ctypes pointer object per call.
+        self._logits_ith = lc._lib["llama_get_logits_ith"]
+        self._logits_ith.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        self._logits_ith.restype = ctypes.c_void_p
+        self._row_type = ctypes.c_float * self.n_vocab
         self._closed = False
 
     # --- vocabulary -----------------------------------------------------------------------------------------
@@ -208,8 +215,12 @@ class LlamaRuntime:
     def seq_pos_max(self, seq: int) -> int:
         return int(lc.llama_memory_seq_pos_max(self.mem, seq))
 
-    def logits_row(self, idx: int) -> ctypes._Pointer[ctypes.c_float]:
-        return lc.llama_get_logits_ith(self.ctx, idx)
+    def logits(self, idx: int) -> np.ndarray:
+        """Logits of batch index `idx` of the last decode (a writable view, valid until the next decode)."""
+        addr = self._logits_ith(self.ctx, idx)
+        if not addr:
+            raise IndexError(f"no logits for batch index {idx}")
+        return np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
 
     def close(self) -> None:
         if self._closed:

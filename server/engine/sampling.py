@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Sequence
 
@@ -26,10 +25,19 @@ class Sampler:
     exact). With `ignore_eos`, a logit bias of -inf keeps end-of-generation tokens from being picked at all.
     """
 
-    __slots__ = ("_chain", "_has_penalties", "seed")
+    __slots__ = ("_chain", "_has_penalties", "is_argmax", "seed")
 
     def __init__(self, params: SamplingParams, *, n_vocab: int, eog_tokens: Sequence[int] = (),
                  default_seed: int | None = None) -> None:
+        self._has_penalties = _has_penalties(params)
+        seed = params.seed if params.seed is not None else default_seed
+        self.seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
+        # Plain greedy needs no chain: the engine takes the argmax of the logits row itself (numpy, first
+        # maximum like llama.cpp's greedy sampler) instead of having llama.cpp copy the vocabulary per token.
+        self.is_argmax = params.is_greedy and not self._has_penalties
+        self._chain = None
+        if self.is_argmax:
+            return
         cparams = lc.llama_sampler_chain_default_params()
         cparams.no_perf = True
         chain = lc.llama_sampler_chain_init(cparams)
@@ -39,13 +47,10 @@ class Sampler:
                 *[lc.llama_logit_bias(tok, -math.inf) for tok in eog_tokens])
             lc.llama_sampler_chain_add(
                 chain, lc.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), bias))
-        self._has_penalties = _has_penalties(params)
         if self._has_penalties:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
                 params.presence_penalty))
-        seed = params.seed if params.seed is not None else default_seed
-        self.seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
         if params.is_greedy:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return
@@ -74,10 +79,9 @@ class Sampler:
             self._chain = None
 
 
-def token_logprobs(logits: ctypes._Pointer[ctypes.c_float], n_vocab: int, token: int,
-                   top_n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """log-softmax of the raw logits at `token`, and the `top_n` most likely tokens with theirs."""
-    row = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+def token_logprobs(row: np.ndarray, token: int, top_n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log-softmax of a logits row at `token`, and the `top_n` most likely tokens with theirs."""
+    n_vocab = row.shape[0]
     peak = float(row.max())
     log_z = peak + math.log(float(np.exp(row - peak, dtype=np.float64).sum()))
     chosen = float(row[token]) - log_z

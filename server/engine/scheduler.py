@@ -160,12 +160,15 @@ class Scheduler:
         return seq
 
     def on_no_kv_slot(self) -> bool:
-        """llama_decode found no room: free idle caches, else preempt. False when nothing could be freed."""
+        """llama_decode found no room: free idle caches, else preempt the newest. False when neither is
+        possible (a sequence that does not fit even alone)."""
         idle = [sl for sl in self.slots if sl.seq is None and sl.cached]
         if idle:
             for sl in idle:
                 self._release_cells(sl)
             return True
+        if len(self.running) < 2:
+            return False
         return self.preempt_newest() is not None
 
     # --- admission ------------------------------------------------------------------------------------------
@@ -242,8 +245,9 @@ class Scheduler:
 
     # --- planning -------------------------------------------------------------------------------------------
 
-    def plan(self, batch: TokenBatch) -> list[Work]:
-        """Fill `batch` for the next step. Admits waiting sequences; may evict idle caches and preempt."""
+    def plan(self, batch: TokenBatch, admit: bool = True) -> list[Work]:
+        """Fill `batch` for the next step. Admits waiting sequences (unless not `admit`: a retry after
+        llama.cpp found no room must not take back what it just preempted); may evict idle caches, preempt."""
         batch.clear()
         decoders = [s for s in self.running if s.n_pending == 1]
         if self.unified and self.kv_free() < len(decoders):
@@ -270,7 +274,7 @@ class Scheduler:
                     work.append(self._add_chunk(batch, seq, n))
                     budget -= n
                     free -= n
-        while self.waiting and budget > 0:
+        while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.is_cancelled:
                 self.waiting.popleft()
@@ -285,7 +289,7 @@ class Scheduler:
                 budget -= n
         # Everyone is prefilling and the cache is full: make room by preempting the newest.
         if not work and self.running and self.preempt_newest() is not None and self.running:
-            return self.plan(batch)
+            return self.plan(batch, admit)
         return work
 
     @staticmethod

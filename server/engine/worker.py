@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from server.engine.batch import TokenBatch
 from server.engine.config import EngineConfig
+from server.engine.delivery import EventPump, Item
 from server.engine.errors import EngineError, EngineStoppedError
 from server.engine.llama_context import LlamaRuntime
 from server.engine.sampling import Sampler, token_logprobs
@@ -22,16 +24,11 @@ log = logging.getLogger(__name__)
 StepObserver = Callable[[int, int], None]
 
 
-def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
 class DecodeLoop:
     """Owns the llama.cpp context after loading: only this thread decodes, samples or edits the KV cache.
 
     Other threads talk to it through `submit`, `cancel` and `stop`, which only append to lists under a lock.
-    Events of one step are handed to each event loop in one call_soon_threadsafe call.
+    The events of a step go to an EventPump in one batch.
     """
 
     def __init__(self, runtime: LlamaRuntime, config: EngineConfig,
@@ -48,7 +45,9 @@ class DecodeLoop:
         self._cancels: list[Sequence] = []
         self._stopping = False
         self._eog = runtime.eog_tokens()
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        self._eog_ids = np.array(self._eog, dtype=np.int64)
+        self._outbox: list[Item] = []
+        self._pump = EventPump(self.cancel)
         # counters, read by stats() from other threads (plain ints: a torn read is impossible under the GIL)
         self.steps = 0
         self.step_tokens_total = 0
@@ -143,7 +142,7 @@ class DecodeLoop:
                 break
             if rc == 1 and self.sched.on_no_kv_slot():
                 log.info("KV cache full: freed room (preemptions so far: %d)", self.sched.preemptions)
-                work = self.sched.plan(self.batch)
+                work = self.sched.plan(self.batch, admit=False)
                 continue
             self._fail_work(work, EngineError(f"llama_decode failed with status {rc}"))
             return
@@ -159,19 +158,29 @@ class DecodeLoop:
         self.last_step_seqs = len(work)
         self.max_step_tokens = max(self.max_step_tokens, n_tokens)
         self.max_step_seqs = max(self.max_step_seqs, len(work))
-        ctx = self.rt.ctx
+        rt = self.rt
         for w in work:
-            if w.out_idx >= 0 and not w.seq.is_finished:
-                seq = w.seq
-                assert seq.sampler is not None
-                self._on_token(seq, seq.sampler.sample(ctx, w.out_idx), w.out_idx)
+            seq = w.seq
+            if w.out_idx < 0 or seq.is_finished:
+                continue
+            sampler = seq.sampler
+            assert sampler is not None
+            row = None
+            if sampler.is_argmax:
+                row = rt.logits(w.out_idx)
+                if seq.params.ignore_eos and self._eog_ids.size:
+                    row[self._eog_ids] = -np.inf
+                token = int(row.argmax())
+            else:
+                token = sampler.sample(rt.ctx, w.out_idx)
+            self._on_token(seq, token, w.out_idx, row)
         if self.on_step is not None:
             try:
                 self.on_step(n_tokens, len(work))
             except Exception:
                 log.exception("on_step observer failed")
 
-    def _on_token(self, seq: Sequence, token: int, out_idx: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, out_idx: int, row: np.ndarray | None) -> None:
         seq.tokens.append(token)
         self.generated_tokens_total += 1
         params = seq.params
@@ -179,7 +188,7 @@ class DecodeLoop:
         lps: tuple[float, ...] = ()
         tops: tuple[tuple[tuple[int, float], ...], ...] = ()
         if seq.logprobs:
-            lp, top = token_logprobs(self.rt.logits_row(out_idx), self.rt.n_vocab, token,
+            lp, top = token_logprobs(row if row is not None else self.rt.logits(out_idx), token,
                                      params.logprobs or 0)
             lps, tops = (lp,), ((top,) if params.logprobs else ())
         stopped = False
@@ -208,28 +217,13 @@ class DecodeLoop:
             self._drop(seq, cancelled=False)
 
     def _post(self, seq: Sequence, item: Any) -> None:
-        sink = seq.sink
-        if sink is None:
-            return
-        items = self._outbox.get(sink.loop)
-        if items is None:
-            items = self._outbox[sink.loop] = []
-        items.append((sink.queue, item))
+        if seq.sink is not None:
+            self._outbox.append((seq, item))
 
     def _flush(self) -> None:
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the event loop is closed: nobody listens to these sequences any more
-                self._cancel_orphans(loop)
-
-    def _cancel_orphans(self, loop: asyncio.AbstractEventLoop) -> None:
-        for seq in list(self.sched.running) + list(self.sched.waiting):
-            if seq.sink is not None and seq.sink.loop is loop:
-                self._drop(seq, cancelled=True)
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._pump.put(outbox)
 
     def _fail_work(self, work: list[Work], error: Exception) -> None:
         log.error("%s; failing %d sequences", error, len(work))
@@ -247,3 +241,4 @@ class DecodeLoop:
                 self._post(seq, error)
             self._drop(seq, cancelled=True)
         self._flush()
+        self._pump.stop()

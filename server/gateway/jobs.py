@@ -11,6 +11,7 @@ from server.gateway.schemas import ChatCompletionRequest, CompletionRequest, Sam
 
 # In GenerationJob.extra: False when the client gave no max_tokens (a remote server then applies its default).
 MAX_TOKENS_EXPLICIT = "max_tokens_explicit"
+UNKNOWN_CTX_MAX_TOKENS = 4096
 
 
 def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -60,7 +61,9 @@ def _budget(job: GenerationJob, backend: Backend, requested: int | None,
         room = n_ctx - prompt_tokens
         max_tokens = requested if requested is not None else min(default or room, room)
     else:
-        max_tokens = requested if requested is not None else (default or n_ctx)
+        # The backend cannot count before sending: a remote server applies its own limit when none was asked
+        # for (MAX_TOKENS_EXPLICIT below), so this only has to be a valid placeholder.
+        max_tokens = requested if requested is not None else (default or n_ctx or UNKNOWN_CTX_MAX_TOKENS)
     params = dataclasses.replace(job.params, max_tokens=max_tokens)
     extra = {**job.extra, MAX_TOKENS_EXPLICIT: requested is not None}
     return dataclasses.replace(job, params=params, extra=extra)

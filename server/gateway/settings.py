@@ -33,6 +33,7 @@ class GatewaySettings(BaseSettings):
     )
     n_gpu_layers: int = Field(default=-1, ge=-1, description="-1: all layers on the GPU when there is one")
     n_batch: int | None = Field(default=None, ge=1, description="tokens per engine step (prefill budget)")
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads of the engine (default: all)")
 
     api_key: str | None = Field(default=None, description="clients must send `Authorization: Bearer <key>`")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,6 +58,8 @@ class EmbeddedBackend:
         kwargs: dict[str, object] = {"n_parallel": settings.parallel, "n_gpu_layers": n_gpu_layers}
         if settings.ctx is not None:
             kwargs["n_ctx"] = settings.ctx
+        if settings.n_threads is not None:
+            kwargs["n_threads"] = settings.n_threads
         if settings.n_batch is not None:
             n_batch = max(settings.n_batch, settings.parallel)
             kwargs["n_batch"] = n_batch
@@ -115,8 +118,15 @@ class EmbeddedBackend:
         want_logprobs = job.params.logprobs is not None
         stream: AsyncIterator[StreamEvent] | None = None
         try:
+            params = job.params
+            tokens = engine.tokenize(prompt)
+            if job.extra.get("max_tokens_explicit") is False:
+                # No limit was asked for: generate up to the end of this engine's context window.
+                room = engine.n_ctx_per_seq - len(tokens)
+                if room >= 1 and params.max_tokens > room:
+                    params = dataclasses.replace(params, max_tokens=room)
             # The engine checks the prompt length when the stream is created, before anything is queued.
-            stream = engine.generate(prompt, job.params)
+            stream = engine.generate(tokens, params)
             async for event in stream:
                 yield self._delta(event, want_logprobs)
         except PromptTooLongError as exc:

@@ -1,0 +1,293 @@
+"""Serving throughput, side by side in one run: (a) `edgeserve serve` (embedded engine), (b) llama-server with
+-np = concurrency, (c) llama-cpp-python's own server; same model, same prompts, plus llama-bench tg128.
+
+Each request: a prompt of --prompt-tokens tokens (distinct per request, so no server can share a prefix),
+--gen-tokens generated tokens with EOS ignored, greedy. For every concurrency C, C requests are sent at once
+(--rounds times back to back per stream); the figure is generated tokens of all requests / wall time.
+
+GPU host (see the device kit README): python bench/serving_compare.py --kit .gpukit --synthetic llama31-8b \
+    --wheels .gpukit/wheels --write-doc
+CPU: python bench/serving_compare.py            (bundled SmolLM2, 1/4/8 streams, (a) and (c) only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from serving_servers import REPO, Server, build_model, device_name, kit_env, sh, start
+
+# Words that are one token in both the Llama-3 and the SmolLM2 vocabularies (with their leading space).
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no what up out more"
+)
+WORDS = _WORDS.split()
+
+
+@dataclass
+class Run:
+    server: str
+    concurrency: int
+    requests: int
+    generated_tokens: int
+    prompt_tokens_mean: float
+    wall_s: float
+    errors: int
+    tokens_per_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens_per_s = self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# --- load ---------------------------------------------------------------------------------------------------
+
+
+def make_prompt(i: int, n_words: int) -> str:
+    rng = random.Random(i)
+    return f"Request {i:06d}:" + "".join(" " + rng.choice(WORDS) for _ in range(n_words))
+
+
+async def _request(client: httpx.AsyncClient, url: str, prompt: str, gen: int) -> tuple[int, int]:
+    body = {
+        "prompt": prompt,
+        "max_tokens": gen,
+        "temperature": 0,
+        "ignore_eos": True,
+        "min_tokens": gen,
+        "stream": False,
+    }
+    response = await client.post(url + "/v1/completions", json=body)
+    response.raise_for_status()
+    usage = response.json()["usage"]
+    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+
+async def load(server: Server, c: int, rounds: int, n_words: int, gen: int, seed: int) -> Run:
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await _request(client, server.url, make_prompt(seed - 1, n_words), 8)  # warm-up
+
+        async def stream(k: int) -> list[tuple[int, int] | BaseException]:
+            out: list[tuple[int, int] | BaseException] = []
+            for r in range(rounds):
+                try:
+                    out.append(
+                        await _request(client, server.url, make_prompt(seed + k * rounds + r, n_words), gen)
+                    )
+                except (httpx.HTTPError, KeyError, ValueError) as exc:
+                    out.append(exc)
+            return out
+
+        t0 = time.perf_counter()
+        results = [x for per in await asyncio.gather(*(stream(k) for k in range(c))) for x in per]
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if isinstance(r, tuple)]
+    for err in results:
+        if not isinstance(err, tuple):
+            print(f"  {server.name}: request failed: {err!r}")
+    return Run(
+        server.name,
+        c,
+        len(results),
+        sum(g for _, g in ok),
+        sum(p for p, _ in ok) / len(ok) if ok else 0.0,
+        wall,
+        len(results) - len(ok),
+    )
+
+
+def calibrate_words(server: Server, target: int) -> int:
+    """Words per prompt so that prompts come out at `target` tokens on this tokenizer."""
+    n = target - 4
+    for _ in range(4):
+        r = httpx.post(
+            server.url + "/v1/completions", json={"prompt": make_prompt(0, n), "max_tokens": 1}, timeout=120
+        )
+        got = int(r.json()["usage"]["prompt_tokens"])
+        if got == target:
+            break
+        n += target - got
+    return n
+
+
+def llama_bench(model: Path, args: argparse.Namespace, env: dict[str, str]) -> float | None:
+    if not shutil.which("llama-bench", path=env["PATH"]):
+        return None
+    cmd = [
+        "llama-bench",
+        "-m",
+        str(model),
+        "-p",
+        "0",
+        "-n",
+        str(args.gen_tokens),
+        "-r",
+        "3",
+        "-o",
+        "json",
+        "-ngl",
+        "99" if args.gpu else "0",
+    ]
+    if args.gpu:
+        cmd += ["-fa", "1"]
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    out = sh(cmd, env, capture_output=True)
+    rows = json.loads(out.stdout)
+    return float(rows[0]["avg_ts"]) if rows else None
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+
+def table(runs: list[Run], tg: float | None, concurrency: list[int], gen_tokens: int) -> str:
+    by = {(r.server, r.concurrency): r.tokens_per_s for r in runs}
+
+    def cell(v: float | None) -> str:
+        return f"{v:.0f}" if v else "—"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else "—"
+
+    lines = [
+        "| streams | (a) edgeserve t/s | (b) llama-server t/s | (c) llama-cpp-python t/s | (a)/(b) "
+        "| (a)/(c) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in concurrency:
+        a, b, cc = by.get(("edgeserve", c)), by.get(("llama-server", c)), by.get(("llama-cpp-python", c))
+        lines.append(f"| {c} | {cell(a)} | {cell(b)} | {cell(cc)} | {ratio(a, b)} | {ratio(a, cc)} |")
+    a1 = by.get(("edgeserve", 1))
+    lines.append("")
+    lines.append(
+        f"llama-bench tg{gen_tokens}: {cell(tg)} t/s; (a) at 1 stream / tg{gen_tokens} = {ratio(a1, tg)}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model", type=Path, help="GGUF to serve (default: --synthetic, else the bundled SmolLM2)"
+    )
+    p.add_argument("--synthetic", help="build this quantize.synthetic preset as Q4_K_M (e.g. llama31-8b)")
+    p.add_argument(
+        "--vocab", type=Path, help="tokenizer for --synthetic (default: KIT/ggml-vocab-llama-bpe.gguf)"
+    )
+    p.add_argument("--kit", type=Path, help="GPU kit folder (CUDA llama.cpp tarball and wheels)")
+    p.add_argument("--wheels", type=Path, help="extra wheels for the host (typer, rich, sse-starlette, ...)")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeserve-bench")
+    p.add_argument("--concurrency", default=None, help="comma list (GPU 1,4,16,64; CPU 1,4,8)")
+    p.add_argument("--servers", default=None, help="subset of a,b,c (default: all found)")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1, help="requests per stream, back to back")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every server")
+    p.add_argument("--cpu", action="store_true", help="no GPU even if one is present")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="JSON goes here")
+    p.add_argument("--write-doc", action="store_true", help="append the table to docs/BENCHMARKS.md")
+    args = p.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = kit_env(args.kit, args.wheels, args.work)
+    args.gpu = not args.cpu and shutil.which("nvidia-smi") is not None
+    concurrency = [int(x) for x in (args.concurrency or ("1,4,16,64" if args.gpu else "1,4,8")).split(",")]
+    if args.model is not None:
+        model = args.model
+    elif args.synthetic:
+        vocab = args.vocab or (args.kit / "ggml-vocab-llama-bpe.gguf" if args.kit else None)
+        if vocab is None:
+            p.error("--synthetic needs --vocab or --kit")
+        model = build_model(args.synthetic, vocab, args.work, env)
+    else:
+        sys.path.insert(0, str(REPO))
+        from quantize.bundled import default_model_path
+
+        model = default_model_path()
+    has_llama_server = shutil.which("llama-server", path=env["PATH"]) is not None
+    servers = args.servers.split(",") if args.servers else ["a", *(["b"] if has_llama_server else []), "c"]
+    device = device_name()
+    print(
+        f"device: {device}\nmodel: {model} ({model.stat().st_size / 2**30:.2f} GiB)\nservers: {servers}, "
+        f"streams: {concurrency}, prompt {args.prompt_tokens} + {args.gen_tokens} generated tokens",
+        flush=True,
+    )
+
+    runs: list[Run] = []
+    # llama-cpp-python's server serializes requests: one instance, up for the whole run, serves every level.
+    # The levels run in turn for all servers (a, b, c at 1 stream, then at 4, ...) so that a host whose speed
+    # drifts (other load, clocks) treats every server alike.
+    shared = start("c", model, max(concurrency), args, env, args.work) if "c" in servers else None
+    try:
+        n_words = calibrate_words(shared, args.prompt_tokens) if shared is not None else None
+        for level in concurrency:
+            for kind in servers:
+                server = shared if kind == "c" else start(kind, model, level, args, env, args.work)
+                assert server is not None
+                try:
+                    if n_words is None:
+                        n_words = calibrate_words(server, args.prompt_tokens)
+                    result = asyncio.run(
+                        load(server, level, args.rounds, n_words, args.gen_tokens, 1000 * level)
+                    )
+                    runs.append(result)
+                    print(
+                        f"  {result.server:17s} streams {level:3d}: {result.tokens_per_s:8.1f} t/s "
+                        f"({result.generated_tokens} tokens in {result.wall_s:.1f} s, prompt "
+                        f"{result.prompt_tokens_mean:.0f} tokens, {result.errors} errors)",
+                        flush=True,
+                    )
+                finally:
+                    if server is not shared:
+                        server.stop()
+    finally:
+        if shared is not None:
+            shared.stop()
+    tg = llama_bench(model, args, env)
+    text = table(runs, tg, concurrency, args.gen_tokens)
+    print("\n" + text)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "model": model.name,
+        "model_bytes": model.stat().st_size,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "rounds": args.rounds,
+        "llama_bench_tg_tokens_per_s": tg,
+        "runs": [asdict(r) for r in runs],
+    }
+    out = args.out / "serving_compare.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    if args.write_doc:
+        doc = REPO / "docs" / "BENCHMARKS.md"
+        doc.parent.mkdir(exist_ok=True)
+        header = "" if doc.exists() else "# Benchmarks\n"
+        with doc.open("a") as fh:
+            fh.write(
+                f"{header}\n## Serving comparison: {device}, {report['date'][:10]}\n\n"
+                f"Model `{model.name}` ({model.stat().st_size / 2**30:.2f} GiB); {args.prompt_tokens}-token "
+                f"prompts, {args.gen_tokens} generated tokens (EOS ignored, greedy), non-streamed; "
+                f"aggregate generated tokens/s over all streams. Command: `python bench/serving_compare.py "
+                f"{' '.join(sys.argv[1:])}`.\n\n{text}\n"
+            )
+        print(f"appended to {doc}")
+
+
+if __name__ == "__main__":
+    main()

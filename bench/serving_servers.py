@@ -1,0 +1,257 @@
+"""Servers for bench/serving_compare.py: the GPU kit environment, the synthetic model, and the three servers
+(edgeserve, llama-server, llama-cpp-python's server) started and stopped as processes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+# llama-cpp-python's server, except that on CPUs reporting AMX llama.cpp's CPU "extra" buffer types are off
+# (as edgeserve's engine does): with them its high-level Llama dies of SIGILL on such hosts.
+LLAMA_CPP_SERVER = """
+import runpy
+import llama_cpp.llama_cpp as lc
+try:
+    amx = any(l.startswith("flags") and "amx_tile" in l.split() for l in open("/proc/cpuinfo"))
+except OSError:
+    amx = False
+if amx:
+    _default = lc.llama_model_default_params
+    def _params():
+        params = _default()
+        params.use_extra_bufts = False
+        return params
+    lc.llama_model_default_params = _params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sh(cmd: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env, check=True, text=True, **kw)
+
+
+# --- environment and model ----------------------------------------------------------------------------------
+
+
+def kit_env(kit: Path | None, wheels: Path | None, work: Path) -> dict[str, str]:
+    """Environment for the servers: with a kit, its CUDA llama.cpp, libraries and wheels (GPU host)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    paths = [str(REPO)]
+    if kit is not None:
+        root = work / "llama.cpp"
+        if not (root / "llama.cpp-cuda-sm90" / "bin" / "llama-server").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            parts = sorted(kit.glob("llama.cpp-cuda-sm90.tar.xz.part*"))
+            cat = subprocess.Popen(["cat", *map(str, parts)], stdout=subprocess.PIPE)
+            subprocess.run(["tar", "xJ", "-C", str(root)], stdin=cat.stdout, check=True)
+            cat.wait()
+        build = root / "llama.cpp-cuda-sm90"
+        site = work / "site"
+        wheel_files = [str(w) for d in (kit, wheels) if d is not None for w in sorted(d.glob("*.whl"))]
+        if wheel_files and not site.exists():
+            sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--target",
+                    str(site),
+                    *wheel_files,
+                ],
+                env,
+            )
+        paths.insert(0, str(site))
+        env["LLAMA_CPP_LIB_PATH"] = str(build / "lib")
+        env["LD_LIBRARY_PATH"] = f"{build / 'lib'}:{env.get('LD_LIBRARY_PATH', '')}"
+        env["PATH"] = f"{build / 'bin'}:{env['PATH']}"
+    env["PYTHONPATH"] = ":".join([*paths, env.get("PYTHONPATH", "")]).rstrip(":")
+    return env
+
+
+def build_model(preset: str, vocab: Path, work: Path, env: dict[str, str]) -> Path:
+    """A synthetic model with real shapes, quantized to Q4_K_M (cached in the work folder)."""
+    out = work / f"{preset}-Q4_K_M.gguf"
+    if out.exists():
+        return out
+    f16 = work / f"{preset}-F16.gguf"
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "quantize.synthetic",
+            str(f16),
+            "--preset",
+            preset,
+            "--vocab-from",
+            str(vocab),
+        ],
+        env,
+        cwd=REPO,
+    )
+    sh(
+        ["llama-quantize", str(f16), str(out), "Q4_K_M", str(os.cpu_count() or 4)],
+        env,
+        stdout=subprocess.DEVNULL,
+    )
+    f16.unlink()
+    return out
+
+
+def device_name() -> str:
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+        if line.startswith("model name"):
+            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} threads)"
+    return "CPU"
+
+
+# --- servers ------------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], port: int, ready: str, log: Path
+    ) -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.log = log
+        print("+", " ".join("<code>" if "\n" in c else c for c in cmd), flush=True)
+        with log.open("w") as fh:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + ready, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{name} not ready in time:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def edgeserve_cmd(env: dict[str, str]) -> list[str]:
+    """`edgeserve serve` as a module; the serve module alone if the full CLI cannot import here."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import server.cli.app"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "server.cli.app", "serve"]
+    print(f"note: full CLI not importable ({probe.stderr.strip().splitlines()[-1:]}); using server.cli.serve")
+    return [sys.executable, "-m", "server.cli.serve"]
+
+
+def start(
+    kind: str, model: Path, c: int, args: argparse.Namespace, env: dict[str, str], work: Path
+) -> Server:
+    port = free_port()
+    n_ctx_seq = args.prompt_tokens + args.gen_tokens + 64
+    log = work / f"{kind}-{c}.log"
+    ngl = "99" if args.gpu else "0"
+    if kind == "a":
+        cmd = [
+            *edgeserve_cmd(env),
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--parallel",
+            str(c),
+            "--ctx",
+            str(c * n_ctx_seq),
+            "--n-gpu-layers",
+            ngl,
+            "--max-queue",
+            "4096",
+            "--log-level",
+            "warning",
+        ]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        return Server("edgeserve", cmd, env, port, "/ready", log)
+    if kind == "b":
+        cmd = [
+            "llama-server",
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-ngl",
+            ngl,
+            "-np",
+            str(c),
+            "-c",
+            str(c * n_ctx_seq),
+        ]
+        if args.threads:
+            cmd += ["-t", str(args.threads)]
+        return Server("llama-server", cmd, env, port, "/health", log)
+    cmd = [
+        sys.executable,
+        "-c",
+        LLAMA_CPP_SERVER,
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_gpu_layers",
+        ngl,
+        "--n_ctx",
+        str(n_ctx_seq),
+        "--verbose",
+        "False",
+    ]
+    if args.gpu:
+        cmd += ["--flash_attn", "True"]
+    if args.threads:
+        cmd += ["--n_threads", str(args.threads)]
+    return Server("llama-cpp-python", cmd, env, port, "/v1/models", log)
