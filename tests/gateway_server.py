@@ -53,13 +53,15 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess with its log in a temporary file; `url` is its base URL."""
 
-    def __init__(self, args: list[str], port: int, ready_path: str = "/ready") -> None:
+    def __init__(
+        self, args: list[str], port: int, ready_path: str = "/ready", env: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         # The log file lives as long as the server, so no context manager.
         self._log = tempfile.NamedTemporaryFile(prefix="edgeserve-test-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self._wait(ready_path)
 
     def log_tail(self, n_chars: int = 4000) -> str:
@@ -92,11 +94,11 @@ class ServerProcess:
             os.unlink(self._log.name)
 
 
-def edgeserve(*args: str) -> ServerProcess:
-    """Start `edgeserve serve ARGS --port <free>` and wait until /ready answers 200."""
+def edgeserve(*args: str, ready_path: str = "/ready", env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `edgeserve serve ARGS --port <free>` and wait until `ready_path` answers 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli.serve", "--port", str(port), "--log-level", "warning", *args]
-    return ServerProcess(cmd, port)
+    return ServerProcess(cmd, port, ready_path=ready_path, env=env)
 
 
 @functools.cache

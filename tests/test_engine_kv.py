@@ -194,7 +194,7 @@ def test_stop_ends_streams_in_flight_and_refuses_new_work(tiny_model: str) -> No
 
 def test_missing_model_fails_to_load(tmp_path) -> None:
     engine = Engine(EngineConfig(model_path=str(tmp_path / "missing.gguf")))
-    with pytest.raises(ModelLoadError, match="missing.gguf"):
+    with pytest.raises(ModelLoadError, match=r"missing\.gguf"):
         engine.start()
     background = Engine(EngineConfig(model_path=str(tmp_path / "missing.gguf")))
     background.start(wait=False)
@@ -218,7 +218,8 @@ def test_shared_prompt_prefix_is_reused_across_slots(tight: Engine, reference) -
     before = tight.stats().prefix_reused_tokens_total
 
     async def together() -> list[Result]:
-        return list(await asyncio.gather(*(collect(tight, p, greedy(8, ignore_eos=True)) for p in prompts[1:])))
+        return list(await asyncio.gather(*(collect(tight, p, greedy(8, ignore_eos=True))
+                                           for p in prompts[1:])))
 
     results = run(together())
     assert [r.tokens for r in results] == expected[1:]

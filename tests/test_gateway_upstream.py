@@ -91,6 +91,49 @@ def test_proxy_maps_upstream_context_errors(proxy: ServerProcess) -> None:
     assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
 
 
+def test_unreachable_upstream_is_503_with_retry_after() -> None:
+    gateway = edgeserve(
+        "--backend", "openai", "--upstream", f"http://127.0.0.1:{free_port()}", ready_path="/health"
+    )
+    try:
+        ready = httpx.get(gateway.url + "/ready")
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        answer = httpx.post(gateway.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["error"]["code"] == "model_not_ready"
+        with pytest.raises(openai.APIStatusError) as info:
+            openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model="m", prompt="hi", max_tokens=2
+            )
+        assert info.value.status_code == 503
+    finally:
+        gateway.stop()
+
+
+def test_request_timeout(upstream: ServerProcess) -> None:
+    """EDGESERVE_REQUEST_TIMEOUT_S bounds a request: 504 before the answer starts, an error event after."""
+    gateway = edgeserve(
+        "--backend", "openai", "--upstream", upstream.url, env={"EDGESERVE_REQUEST_TIMEOUT_S": "1"}
+    )
+    body = {"prompt": "Tell a long story.", "max_tokens": 1000, "ignore_eos": True}
+    try:
+        late = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        with httpx.stream(
+            "POST", gateway.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"code":"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+    finally:
+        gateway.stop()
+    # The abandoned generations were cancelled on the upstream as well.
+    deadline = time.monotonic() + 30
+    while metric_values(upstream.url).get("edgeserve_engine_running_sequences") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 async def _hold_stream(url: str, started: asyncio.Event) -> None:
     body = {"prompt": "Tell a long story.", "max_tokens": 1000, "stream": True, "ignore_eos": True}
     async with (

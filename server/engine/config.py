@@ -41,7 +41,7 @@ class EngineConfig:
     """
 
     model_path: str
-    n_ctx: int = 4096
+    n_ctx: int = 8192
     n_parallel: int = 4
     n_batch: int = 512
     n_ubatch: int = 512

@@ -21,7 +21,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from server.engine.chat_template import ChatTemplate
+from server.engine.chat_template import ChatTemplate, ChatTemplateError
 from server.engine.config import EngineConfig, EngineStats
 from server.engine.errors import (
     EmptyPromptError,
@@ -89,18 +89,17 @@ class Engine:
         return self._ready.is_set()
 
     def _main(self) -> None:
+        runtime: LlamaRuntime | None = None
         try:
             runtime = LlamaRuntime(self.config)
-            self._template = ChatTemplate(
-                runtime.chat_template(),
-                bos_token=runtime.token_text(runtime.bos),
-                eos_token=runtime.token_text(runtime.eos),
-            )
-            self._runtime = runtime
+            self._template = self._load_template(runtime)
             self._loop = DecodeLoop(runtime, self.config, self._on_step)
+            self._runtime = runtime
         except BaseException as exc:
             self.load_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
             log.error("model load failed: %s", exc)
+            if runtime is not None:
+                runtime.close()
             self._done_loading.set()
             return
         self._ready.set()
@@ -111,6 +110,15 @@ class Engine:
             self._loop.run()
         finally:
             self._ready.clear()
+
+    @staticmethod
+    def _load_template(runtime: LlamaRuntime) -> ChatTemplate:
+        bos, eos = runtime.token_text(runtime.bos), runtime.token_text(runtime.eos)
+        try:
+            return ChatTemplate(runtime.chat_template(), bos_token=bos, eos_token=eos)
+        except ChatTemplateError as exc:
+            log.warning("%s; using ChatML instead", exc)
+            return ChatTemplate(None, bos_token=bos, eos_token=eos)
 
     def stop(self) -> None:
         """Stop the decode thread (in-flight requests end with EngineStoppedError) and free llama.cpp."""
@@ -144,7 +152,11 @@ class Engine:
         if self._runtime is None or not self._ready.is_set():
             if self.load_error is not None:
                 raise EngineNotReadyError(f"the model failed to load: {self.load_error}")
-            raise EngineNotReadyError("the model is not loaded yet")
+            if self._thread is None:
+                raise EngineNotReadyError("the engine is not running")
+            if not self._done_loading.is_set():
+                raise EngineNotReadyError("the model is still loading")
+            raise EngineNotReadyError("the engine has stopped")
         return self._runtime
 
     # --- model facts ----------------------------------------------------------------------------------------

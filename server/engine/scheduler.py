@@ -261,19 +261,22 @@ class Scheduler:
                                       [s.slot for s in decoders])
             work.extend(Work(s, 1, first + i) for i, s in enumerate(decoders))
         budget = self.n_batch - len(decoders)
-        free = self.kv_free() - len(decoders)
+        planned = len(decoders)
+        free = self.kv_free() - planned
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.n_pending > 1:
-                if free < min(seq.n_pending, budget) and self.unified:
-                    self.evict_idle(len(decoders) + min(seq.n_pending, budget))
-                    free = self.kv_free() - sum(w.n for w in work)
-                n = min(seq.n_pending, budget, free)
+                want = min(seq.n_pending, budget)
+                if free < want and self.unified:
+                    self.evict_idle(planned + want)
+                    free = self.kv_free() - planned
+                n = min(want, free)
                 if n > 0:
                     work.append(self._add_chunk(batch, seq, n))
                     budget -= n
                     free -= n
+                    planned += n
         while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.is_cancelled:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,15 @@ from server.engine.types import FinishReason, StreamEvent
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[int, int], None]
+
+# Sampler chains run in C without the GIL, so with this many chain-sampled outputs in a step they are spread
+# over a thread pool: at 64 streams and a 128k vocabulary the chains cost more than the step itself.
+PARALLEL_SAMPLING_MIN = 4
+SAMPLING_THREADS_MAX = 8
+
+
+def _sample_chunk(ctx: int, items: list[tuple[Sampler, int]]) -> list[int]:
+    return [sampler.sample(ctx, idx) for sampler, idx in items]
 
 
 class DecodeLoop:
@@ -48,6 +59,10 @@ class DecodeLoop:
         self._eog_ids = np.array(self._eog, dtype=np.int64)
         self._outbox: list[Item] = []
         self._pump = EventPump(self.cancel)
+        n_sampling = min(SAMPLING_THREADS_MAX, os.cpu_count() or 1)
+        self._sampling_pool = (ThreadPoolExecutor(n_sampling, thread_name_prefix="edgeserve-sampling")
+                               if n_sampling > 1 else None)
+        self._n_sampling = n_sampling
         # counters, read by stats() from other threads (plain ints: a torn read is impossible under the GIL)
         self.steps = 0
         self.step_tokens_total = 0
@@ -125,14 +140,15 @@ class DecodeLoop:
         if seq.is_finished:
             return
         seq.is_finished = True
-        self.sched.drop(seq, keep_cache=not cancelled)
-        if seq.sampler is not None:
-            seq.sampler.free()
-            seq.sampler = None
+        # counted before the scheduler lets go: whoever sees `running` drop sees the count too
         if cancelled:
             self.cancelled_total += 1
         else:
             self.finished_total += 1
+        self.sched.drop(seq, keep_cache=not cancelled)
+        if seq.sampler is not None:
+            seq.sampler.free()
+            seq.sampler = None
 
     def _step(self) -> None:
         work = self.sched.plan(self.batch)
@@ -158,27 +174,48 @@ class DecodeLoop:
         self.last_step_seqs = len(work)
         self.max_step_tokens = max(self.max_step_tokens, n_tokens)
         self.max_step_seqs = max(self.max_step_seqs, len(work))
+        outputs = [w for w in work if w.out_idx >= 0 and not w.seq.is_finished]
+        chained = self._sample_chains(outputs)
         rt = self.rt
-        for w in work:
+        for w in outputs:
             seq = w.seq
-            if w.out_idx < 0 or seq.is_finished:
-                continue
-            sampler = seq.sampler
-            assert sampler is not None
             row = None
-            if sampler.is_argmax:
+            token = chained.get(w.out_idx)
+            if token is None:
                 row = rt.logits(w.out_idx)
                 if seq.params.ignore_eos and self._eog_ids.size:
                     row[self._eog_ids] = -np.inf
                 token = int(row.argmax())
-            else:
-                token = sampler.sample(rt.ctx, w.out_idx)
             self._on_token(seq, token, w.out_idx, row)
         if self.on_step is not None:
             try:
                 self.on_step(n_tokens, len(work))
             except Exception:
                 log.exception("on_step observer failed")
+
+    def _sample_chains(self, outputs: list[Work]) -> dict[int, int]:
+        """Tokens of the outputs whose sequences sample with a llama.cpp chain, by batch index."""
+        items = []
+        for w in outputs:
+            sampler = w.seq.sampler
+            assert sampler is not None
+            if not sampler.is_argmax:
+                items.append((sampler, w.out_idx))
+        if not items:
+            return {}
+        ctx = self.rt.ctx
+        if self._sampling_pool is None or len(items) < PARALLEL_SAMPLING_MIN:
+            return {idx: sampler.sample(ctx, idx) for sampler, idx in items}
+        for _, idx in items:
+            # Settle the logits here (sync, reorder, copy to host) so the workers' look-ups only read them.
+            self.rt.logits(idx)
+        n = min(self._n_sampling, len(items))
+        chunks = [items[i::n] for i in range(n)]
+        futures = [self._sampling_pool.submit(_sample_chunk, ctx, chunk) for chunk in chunks]
+        tokens: dict[int, int] = {}
+        for chunk, future in zip(chunks, futures, strict=True):
+            tokens.update(zip((idx for _, idx in chunk), future.result(), strict=True))
+        return tokens
 
     def _on_token(self, seq: Sequence, token: int, out_idx: int, row: np.ndarray | None) -> None:
         seq.tokens.append(token)
@@ -242,3 +279,5 @@ class DecodeLoop:
             self._drop(seq, cancelled=True)
         self._flush()
         self._pump.stop()
+        if self._sampling_pool is not None:
+            self._sampling_pool.shutdown(wait=True)

@@ -64,7 +64,8 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
+        # list() copies the deque in one step under the GIL: /metrics reads this from a worker thread.
+        return sum(1 for w in list(self._waiters) if not w.done())
 
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(self._in_flight, self.waiting, self.limit, self.max_queue)

@@ -65,7 +65,9 @@ async def _events(running: RunningJob, formatter: Formatter,
         yield sse(error_body(message, "timeout_error", None, "timeout"))
         yield DONE
     finally:
-        await running.close(completed=completed)
+        # Shielded: when the client is gone Starlette cancels this task's scope, and every await in here would
+        # be cancelled again before the backend stream (and its sequence) was closed.
+        await asyncio.shield(running.close(completed=completed))
 
 
 class JobStreamingResponse(StreamingResponse):

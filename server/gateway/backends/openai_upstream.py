@@ -152,8 +152,9 @@ class OpenAIUpstreamBackend:
             request = self._client.build_request("POST", path, json=body)
             try:
                 return await self._client.send(request, stream=True)
-            except httpx.RemoteProtocolError:
-                # A pooled keep-alive connection the server had already closed: the request never got there.
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                # A pooled keep-alive connection the server had already closed (llama-cpp-python's server
+                # drops it after a failed stream): no answer came back, so sending once more is safe.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -188,5 +189,5 @@ class OpenAIUpstreamBackend:
         except httpx.TimeoutException as exc:
             raise BackendUnavailableError(f"upstream {self.base_url} timed out: {exc}") from exc
         except httpx.HTTPError as exc:
-            raise BackendError(f"upstream {self.base_url} failed: {exc}", status_code=502,
+            raise BackendError(f"upstream {self.base_url} failed: {exc!r}", status_code=502,
                                code="upstream_error") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,4 +16,6 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
     """Request, latency, token, queue, engine and (with a GPU) device figures."""
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    # GPU gauges are read from NVML at scrape time (milliseconds per device): not on the event loop.
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
