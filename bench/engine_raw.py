@@ -20,9 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# isort: off
+import server  # noqa: F401  (loads llama.cpp before numpy; see server/__init__.py)
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# isort: on
 
 from server.engine.batch import TokenBatch
 from server.engine.engine import Engine, EngineConfig

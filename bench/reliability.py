@@ -96,7 +96,8 @@ def is_ok(r: dict[str, Any]) -> bool:
         r["finish"][0] != "length" or r["usage"]["completion_tokens"] == MAX_TOKENS)
 
 
-def kill_scenario(gateway: ServerProcess, primary: ServerProcess, streams: int) -> dict[str, Any]:
+def kill_scenario(gateway: ServerProcess, primary: ServerProcess, streams: int,
+                  client_timeout_s: float) -> dict[str, Any]:
     marks: list[list[float]] = [[] for _ in range(streams)]
     results: list[dict[str, Any]] = [{} for _ in range(streams)]
     killed: list[float] = []
@@ -109,9 +110,10 @@ def kill_scenario(gateway: ServerProcess, primary: ServerProcess, streams: int) 
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=streams + 4)
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=300, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=client_timeout_s, limits=limits) as client:
             await asyncio.wait_for(asyncio.gather(killer(), *(stream_one(client, i, marks, results)
-                                                              for i in range(streams))), 600)
+                                                              for i in range(streams))),
+                                   client_timeout_s + 60)
 
     before = metrics(gateway)
     asyncio.run(run())
@@ -239,7 +241,7 @@ def cpu_run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("servers did not start; see " + str(work))
         while metric_value(metrics(gateway), "edgeserve_chain_backend_available", backend="primary") != 1:
             time.sleep(0.2)
-        report["kill"] = kill_scenario(gateway, primary, args.streams)
+        report["kill"] = kill_scenario(gateway, primary, args.streams, args.client_timeout_s)
         report["return"] = return_scenario(gateway, primary_with, health)
         primaries[-1].kill9()
         # Out of memory at start: always llama-cpp-python's server, whose huge KV allocation fails cleanly.
@@ -286,6 +288,7 @@ def main() -> None:
                         help="the primary process: llama-cpp-python's server (one request at a time) or "
                         "`edgeserve serve` (continuous batching: every stream is mid-way at the kill)")
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--client-timeout-s", type=float, default=900.0, help="each client's read timeout")
     parser.add_argument("--burst-factor", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgeserve-reliability"))
     parser.add_argument("--json", type=Path, default=None)

@@ -117,11 +117,11 @@ class _Progress:
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000.0
 
-    def window_tokens(self, finished: float) -> int:
-        """Tokens generated before the window closed (all of them when the request finished inside it)."""
+    def window_tokens(self, finished: float) -> int | None:
+        """Tokens generated before the window closed; None when the request finished inside it."""
         end = _window.get("end")
         if end is None or finished <= end:
-            return self.tokens
+            return None
         if WORKLOAD.stream:
             return self.window_chunks
         # Non-streaming: no arrival times; assume tokens came at an even pace over the request.

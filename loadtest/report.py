@@ -68,7 +68,8 @@ def describe_run(workload: Workload, users: int, duration_s: int, constraint: Co
             f"{workload.max_tokens}{eos}. Constraint: {latency}, error rate <= "
             f"{constraint.max_error_rate:.1%}. tokens/s is the aggregate generation rate over the run; "
             "stream tokens/s is what one client sees after its first token; host load is the 1-minute load "
-            "average before the setting's server started (above 0 means other work shared the cores).")
+            "average when the setting's server started (it still carries the previous setting's run for "
+            "about a minute; far above the number of cores means other work competed).")
 
 
 def plot(trials: Sequence[Trial], choice: Choice, constraint: Constraint, path: Path, title: str) -> Path:

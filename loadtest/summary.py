@@ -43,6 +43,7 @@ class LoadSummary(BaseModel):
     requests_ok: int = Field(default=0, ge=0)
     requests_failed: int = Field(default=0, ge=0)
     requests_cut: int = Field(default=0, ge=0, description="still running when the run ended")
+    requests_in_window: int = Field(default=0, ge=0, description="successes finished inside the window")
     errors: dict[str, int] = Field(default_factory=dict, description="failure message -> count")
     ttft_ms: tuple[float, ...] = ()
     e2e_ms: tuple[float, ...] = ()
@@ -81,7 +82,8 @@ class LoadSummary(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def requests_per_s(self) -> float:
-        return self.requests_ok / self.duration_s if self.duration_s > 0 else 0.0
+        """Successful requests finished per second inside the window (draining ones left out)."""
+        return self.requests_in_window / self.duration_s if self.duration_s > 0 else 0.0
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -123,6 +125,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.ok = 0
+        self.ok_in_window = 0
         self.failed = 0
         self.cut = 0
         self.errors: dict[str, int] = {}
@@ -134,11 +137,15 @@ class Recorder:
 
     def success(self, *, ttft_ms: float | None, e2e_ms: float, completion_tokens: int,
                 window_tokens: int | None = None) -> None:
-        """A finished request; `window_tokens` (default: all of them) were generated inside the window."""
+        """A finished request. `window_tokens` were generated inside the window; None: it finished there."""
         self.ok += 1
         self.e2e_ms.append(e2e_ms)
         self.completion_tokens += completion_tokens
-        self.window_tokens += completion_tokens if window_tokens is None else window_tokens
+        if window_tokens is None:
+            self.ok_in_window += 1
+            self.window_tokens += completion_tokens
+        else:
+            self.window_tokens += window_tokens
         if ttft_ms is not None:
             self.ttft_ms.append(ttft_ms)
             decode_s = (e2e_ms - ttft_ms) / 1000.0
@@ -161,7 +168,8 @@ class Recorder:
     def summary(self, *, users: int, duration_s: float) -> LoadSummary:
         return LoadSummary(
             users=users, duration_s=duration_s, requests_ok=self.ok, requests_failed=self.failed,
-            requests_cut=self.cut, errors=dict(self.errors), ttft_ms=tuple(self.ttft_ms),
-            e2e_ms=tuple(self.e2e_ms), decode_tokens_per_s=tuple(self.decode_tps),
-            completion_tokens=self.completion_tokens, window_tokens=self.window_tokens,
+            requests_cut=self.cut, requests_in_window=self.ok_in_window, errors=dict(self.errors),
+            ttft_ms=tuple(self.ttft_ms), e2e_ms=tuple(self.e2e_ms),
+            decode_tokens_per_s=tuple(self.decode_tps), completion_tokens=self.completion_tokens,
+            window_tokens=self.window_tokens,
         )

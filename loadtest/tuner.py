@@ -135,6 +135,8 @@ def run_command(
     server_cmd: Annotated[str | None, typer.Option(
         help="server command template with {host} {port} {parallel} {ctx} {model} {python}; default: "
              "edgeserve serve")] = None,
+    server_args: Annotated[str, typer.Option(
+        help="more arguments for every server start, e.g. \"--threads 1\" or \"--n-gpu-layers 20\"")] = "",
     ready_path: Annotated[str, typer.Option(help="answers 200 once the server is ready")] = "/ready",
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness", min=1)] = 300.0,
     stream: Annotated[bool, typer.Option(help="stream responses (needed for TTFT)")] = True,
@@ -158,7 +160,8 @@ def run_command(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     try:
         settings = expand_grid(parse_int_list(parallel, "--parallel"), parse_int_list(ctx, "--ctx"))
-        template = tuple(shlex.split(server_cmd)) if server_cmd else DEFAULT_SERVER_TEMPLATE
+        template = (tuple(shlex.split(server_cmd)) if server_cmd else DEFAULT_SERVER_TEMPLATE) + tuple(
+            shlex.split(server_args))
         out_dir = out or Path("loadtest-results") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
         workload = Workload(prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
                             ignore_eos=ignore_eos, model=served_model, api_key=api_key)

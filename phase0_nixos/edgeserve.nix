@@ -11,8 +11,9 @@
 #   * hardware.nvidia.open: Pascal cards (Tesla P4) need the proprietary module (false); Turing and later may use
 #     the open one; Blackwell (RTX 5090) requires it (true). Pascal is not supported by driver branches after 580:
 #     pin a driver package from that branch or older for a P4.
-#   * hardware.nvidia.nvidiaPersistenced = true keeps the driver initialised between processes (no multi-second
-#     start-up per CUDA process, stable clocks reporting). The service below orders itself after the daemon.
+#   * nvidia-persistenced keeps the driver initialised between processes (no multi-second start-up per CUDA
+#     process). services.edgeserve.nvidiaPersistenced (default true) turns on hardware.nvidia.nvidiaPersistenced
+#     and orders the service after the daemon; set it to false on a CPU-only host.
 #   * A venv built with pip (phase1_foundation/setup_env.sh) links against libcuda from the driver, which NixOS
 #     keeps in /run/opengl-driver/lib: the service puts it on LD_LIBRARY_PATH.
 { config, lib, pkgs, ... }:
@@ -32,7 +33,6 @@ let
     ++ optionals (cfg.parallel != null) [ "--parallel" (toString cfg.parallel) ]
     ++ cfg.extraArgs;
 
-  persistenced = config.hardware.nvidia.nvidiaPersistenced or false;
 in
 {
   options.services.edgeserve = {
@@ -120,6 +120,15 @@ in
       description = "systemd EnvironmentFile with secrets (kept out of the Nix store).";
     };
 
+    nvidiaPersistenced = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Keep the NVIDIA driver initialised with nvidia-persistenced (sets hardware.nvidia.nvidiaPersistenced by
+        default) and start after it. false on hosts without an NVIDIA GPU.
+      '';
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -140,8 +149,8 @@ in
     systemd.services.edgeserve = {
       description = "edgeserve LLM server";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ] ++ optional persistenced "nvidia-persistenced.service";
-      wants = optional persistenced "nvidia-persistenced.service";
+      after = [ "network.target" ] ++ optional cfg.nvidiaPersistenced "nvidia-persistenced.service";
+      wants = optional cfg.nvidiaPersistenced "nvidia-persistenced.service";
       environment = {
         HOME = "/var/lib/edgeserve";
         XDG_CACHE_HOME = "/var/cache/edgeserve";
@@ -198,6 +207,8 @@ in
         SystemCallFilter = [ "@system-service" "@resources" "~@privileged" ];
       };
     };
+
+    hardware.nvidia.nvidiaPersistenced = mkIf cfg.nvidiaPersistenced (lib.mkDefault true);
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
   };

@@ -27,6 +27,8 @@ from loadtest.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "loadtest-key"
+# One engine thread: llama.cpp's threads wait for each other at every layer, slow on a busy CI machine.
+THREADS = "1"
 PROMPT_TOKENS = 16
 MAX_TOKENS = 8
 
@@ -37,7 +39,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     serve = render_command(DEFAULT_SERVER_TEMPLATE, Setting(parallel=2, ctx=1024), host="127.0.0.1",
                            port=port, model=None)
-    argv = [*serve, "--api-key", API_KEY]
+    argv = [*serve, "--api-key", API_KEY, "--threads", THREADS]
     log_path = tmp_path_factory.mktemp("gateway") / "server.log"
     with running_server(argv, log_path) as proc:
         base_url = f"http://127.0.0.1:{port}"
@@ -92,7 +94,8 @@ def test_batch_test_sweeps_parallel_and_reports(tmp_path: Path) -> None:
     proc = subprocess.run(
         [str(ROOT / "phase1_foundation" / "batch_test.sh"), "--parallel", "1,2", "--ctx", "1024",
          "--duration", "4", "--prompt-tokens", str(PROMPT_TOKENS),
-         "--max-tokens", str(MAX_TOKENS), "--out", str(out), "--report", str(report)],
+         "--max-tokens", str(MAX_TOKENS), "--server-args", f"--threads {THREADS}",
+         "--out", str(out), "--report", str(report)],
         capture_output=True, text=True, env=env, timeout=400, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -106,7 +109,8 @@ def test_batch_test_sweeps_parallel_and_reports(tmp_path: Path) -> None:
         trial_dir = out / f"p{trial.setting.parallel}_c1024"
         assert (trial_dir / "locust_stats.csv").is_file()
         assert "edgeserve_requests_total" in (trial_dir / "metrics.prom").read_text()
-        assert "--parallel" in (trial_dir / "server_command.txt").read_text()
+        command = (trial_dir / "server_command.txt").read_text()
+        assert f"--parallel {trial.setting.parallel}" in command and f"--threads {THREADS}" in command
     assert result.choice.best is not None
     text = report.read_text()
     assert "| parallel | ctx |" in text and "**chosen**" in text

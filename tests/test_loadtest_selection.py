@@ -19,7 +19,8 @@ from loadtest.workload import ENV_PREFIX, Workload, chat_body, make_prompt
 def _summary(tokens_per_s: float, ttft_ms: list[float], *, ok: int = 20, failed: int = 0) -> LoadSummary:
     duration_s = 10.0
     tokens = int(tokens_per_s * duration_s)
-    return LoadSummary(users=4, duration_s=duration_s, requests_ok=ok, requests_failed=failed,
+    return LoadSummary(users=4, duration_s=duration_s, requests_ok=ok, requests_in_window=ok,
+                       requests_failed=failed,
                        ttft_ms=tuple(ttft_ms), e2e_ms=tuple(t + 500 for t in ttft_ms),
                        completion_tokens=tokens, window_tokens=tokens)
 
@@ -59,7 +60,8 @@ def test_recorder_summary_figures_and_json_round_trip(tmp_path: Path) -> None:
     assert summary.completion_tokens == 32
     # Throughput counts what was generated inside the window only.
     assert summary.tokens_per_s == pytest.approx((11 + 5 + 8) / 4.0)
-    assert summary.requests_per_s == pytest.approx(0.5)
+    assert summary.requests_in_window == 1
+    assert summary.requests_per_s == pytest.approx(0.25)  # the draining request finished outside
     assert summary.ttft_p50_ms == pytest.approx(200.0)
     assert summary.decode_tokens_per_s_p50 == pytest.approx(10.0)
 

@@ -43,7 +43,7 @@ def _option_names(text: str) -> set[str]:
 def test_module_declares_the_service_options() -> None:
     names = _option_names(MODULE.read_text())
     assert {"enable", "package", "venv", "model", "host", "port", "backend", "card", "ctx", "parallel",
-            "extraArgs", "openFirewall", "environment", "environmentFile"} <= names
+            "extraArgs", "openFirewall", "environment", "environmentFile", "nvidiaPersistenced"} <= names
 
 
 def test_module_backend_choices_match_the_launcher() -> None:
@@ -54,7 +54,7 @@ def test_module_backend_choices_match_the_launcher() -> None:
 
 
 def _launch_flags(text: str) -> list[str]:
-    block = text[text.index("launchArgs ="):text.index("persistenced =")]
+    block = text[text.index("launchArgs ="):text.index("\nin\n")]
     return re.findall(r'"(--[a-z][a-z-]*)"', block)
 
 

@@ -36,8 +36,8 @@ class EngineConfig:
     `n_batch` is the token budget of one engine step (one token per running sequence plus prefill chunks).
     `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of requests that carry none
     (None: random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster kernels (AMX among them);
-    None turns it off only where the CPU reports AMX, because some virtual machines advertise AMX tiles they
-    cannot run (batched decode then dies with an illegal instruction).
+    None turns it off only where the CPU lists AMX and llama.cpp was built with AMX kernels: some virtual
+    machines list AMX tiles they cannot run (batched decode then dies with an illegal instruction).
     """
 
     model_path: str

@@ -36,6 +36,17 @@ def _init_backend(verbose: bool) -> None:
             _backend_ready = True
 
 
+def build_has_amx() -> bool:
+    """Whether the loaded llama.cpp CPU backend was compiled with AMX kernels (True when it cannot tell)."""
+    try:
+        lib = ctypes.CDLL(str(Path(lc._base_path) / "libggml-cpu.so"))
+        probe = lib.ggml_cpu_has_amx_int8
+    except (OSError, AttributeError):
+        return True
+    probe.restype = ctypes.c_int
+    return bool(probe())
+
+
 def cpu_reports_amx() -> bool:
     """True when /proc/cpuinfo lists AMX tiles (which llama.cpp's CPU extra buffers would use)."""
     try:
@@ -60,7 +71,9 @@ class LlamaRuntime:
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         extra = config.cpu_extra_bufts
-        mparams.use_extra_bufts = (not cpu_reports_amx()) if extra is None else extra
+        if extra is None:
+            extra = not (cpu_reports_amx() and build_has_amx())
+        mparams.use_extra_bufts = extra
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path}")
