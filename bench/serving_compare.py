@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -38,18 +39,57 @@ WORDS = _WORDS.split()
 
 
 @dataclass
+class Sample:
+    """One streamed request: when its first and last content chunks came, and how many tokens it generated."""
+
+    stream: int
+    round: int
+    prompt_tokens: int | None  # from the usage chunk; None where the server sends none when streaming
+    generated_tokens: int
+    is_usage_counted: bool  # tokens from the usage chunk, else one per content chunk
+    ttft_s: float
+    decode_s: float  # first to last content chunk
+    decode_tokens_per_s: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.generated_tokens - 1
+        self.decode_tokens_per_s = n / self.decode_s if n > 0 and self.decode_s > 0 else None
+
+
+@dataclass
 class Run:
     server: str
     concurrency: int
     requests: int
     generated_tokens: int
-    prompt_tokens_mean: float
+    prompt_tokens_mean: float | None
     wall_s: float
     errors: int
+    samples: list[Sample]
     tokens_per_s: float = field(init=False)
+    ttft_p50_s: float | None = field(init=False)
+    ttft_p90_s: float | None = field(init=False)
+    decode_tokens_per_s: float | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens_per_s = self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        ttfts = [s.ttft_s for s in self.samples]
+        self.ttft_p50_s = _quantile(ttfts, 0.5)
+        self.ttft_p90_s = _quantile(ttfts, 0.9)
+        # Steady-state generation speed: each stream's mean decode rate over its rounds, summed over streams.
+        per_stream: dict[int, list[float]] = {}
+        for s in self.samples:
+            if s.decode_tokens_per_s is not None:
+                per_stream.setdefault(s.stream, []).append(s.decode_tokens_per_s)
+        rates = [statistics.fmean(v) for v in per_stream.values()]
+        self.decode_tokens_per_s = sum(rates) if rates else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -60,19 +100,53 @@ def make_prompt(i: int, n_words: int) -> str:
     return f"Request {i:06d}:" + "".join(" " + rng.choice(WORDS) for _ in range(n_words))
 
 
-async def _request(client: httpx.AsyncClient, url: str, prompt: str, gen: int) -> tuple[int, int]:
+async def _request(
+    client: httpx.AsyncClient, url: str, prompt: str, gen: int, stream: int = 0, rnd: int = 0
+) -> Sample:
+    """One streamed completion. Tokens come from the usage chunk where the server sends one (edgeserve, on
+    request; llama-server), else one per non-empty content chunk (llama-cpp-python sends one per token)."""
     body = {
         "prompt": prompt,
         "max_tokens": gen,
         "temperature": 0,
         "ignore_eos": True,
         "min_tokens": gen,
-        "stream": False,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    response = await client.post(url + "/v1/completions", json=body)
-    response.raise_for_status()
-    usage = response.json()["usage"]
-    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    chunks = 0
+    usage: dict[str, Any] | None = None
+    t_first = t_last = 0.0
+    t0 = time.perf_counter()
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, SSE comments (pings)
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            payload = json.loads(data)
+            if "error" in payload:
+                raise ValueError(f"error in stream: {payload['error']}")
+            if payload.get("usage"):
+                usage = payload["usage"]
+            if any(c.get("text") for c in payload.get("choices") or ()):
+                t_last = time.perf_counter()
+                if chunks == 0:
+                    t_first = t_last
+                chunks += 1
+    if chunks == 0:
+        raise ValueError("no content chunk in the stream")
+    return Sample(
+        stream,
+        rnd,
+        int(usage["prompt_tokens"]) if usage else None,
+        int(usage["completion_tokens"]) if usage else chunks,
+        usage is not None,
+        t_first - t0,
+        t_last - t_first,
+    )
 
 
 async def load(server: Server, c: int, rounds: int, n_words: int, gen: int, seed: int) -> Run:
@@ -80,13 +154,12 @@ async def load(server: Server, c: int, rounds: int, n_words: int, gen: int, seed
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         await _request(client, server.url, make_prompt(seed - 1, n_words), 8)  # warm-up
 
-        async def stream(k: int) -> list[tuple[int, int] | BaseException]:
-            out: list[tuple[int, int] | BaseException] = []
+        async def stream(k: int) -> list[Sample | BaseException]:
+            out: list[Sample | BaseException] = []
             for r in range(rounds):
+                prompt = make_prompt(seed + k * rounds + r, n_words)
                 try:
-                    out.append(
-                        await _request(client, server.url, make_prompt(seed + k * rounds + r, n_words), gen)
-                    )
+                    out.append(await _request(client, server.url, prompt, gen, k, r))
                 except (httpx.HTTPError, KeyError, ValueError) as exc:
                     out.append(exc)
             return out
@@ -94,18 +167,32 @@ async def load(server: Server, c: int, rounds: int, n_words: int, gen: int, seed
         t0 = time.perf_counter()
         results = [x for per in await asyncio.gather(*(stream(k) for k in range(c))) for x in per]
         wall = time.perf_counter() - t0
-    ok = [r for r in results if isinstance(r, tuple)]
+    ok = [r for r in results if isinstance(r, Sample)]
     for err in results:
-        if not isinstance(err, tuple):
+        if not isinstance(err, Sample):
             print(f"  {server.name}: request failed: {err!r}")
+    prompts = [s.prompt_tokens for s in ok if s.prompt_tokens is not None]
     return Run(
         server.name,
         c,
         len(results),
-        sum(g for _, g in ok),
-        sum(p for p, _ in ok) / len(ok) if ok else 0.0,
+        sum(s.generated_tokens for s in ok),
+        sum(prompts) / len(prompts) if prompts else None,
         wall,
         len(results) - len(ok),
+        ok,
+    )
+
+
+def summary(run: Run) -> str:
+    def num(v: float | None, scale: float = 1.0) -> str:
+        return f"{v * scale:.1f}" if v is not None else "?"
+
+    return (
+        f"{run.server:17s} streams {run.concurrency:3d}: {run.tokens_per_s:8.1f} t/s, decode "
+        f"{num(run.decode_tokens_per_s)} t/s, TTFT p50 {num(run.ttft_p50_s, 1000)} ms "
+        f"({run.generated_tokens} tokens in {run.wall_s:.1f} s, prompt {num(run.prompt_tokens_mean)} tokens, "
+        f"{run.errors} errors)"
     )
 
 
@@ -154,40 +241,71 @@ def llama_bench(model: Path, args: argparse.Namespace, env: dict[str, str]) -> f
 
 
 def section(report: dict[str, Any]) -> str:
-    """The markdown section for docs/BENCHMARKS.md: setup, table with ratios, llama-bench line."""
-    by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in report["runs"]}
+    """The markdown section for docs/BENCHMARKS.md: setup, table with ratios, llama-bench line.
+
+    Reads reports of earlier (non-streamed) runs too: their decode and TTFT cells stay empty."""
+    runs = {(r["server"], r["concurrency"]): r for r in report["runs"]}
     levels = sorted({r["concurrency"] for r in report["runs"]})
     tg, gen = report["llama_bench_tg_tokens_per_s"], report["gen_tokens"]
+    is_streamed = bool(report.get("streamed"))
+    names = ("edgeserve", "llama-server", "llama-cpp-python")
+
+    def get(name: str, c: int, key: str) -> float | None:
+        value = runs.get((name, c), {}).get(key)
+        return float(value) if value is not None else None
 
     def cell(v: float | None) -> str:
         return f"{v:.0f}" if v else "—"
 
+    def ms(v: float | None) -> str:
+        return f"{v * 1000:.0f}" if v is not None else "—"
+
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}" if a and b else "—"
 
+    how = (
+        "streamed (SSE); per request TTFT = time to the first content chunk and decode rate = (generated "
+        "tokens − 1) / (last − first content chunk). *t/s* = generated tokens of all requests / wall time "
+        "(prefill included: what clients get in all); *decode t/s* = the sum over the concurrent streams of "
+        "their decode rates (steady-state generation speed, comparable with llama-bench tg); *TTFT p50* "
+        "over all requests, ms"
+        if is_streamed
+        else "non-streamed; aggregate generated tokens/s over all streams (prefill included)"
+    )
     lines = [
         f"## Serving comparison: {report['device']}, {report['date'][:10]}",
         "",
         f"Model `{report['model']}` ({report['model_bytes'] / 2**30:.2f} GiB); "
         f"{report['prompt_tokens']}-token prompts (distinct per request), {gen} generated tokens per request "
-        f"(EOS ignored, greedy), non-streamed, {report['rounds']} request(s) per stream; aggregate generated "
-        f"tokens/s over all streams. (a) `edgeserve serve` (embedded engine, --parallel = streams), "
+        f"(EOS ignored, greedy), {report['rounds']} request(s) per stream back to back; {how}. "
+        f"(a) `edgeserve serve` (embedded engine, --parallel = streams), "
         f"(b) llama-server -np = streams, (c) llama-cpp-python's server (one for all levels). "
         f"Command: `{report['command']}`.",
         "",
-        "| streams | (a) edgeserve t/s | (b) llama-server t/s | (c) llama-cpp-python t/s | (a)/(b) "
-        "| (a)/(c) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| streams | (a) edgeserve t/s | (b) llama-server t/s | (c) llama-cpp-python t/s | (a)/(b) | (a)/(c) "
+        "| (a) decode t/s | (b) decode t/s | (c) decode t/s "
+        "| (a) TTFT p50 ms | (b) TTFT p50 ms | (c) TTFT p50 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in levels:
-        a, b, cc = by.get(("edgeserve", c)), by.get(("llama-server", c)), by.get(("llama-cpp-python", c))
-        lines.append(f"| {c} | {cell(a)} | {cell(b)} | {cell(cc)} | {ratio(a, b)} | {ratio(a, cc)} |")
-    lines += [
-        "",
-        f"llama-bench tg{gen}: {cell(tg)} t/s; (a) at 1 stream / tg{gen} = "
-        f"{ratio(by.get(('edgeserve', 1)), tg)}",
-        "",
-    ]
+        a, b, cc = (get(n, c, "tokens_per_s") for n in names)
+        decode = " | ".join(cell(get(n, c, "decode_tokens_per_s")) for n in names)
+        ttft = " | ".join(ms(get(n, c, "ttft_p50_s")) for n in names)
+        lines.append(f"| {c} | {cell(a)} | {cell(b)} | {cell(cc)} | {ratio(a, b)} | {ratio(a, cc)} "
+                     f"| {decode} | {ttft} |")
+    lines.append("")
+    if is_streamed:
+        a1, b1 = get("edgeserve", 1, "decode_tokens_per_s"), get("llama-server", 1, "decode_tokens_per_s")
+        lines.append(
+            f"llama-bench tg{gen} (same run): {cell(tg)} t/s; decode t/s at 1 stream / tg{gen}: "
+            f"(a) {ratio(a1, tg)}, (b) llama-server {ratio(b1, tg)} (for reference)"
+        )
+    else:
+        lines.append(
+            f"llama-bench tg{gen}: {cell(tg)} t/s; (a) at 1 stream / tg{gen} = "
+            f"{ratio(get('edgeserve', 1, 'tokens_per_s'), tg)} (aggregate, prefill included)"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -215,7 +333,9 @@ def main() -> None:
     p.add_argument("--servers", default=None, help="subset of a,b,c (default: all found)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=1, help="requests per stream, back to back")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="requests per stream, back to back (so streams overlap)"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every server")
     p.add_argument("--cpu", action="store_true", help="no GPU even if one is present")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="JSON goes here")
@@ -272,12 +392,7 @@ def main() -> None:
                         load(server, level, args.rounds, n_words, args.gen_tokens, 1000 * level)
                     )
                     runs.append(result)
-                    print(
-                        f"  {result.server:17s} streams {level:3d}: {result.tokens_per_s:8.1f} t/s "
-                        f"({result.generated_tokens} tokens in {result.wall_s:.1f} s, prompt "
-                        f"{result.prompt_tokens_mean:.0f} tokens, {result.errors} errors)",
-                        flush=True,
-                    )
+                    print(f"  {summary(result)}", flush=True)
                 finally:
                     if server is not shared:
                         server.stop()
@@ -293,6 +408,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "rounds": args.rounds,
+        "streamed": True,
         "command": "python bench/serving_compare.py " + " ".join(sys.argv[1:]),
         "llama_bench_tg_tokens_per_s": tg,
         "runs": [asdict(r) for r in runs],

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from server.cli import gpu, launch, plan, quantize, serve
+from loadtest import tuner as tune_cmd
+from server.cli import gpu as gpu_cmd
+from server.cli import launch as launch_cmd
+from server.cli import plan as plan_cmd
+from server.cli import quantize as quantize_cmd
+from server.cli import serve as serve_cmd
 
 app = typer.Typer(
     name="edgeserve",
@@ -14,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (gpu, plan, quantize, launch, serve):
+for module in (gpu_cmd, plan_cmd, quantize_cmd, launch_cmd, serve_cmd, tune_cmd):
     module.register(app)
 
 
