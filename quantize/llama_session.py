@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 
 from quantize.llama_log import LogCapture, captured_llama_log
-from server.engine.llama_context import cpu_reports_amx
+from server.engine.llama_context import default_extra_bufts
 
 
 class LlamaLoadError(RuntimeError):
@@ -67,10 +67,9 @@ class LlamaSession:
         self.n_gpu_layers = (
             (99 if llama_cpp.llama_supports_gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
         )
-        # llama.cpp's CPU "extra" buffer types (weight repacking, AMX) stay off where the CPU reports AMX, as
-        # in the engine: there the vendored llama.cpp's AMX kernels die with SIGILL (`tilezero` on an invalid
-        # tile config; llama.cpp PR 26954) on the first batched matmul.
-        self.use_extra_bufts = (not cpu_reports_amx()) if use_extra_bufts is None else use_extra_bufts
+        # As in the engine: llama.cpp's CPU extra buffer types stay off only where AMX kernels would run on a
+        # CPU that may not grant the tile state (SIGILL; llama.cpp PR 26954).
+        self.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else use_extra_bufts
         self._model: Any = None
         self._ctx: Any = None
         self.vocab: Any = None

@@ -22,26 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 # Room for 8 concurrent sequences of a few hundred tokens, small enough to load fast on 2 cores.
 EMBEDDED_PARALLEL = 8
 EMBEDDED_CTX = 8192  # 1024 tokens per sequence (llama-server semantics: -c split over -np)
+# llama-cpp-python's own server, as `python -m` arguments (see server/launch/llama_cpp_python.py).
+LLAMA_CPP_SERVER = ["-m", "server.launch.llama_cpp_python"]
 
 
-# llama-cpp-python's own server, with one change: on CPUs that report AMX, llama.cpp's CPU "extra" buffer
-# types are switched off (as the embedded engine does); with them its high-level Llama dies of SIGILL there.
-LLAMA_CPP_SERVER = """
-import runpy
-import llama_cpp.llama_cpp as lc
-try:
-    amx = any(l.startswith("flags") and "amx_tile" in l.split() for l in open("/proc/cpuinfo"))
-except OSError:
-    amx = False
-if amx:
-    _default = lc.llama_model_default_params
-    def _params():
-        params = _default()
-        params.use_extra_bufts = False
-        return params
-    lc.llama_model_default_params = _params
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
 
 
 def free_port() -> int:

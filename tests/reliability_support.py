@@ -24,25 +24,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# llama-cpp-python's server loads the model with llama.cpp's CPU "extra buffer types" (weight repacking, AMX
-# among them). Some virtual machines advertise AMX tiles they cannot execute, and the first batched decode
-# then dies with SIGILL; the engine turns them off where /proc/cpuinfo lists amx_tile, so does this runner.
-_LLAMA_CPP_SERVER_RUNNER = """
-import sys
-import llama_cpp.llama_cpp as C
-with open("/proc/cpuinfo") as fh:
-    amx = any("amx_tile" in line.split() for line in fh if line.startswith("flags"))
-if amx:
-    _default = C.llama_model_default_params
-    def _params():
-        p = _default()
-        p.use_extra_bufts = False
-        return p
-    C.llama_model_default_params = _params
-from llama_cpp.server.__main__ import main
-sys.argv[0] = "llama_cpp.server"
-main()
-"""
 
 
 def impossible_allocation_fails_cleanly() -> bool:
@@ -141,7 +122,8 @@ def spawn(cmd: list[str], log_path: Path, port: int, name: str, env: Mapping[str
 def start_llama_cpp_server(model: Path, port: int, log_path: Path, *, n_ctx: int = 1024,
                            n_threads: int = 1) -> ServerProcess:
     """llama-cpp-python's server on 127.0.0.1:port (not waited for: call wait_http("/v1/models", ...))."""
-    cmd = [sys.executable, "-c", _LLAMA_CPP_SERVER_RUNNER, "--model", str(model), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "server.launch.llama_cpp_python", "--model", str(model),
+           "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
            "--n_threads_batch", str(n_threads),
            # Its default cuts the running stream short whenever another request arrives: not what we test.

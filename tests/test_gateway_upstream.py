@@ -191,8 +191,7 @@ def llama_cpp_server() -> Iterator[ServerProcess]:
     server = ServerProcess(
         [
             sys.executable,
-            "-c",
-            LLAMA_CPP_SERVER,
+            *LLAMA_CPP_SERVER,
             "--model",
             str(smollm2_path()),
             "--port",

@@ -59,6 +59,16 @@ def cpu_reports_amx() -> bool:
     return False
 
 
+def default_extra_bufts() -> bool:
+    """Whether llama.cpp's CPU extra buffer types (weight repacking, AMX) may be used.
+
+    Off only where the CPU lists AMX and the loaded build has AMX kernels: some virtual machines list AMX
+    tiles they cannot run, and the first batched decode then dies of SIGILL. edgeserve's own build leaves
+    AMX out.
+    """
+    return not (cpu_reports_amx() and build_has_amx())
+
+
 class LlamaRuntime:
     """A loaded model with one context of `n_parallel` sequences."""
 
@@ -72,7 +82,7 @@ class LlamaRuntime:
         mparams.n_gpu_layers = config.n_gpu_layers
         extra = config.cpu_extra_bufts
         if extra is None:
-            extra = not (cpu_reports_amx() and build_has_amx())
+            extra = default_extra_bufts()
         mparams.use_extra_bufts = extra
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
