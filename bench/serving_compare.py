@@ -2,8 +2,14 @@
 -np = concurrency, (c) llama-cpp-python's own server; same model, same prompts, plus llama-bench tg128.
 
 Each request: a prompt of --prompt-tokens tokens (distinct per request, so no server can share a prefix),
---gen-tokens generated tokens with EOS ignored, greedy. For every concurrency C, C requests are sent at once
-(--rounds times back to back per stream); the figure is generated tokens of all requests / wall time.
+--gen-tokens generated tokens with EOS ignored, greedy, streamed. For every concurrency C, C streams run at
+once, each sending --rounds requests back to back (so that in later rounds the streams overlap in steady
+state). Two figures per level: aggregate t/s = generated tokens of all requests / wall time (prefill
+included), and decode t/s = the sum over streams of their decode rates, a request's decode rate being
+(tokens - 1) / (last - first content chunk): steady-state generation speed, the figure to hold against
+llama-bench tg at 1 stream. Decode t/s is computed as decode tokens (all but each request's first) / time
+during which at least one request was decoding, which is that sum where streams decode side by side and
+the single-stream rate where a server takes them in turn. Also TTFT (time to the first content chunk).
 
 GPU host (see the device kit README): python bench/serving_compare.py --kit .gpukit --synthetic llama31-8b \
     --wheels .gpukit/wheels --write-doc
@@ -47,6 +53,7 @@ class Sample:
     prompt_tokens: int | None  # from the usage chunk; None where the server sends none when streaming
     generated_tokens: int
     is_usage_counted: bool  # tokens from the usage chunk, else one per content chunk
+    start_s: float  # sent at, from the start of the level
     ttft_s: float
     decode_s: float  # first to last content chunk
     decode_tokens_per_s: float | None = field(init=False)
@@ -69,6 +76,7 @@ class Run:
     tokens_per_s: float = field(init=False)
     ttft_p50_s: float | None = field(init=False)
     ttft_p90_s: float | None = field(init=False)
+    decode_rate_sum_tokens_per_s: float | None = field(init=False)
     decode_tokens_per_s: float | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,13 +84,27 @@ class Run:
         ttfts = [s.ttft_s for s in self.samples]
         self.ttft_p50_s = _quantile(ttfts, 0.5)
         self.ttft_p90_s = _quantile(ttfts, 0.9)
-        # Steady-state generation speed: each stream's mean decode rate over its rounds, summed over streams.
+        # Each stream's mean decode rate over its rounds, summed over streams: steady-state speed only where
+        # the server really decodes the streams together; a server that serializes them scores C x its
+        # single-stream rate here, so it stays in the JSON only.
         per_stream: dict[int, list[float]] = {}
         for s in self.samples:
             if s.decode_tokens_per_s is not None:
                 per_stream.setdefault(s.stream, []).append(s.decode_tokens_per_s)
         rates = [statistics.fmean(v) for v in per_stream.values()]
-        self.decode_tokens_per_s = sum(rates) if rates else None
+        self.decode_rate_sum_tokens_per_s = sum(rates) if rates else None
+        # The reported figure: decode tokens (all but each request's first) / time during which at least one
+        # request was decoding. Equal to the sum above when the streams decode side by side, and to the
+        # single-stream rate when they take turns.
+        spans = sorted(
+            (s.start_s + s.ttft_s, s.start_s + s.ttft_s + s.decode_s) for s in self.samples if s.decode_s > 0
+        )
+        busy_s, end = 0.0, float("-inf")
+        for lo, hi in spans:
+            busy_s += max(0.0, hi - max(lo, end))
+            end = max(end, hi)
+        decoded = sum(s.generated_tokens - 1 for s in self.samples if s.decode_s > 0)
+        self.decode_tokens_per_s = decoded / busy_s if busy_s > 0 else None
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -101,7 +123,13 @@ def make_prompt(i: int, n_words: int) -> str:
 
 
 async def _request(
-    client: httpx.AsyncClient, url: str, prompt: str, gen: int, stream: int = 0, rnd: int = 0
+    client: httpx.AsyncClient,
+    url: str,
+    prompt: str,
+    gen: int,
+    stream: int = 0,
+    rnd: int = 0,
+    origin: float = 0.0,
 ) -> Sample:
     """One streamed completion. Tokens come from the usage chunk where the server sends one (edgeserve, on
     request; llama-server), else one per non-empty content chunk (llama-cpp-python sends one per token)."""
@@ -115,6 +143,7 @@ async def _request(
         "stream_options": {"include_usage": True},
     }
     chunks = 0
+    finish = False
     usage: dict[str, Any] | None = None
     t_first = t_last = 0.0
     t0 = time.perf_counter()
@@ -125,25 +154,31 @@ async def _request(
                 continue  # blank separators, SSE comments (pings)
             data = line[5:].strip()
             if data == "[DONE]":
-                break
+                # Read on to the end of the body rather than drop the connection: a server that sees the
+                # client gone may take a while to notice and free its slot.
+                continue
             payload = json.loads(data)
             if "error" in payload:
                 raise ValueError(f"error in stream: {payload['error']}")
             if payload.get("usage"):
                 usage = payload["usage"]
-            if any(c.get("text") for c in payload.get("choices") or ()):
+            choices = payload.get("choices") or ()
+            finish = finish or any(c.get("finish_reason") for c in choices)
+            if any(c.get("text") for c in choices):
                 t_last = time.perf_counter()
                 if chunks == 0:
                     t_first = t_last
                 chunks += 1
-    if chunks == 0:
-        raise ValueError("no content chunk in the stream")
+    if chunks == 0 or not finish:
+        # e.g. llama-cpp-python's server cuts a stream with a bare [DONE] when interrupt_requests is on
+        raise ValueError(f"stream ended without a finish_reason after {chunks} content chunks")
     return Sample(
         stream,
         rnd,
         int(usage["prompt_tokens"]) if usage else None,
         int(usage["completion_tokens"]) if usage else chunks,
         usage is not None,
+        t0 - origin,
         t_first - t0,
         t_last - t_first,
     )
@@ -154,17 +189,18 @@ async def load(server: Server, c: int, rounds: int, n_words: int, gen: int, seed
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         await _request(client, server.url, make_prompt(seed - 1, n_words), 8)  # warm-up
 
+        t0 = time.perf_counter()
+
         async def stream(k: int) -> list[Sample | BaseException]:
             out: list[Sample | BaseException] = []
             for r in range(rounds):
                 prompt = make_prompt(seed + k * rounds + r, n_words)
                 try:
-                    out.append(await _request(client, server.url, prompt, gen, k, r))
+                    out.append(await _request(client, server.url, prompt, gen, k, r, t0))
                 except (httpx.HTTPError, KeyError, ValueError) as exc:
                     out.append(exc)
             return out
 
-        t0 = time.perf_counter()
         results = [x for per in await asyncio.gather(*(stream(k) for k in range(c))) for x in per]
         wall = time.perf_counter() - t0
     ok = [r for r in results if isinstance(r, Sample)]
@@ -266,9 +302,10 @@ def section(report: dict[str, Any]) -> str:
     how = (
         "streamed (SSE); per request TTFT = time to the first content chunk and decode rate = (generated "
         "tokens − 1) / (last − first content chunk). *t/s* = generated tokens of all requests / wall time "
-        "(prefill included: what clients get in all); *decode t/s* = the sum over the concurrent streams of "
-        "their decode rates (steady-state generation speed, comparable with llama-bench tg); *TTFT p50* "
-        "over all requests, ms"
+        "(prefill included: what clients get in all); *decode t/s* = decode tokens (all but each request's "
+        "first) / time during which at least one request was decoding: steady-state generation speed, "
+        "the sum of the streams' decode rates where they decode side by side (not where a server takes "
+        "them in turn), comparable with llama-bench tg at 1 stream; *TTFT p50* over all requests, ms"
         if is_streamed
         else "non-streamed; aggregate generated tokens/s over all streams (prefill included)"
     )

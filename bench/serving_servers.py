@@ -17,24 +17,6 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 
-# llama-cpp-python's server, except that on CPUs reporting AMX llama.cpp's CPU "extra" buffer types are off
-# (as edgeserve's engine does): with them its high-level Llama dies of SIGILL on such hosts.
-LLAMA_CPP_SERVER = """
-import runpy
-import llama_cpp.llama_cpp as lc
-try:
-    amx = any(l.startswith("flags") and "amx_tile" in l.split() for l in open("/proc/cpuinfo"))
-except OSError:
-    amx = False
-if amx:
-    _default = lc.llama_model_default_params
-    def _params():
-        params = _default()
-        params.use_extra_bufts = False
-        return params
-    lc.llama_model_default_params = _params
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
 
 
 def free_port() -> int:
@@ -235,8 +217,8 @@ def start(
         return Server("llama-server", cmd, env, port, "/health", log)
     cmd = [
         sys.executable,
-        "-c",
-        LLAMA_CPP_SERVER,
+        "-m",
+        "server.launch.llama_cpp_python",  # llama-cpp-python's server with the engine's CPU guard
         "--model",
         str(model),
         "--host",
@@ -248,6 +230,9 @@ def start(
         "--n_ctx",
         str(n_ctx_seq),
         "--verbose",
+        "False",
+        # Its default cuts a running stream short with [DONE] as soon as another request comes in.
+        "--interrupt_requests",
         "False",
     ]
     if args.gpu:
