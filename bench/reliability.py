@@ -11,8 +11,9 @@ primary, the embedded engine in the gateway the fallback.
     python bench/reliability.py [--streams 32] [--requests 20] [--burst-factor 10] [--json out.json]
 
 GPU host (--gpu-oom): a holder process leaves CAP GiB of the card free; the supervisor starts llama-server
-(kit binary on PATH) with a context that overflows it and steps down the OOM ladder while the gateway answers
-every request on the embedded fallback (on the CPU); when llama-server is up, the gateway returns to it.
+(llama.cpp's CUDA build on PATH) with a context that overflows it and steps down the OOM ladder while the
+gateway answers every request on the embedded fallback (on the CPU); when llama-server is up, the gateway
+returns to it.
 
     python bench/reliability.py --gpu-oom --model M.gguf --cap-gib 8 --ctx 131072 --json "$OUT/gpu_oom.json"
 """

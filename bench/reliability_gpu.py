@@ -1,6 +1,6 @@
 """`bench/reliability.py --gpu-oom`: out of memory on a capped GPU, with the gateway answering throughout.
 
-A holder process takes all but CAP GiB of the card. The supervisor starts llama-server (the kit's CUDA build
+A holder process takes all but CAP GiB of the card. The supervisor starts llama-server (llama.cpp's CUDA build
 on PATH) with a context far beyond CAP: it dies with cudaMalloc out of memory, and the supervisor steps down
 the OOM ladder until it serves. Meanwhile the gateway (fallback chain: that llama-server, then the embedded
 engine on the CPU with the same model) answers one request after another, each counted by the backend that
