@@ -13,9 +13,9 @@ import dataclasses
 
 from server.gateway.settings import GatewaySettings
 from server.launch.context import BuildContext, ReasonLog
-from server.launch.llama_server import resolve_llama_settings
+from server.launch.llama_server import llama_plan_fields, resolve_llama_settings
 from server.launch.plan import LaunchPlan, Scalar
-from server.launch.resolve import PlanError, gpu_env, health_url, pick_port
+from server.launch.resolve import PlanError, gpu_env, pick_port, plan_identity
 
 NAME = "embedded"
 DEFAULT_PORT = 8000
@@ -86,30 +86,12 @@ def build(ctx: BuildContext) -> LaunchPlan:
         )
     plan = LaunchPlan(
         backend=NAME,
-        card=ctx.card_id,
-        gpus=ctx.gpus,
-        model_path=ctx.model_path,
-        model_bytes=ctx.model_bytes,
-        quant=ctx.spec.file_type_name,
-        quant_alternatives=ctx.alternatives,
-        n_layer=ctx.spec.n_layer,
         program=(*ctx.toolchain.edgeserve, "serve"),
-        host=ctx.request.host,
-        port=port,
-        health_url=health_url(ctx.request.host, port, HEALTH_PATH),
-        n_ctx=settings.n_ctx,
-        n_ctx_total=settings.n_ctx * settings.n_parallel,
-        n_parallel=settings.n_parallel,
-        kv_type=settings.kv_type,
-        n_gpu_layers=settings.n_gpu_layers,
-        flash_attn=settings.flash_attn,  # type: ignore[arg-type]
-        batch_size=settings.batch_size,
-        ubatch_size=settings.ubatch_size,
+        **plan_identity(ctx, port, HEALTH_PATH),
+        **llama_plan_fields(settings),
         kv_unified=bool(kv_unified),
         threads=None if "threads" in locked else settings.threads,
         api_key=ctx.request.api_key,
-        memory=settings.memory,
-        expected_total_bytes=settings.memory.total_bytes if settings.memory else None,
         reasons=log.freeze(),
     )
     return finish(plan)

@@ -14,6 +14,8 @@ against the real binary's --help on the GPU host):
 
 from __future__ import annotations
 
+from typing import Any
+
 from quantize.budget import Backend
 from server.launch import memory
 from server.launch.context import BuildContext, ReasonLog
@@ -21,7 +23,6 @@ from server.launch.plan import LaunchPlan
 from server.launch.resolve import (
     PlanError,
     gpu_env,
-    health_url,
     pick_batches,
     pick_ctx,
     pick_flash_attn,
@@ -30,6 +31,7 @@ from server.launch.resolve import (
     pick_parallel,
     pick_port,
     pick_threads,
+    plan_identity,
 )
 
 NAME = "llama-server"
@@ -88,32 +90,14 @@ def build(ctx: BuildContext) -> LaunchPlan:
 
     plan = LaunchPlan(
         backend=NAME,
-        card=ctx.card_id,
-        gpus=ctx.gpus,
-        model_path=ctx.model_path,
-        model_bytes=ctx.model_bytes,
-        quant=ctx.spec.file_type_name,
-        quant_alternatives=ctx.alternatives,
-        n_layer=ctx.spec.n_layer,
         program=(ctx.toolchain.llama_server or "llama-server",),
-        host=ctx.request.host,
-        port=port,
-        health_url=health_url(ctx.request.host, port, HEALTH_PATH),
-        n_ctx=settings.n_ctx,
-        n_ctx_total=settings.n_ctx * settings.n_parallel,
-        n_parallel=settings.n_parallel,
-        kv_type=settings.kv_type,
-        n_gpu_layers=settings.n_gpu_layers,
-        flash_attn=settings.flash_attn,  # type: ignore[arg-type]
-        batch_size=settings.batch_size,
-        ubatch_size=settings.ubatch_size,
+        **plan_identity(ctx, port, HEALTH_PATH),
+        **llama_plan_fields(settings),
         kv_unified=is_unified,
         threads=settings.threads,
         enable_metrics=bool(metrics),
         api_key=ctx.request.api_key,
         env=gpu_env(ctx.gpus, ctx.card_id),
-        memory=settings.memory,
-        expected_total_bytes=settings.memory.total_bytes if settings.memory else None,
         reasons=log.freeze(),
     )
     return plan.model_copy(update={"argv": render(plan)})
@@ -144,6 +128,22 @@ def resolve_llama_settings(
     )
     threads = pick_threads(ctx, fit.n_gpu_layers, log)
     return fit.model_copy(update={"threads": threads})
+
+
+def llama_plan_fields(settings: memory.LlamaFit) -> dict[str, Any]:
+    """The LaunchPlan fields of llama.cpp settings, the same for llama-server and the embedded engine."""
+    return {
+        "n_ctx": settings.n_ctx,
+        "n_ctx_total": settings.n_ctx * settings.n_parallel,
+        "n_parallel": settings.n_parallel,
+        "kv_type": settings.kv_type,
+        "n_gpu_layers": settings.n_gpu_layers,
+        "flash_attn": settings.flash_attn,
+        "batch_size": settings.batch_size,
+        "ubatch_size": settings.ubatch_size,
+        "memory": settings.memory,
+        "expected_total_bytes": settings.memory.total_bytes if settings.memory else None,
+    }
 
 
 def render(plan: LaunchPlan) -> tuple[str, ...]:

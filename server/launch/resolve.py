@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from quantize.budget_sglang import SGLANG_KV_TYPES as BUDGET_SGLANG_KV_TYPES
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import CPU_CARD
@@ -212,3 +214,19 @@ def gpu_env(gpus: int, card: str) -> dict[str, str]:
     if card != CPU_CARD:
         return {"CUDA_VISIBLE_DEVICES": ""}
     return {}
+
+
+def plan_identity(ctx: BuildContext, port: int, health_path: str) -> dict[str, Any]:
+    """The LaunchPlan fields every backend fills the same way: card, model and where it listens."""
+    return {
+        "card": ctx.card_id,
+        "gpus": ctx.gpus,
+        "model_path": ctx.model_path,
+        "model_bytes": ctx.model_bytes,
+        "quant": ctx.spec.file_type_name,
+        "quant_alternatives": ctx.alternatives,
+        "n_layer": ctx.spec.n_layer,
+        "host": ctx.request.host,
+        "port": port,
+        "health_url": health_url(ctx.request.host, port, health_path),
+    }

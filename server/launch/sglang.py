@@ -13,11 +13,11 @@ from server.launch.plan import LaunchPlan
 from server.launch.resolve import (
     PlanError,
     gpu_env,
-    health_url,
     pick_ctx,
     pick_parallel,
     pick_port,
     pick_sglang_kv_type,
+    plan_identity,
 )
 
 NAME = "sglang"
@@ -101,17 +101,8 @@ def build(ctx: BuildContext) -> LaunchPlan:
     fit = memory.fit_sglang(ctx, n_ctx=n_ctx, n_parallel=n_parallel, kv_type=kv_type, tp_size=tp, log=log)
     plan = LaunchPlan(
         backend=NAME,
-        card=ctx.card_id,
-        gpus=ctx.gpus,
-        model_path=ctx.model_path,
-        model_bytes=ctx.model_bytes,
-        quant=ctx.spec.file_type_name,
-        quant_alternatives=ctx.alternatives,
-        n_layer=ctx.spec.n_layer,
         program=(ctx.toolchain.python, "-m", MODULE),
-        host=ctx.request.host,
-        port=port,
-        health_url=health_url(ctx.request.host, port, HEALTH_PATH),
+        **plan_identity(ctx, port, HEALTH_PATH),
         n_ctx=fit.n_ctx,
         n_ctx_total=fit.n_ctx * fit.n_parallel,
         n_parallel=fit.n_parallel,
