@@ -8,19 +8,20 @@ NVML is touched only in the `_nvml_*` functions at the bottom; everything that t
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import re
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.cards import Architecture, Card, GpuSet, Link, match_card
+from server.cpu import CpuInfo, detect_cpu, parse_cpuinfo, parse_meminfo, read_text
 
 log = logging.getLogger(__name__)
+
+# The CPU side lives in server/cpu.py; re-exported because a Detection carries a CpuInfo.
+__all__ = ["CpuInfo", "detect_cpu", "parse_cpuinfo", "parse_meminfo"]
 
 T = TypeVar("T")
 
@@ -62,19 +63,6 @@ class GpuInfo(BaseModel):
     has_nvlink: bool | None = None
     processes: tuple[ProcessInfo, ...] = ()
     card_id: str | None = Field(default=None, description="the matched table row; None for a card not in it")
-
-
-class CpuInfo(BaseModel):
-    """The host CPU and RAM (from /proc where present, else os/platform)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model_name: str
-    logical_cpus: int = Field(ge=1)
-    usable_cpus: int = Field(ge=1, description="CPUs this process may run on (affinity)")
-    physical_cores: int | None = None
-    total_ram_bytes: int | None = None
-    available_ram_bytes: int | None = None
 
 
 class Detection(BaseModel):
@@ -227,67 +215,7 @@ def cuda_version_string(version: int | None) -> str | None:
     return f"{version // 1000}.{(version % 1000) // 10}"
 
 
-def parse_cpuinfo(text: str) -> tuple[str | None, int | None]:
-    """(model name, physical cores) from /proc/cpuinfo text; None where it does not say."""
-    model: str | None = None
-    cores: set[tuple[str, str]] = set()
-    physical_id = "0"
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if key in ("model name", "Model", "Hardware", "cpu model") and model is None and value:
-            model = value
-        elif key == "physical id":
-            physical_id = value
-        elif key == "core id":
-            cores.add((physical_id, value))
-    return model, (len(cores) or None)
-
-
-def parse_meminfo(text: str) -> tuple[int | None, int | None]:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo text."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(MemTotal|MemAvailable):\s+(\d+)\s*kB", line)
-        if m:
-            values[m.group(1)] = int(m.group(2)) * 1024
-    return values.get("MemTotal"), values.get("MemAvailable")
-
-
-# --- edges: /proc and NVML ----------------------------------------------------------------------
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def detect_cpu() -> CpuInfo:
-    """The host CPU and memory; never raises."""
-    model, physical = parse_cpuinfo(_read_text("/proc/cpuinfo"))
-    total, available = parse_meminfo(_read_text("/proc/meminfo"))
-    if total is None:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = None
-    logical = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0)) or logical
-    except AttributeError:  # not on Linux
-        usable = logical
-    return CpuInfo(
-        model_name=model or platform.processor() or platform.machine() or "unknown CPU",
-        logical_cpus=logical,
-        usable_cpus=usable,
-        physical_cores=physical,
-        total_ram_bytes=total,
-        available_ram_bytes=available,
-    )
+# --- edges: NVML ----------------------------------------------------------------------
 
 
 _nvml_lock = threading.Lock()
@@ -335,7 +263,7 @@ def _watts(milliwatts: Any) -> float | None:
 
 
 def _process_name(pid: int) -> str | None:
-    name = _read_text(f"/proc/{pid}/comm").strip()
+    name = read_text(f"/proc/{pid}/comm").strip()
     return name or None
 
 
