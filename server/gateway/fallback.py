@@ -14,11 +14,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from server.engine.chat_template import ChatTemplate
 from server.gateway.admission import Admission, Lease, QueueFullError, QueueTimeoutError
 from server.gateway.backends.base import (
     Backend,
@@ -32,6 +30,7 @@ from server.gateway.backends.base import (
 )
 from server.gateway.breaker import CircuitBreaker
 from server.gateway.chain_config import ChainConfig, MemberConfig, build_member_backend
+from server.gateway.chain_member import Member, StallError, failure_reason
 from server.gateway.reliability_metrics import ChainMetrics, MemberSnapshot, watch_supervisors
 from server.gateway.resume import (
     StreamProgress,
@@ -40,64 +39,8 @@ from server.gateway.resume import (
     fetch_chat_template,
     for_remote,
 )
-from server.launch.oom import find_oom
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Member:
-    """One backend of the chain with its breaker and its own bounded queue."""
-
-    config: MemberConfig
-    backend: Backend
-    breaker: CircuitBreaker
-    gate: Admission
-    is_started: bool = False
-    start_error: str | None = None
-    template: ChatTemplate | None = None
-    _template_tried: bool = field(default=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def n_ctx(self) -> int:
-        """Context per sequence; 0 when unknown (a remote that reports none and has no n_ctx configured)."""
-        return self.backend.n_ctx or self.config.n_ctx or 0
-
-    def is_up(self) -> bool:
-        return self.is_started and self.backend.is_ready()
-
-    def is_available(self) -> bool:
-        return self.is_up() and self.breaker.can_try()
-
-    def has_room(self, *, is_failover: bool) -> bool:
-        """A new request may queue up to queue_size; one moving over from a failed backend was already
-        accepted by the gateway and may wait beyond it (the gate's hard bound: the whole chain's capacity)."""
-        snap = self.gate.snapshot()
-        bound = snap.max_queue if is_failover else self.config.queue_size
-        return snap.in_flight < snap.limit or snap.waiting < bound
-
-    def has_free_slot(self) -> bool:
-        snap = self.gate.snapshot()
-        return snap.in_flight < snap.limit and snap.waiting == 0
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A short label for metrics: oom, unavailable, stall, error."""
-    if isinstance(exc, BackendError) and find_oom([exc.message])[0] is not None:
-        return "oom"
-    if isinstance(exc, _StallError):
-        return "stall"
-    if isinstance(exc, BackendUnavailableError):
-        return "unavailable"
-    return "error"
-
-
-class _StallError(BackendUnavailableError):
-    code = "backend_stalled"
 
 
 class FallbackBackend:
@@ -370,7 +313,7 @@ class FallbackBackend:
                     except StopAsyncIteration:
                         delta = Delta(text="", finish_reason="stop")
                     except asyncio.TimeoutError:
-                        raise _StallError(f"backend {member.name} sent nothing for "
+                        raise StallError(f"backend {member.name} sent nothing for "
                                           f"{member.config.stall_timeout_s:g} s") from None
                     finished = delta.finish_reason is not None
                     if finished:
