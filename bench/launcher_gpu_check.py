@@ -7,7 +7,7 @@
      and a context far too large for it; the ladder steps down until llama-server serves a completion.
 Writes launcher_gpu_check.json and launcher_gpu_check.md under --out.
 
-    python bench/launcher_gpu_check.py --out "$OUT" --vocab .gpukit/ggml-vocab-llama-bpe.gguf
+    python bench/launcher_gpu_check.py --out results/ --vocab ggml-vocab-llama-bpe.gguf
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ quantize.budget.estimate(...).total_bytes for the detected card. llama-server's 
 KV, compute) are recorded too, so each component of the prediction can be checked; the rest (measured minus
 buffers) is the CUDA context/runtime overhead.
 
-Output: a markdown table on stdout and memory_accuracy.json in --out-dir (default $OUT, else .).
+Output: a markdown table on stdout and memory_accuracy.json in --out-dir (default: $OUT if set, else .).
 
-    python bench/memory_accuracy.py --vocab .gpukit/ggml-vocab-llama-bpe.gguf [--gemma gemma-3-270m.gguf]
+    python bench/memory_accuracy.py --vocab ggml-vocab-llama-bpe.gguf [--gemma gemma-3-270m.gguf]
     python bench/memory_accuracy.py --dry-run     # predictions only, no GPU (works on a CPU machine)
 """
 

@@ -15,7 +15,7 @@ GPU host (--gpu-oom): a holder process leaves CAP GiB of the card free; the supe
 gateway answers every request on the embedded fallback (on the CPU); when llama-server is up, the gateway
 returns to it.
 
-    python bench/reliability.py --gpu-oom --model M.gguf --cap-gib 8 --ctx 131072 --json "$OUT/gpu_oom.json"
+    python bench/reliability.py --gpu-oom --model M.gguf --cap-gib 8 --ctx 131072 --json results/gpu_oom.json
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ llama-bench tg at 1 stream. Decode t/s is computed as decode tokens (all but eac
 during which at least one request was decoding, which is that sum where streams decode side by side and
 the single-stream rate where a server takes them in turn. Also TTFT (time to the first content chunk).
 
-GPU host (see the device kit README): python bench/serving_compare.py --kit .gpukit --synthetic llama31-8b \
-    --wheels .gpukit/wheels --write-doc
+GPU host (KIT: the CUDA llama.cpp build and its Python wheels): python bench/serving_compare.py --kit KIT \
+    --synthetic llama31-8b --wheels WHEELS --write-doc
 CPU: python bench/serving_compare.py            (bundled SmolLM2, 1/4/8 streams, (a) and (c) only)
 """
 
