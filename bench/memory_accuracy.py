@@ -378,9 +378,9 @@ def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def dry_run_specs() -> dict[str, ModelSpec]:
-    from quantize.levels import spec_at_level
     from quantize.synthetic import LLAMA31_8B, TINY, synthetic_model_spec
     from quantize.synthetic_gemma3 import gemma3_like_spec
+    from quantize.tensor_types import spec_at_level
 
     return {
         "llama8b": spec_at_level(synthetic_model_spec(LLAMA31_8B, LLAMA3_VOCAB), "Q4_K_M"),

@@ -28,8 +28,9 @@ from quantize.budget_types import (
     LevelTable,
     TableRow,
 )
-from quantize.levels import LEVELS, QuantLevel, get_level, level_for_ftype, spec_at_level
+from quantize.levels import LEVELS, QuantLevel, get_level, level_for_ftype
 from quantize.model_spec import TOKEN_EMBD, ModelSpec
+from quantize.tensor_types import spec_at_level
 from server.cards import GpuSet
 
 DEFAULT_HEADROOM_FRACTION = 0.05

@@ -4,7 +4,7 @@ Fatal checks (the output is not what was asked for): the file parses, its file t
 tensor
 has the type llama.cpp said it wrote, the size is the predicted one within a tolerance, and llama.cpp loads it
 and decodes a few tokens greedily with finite logits. A warning (not fatal): edgeserve's own prediction of the
-type mix (quantize.levels.quantized_tensors) differs from llama.cpp's choice: the calculator is out of date.
+type mix (tensor_types.quantized_tensors) differs from llama.cpp's choice: the calculator is out of date.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize.gguf_model import GGUFReadError, read_model_spec
-from quantize.levels import QuantLevel, quantized_tensors
+from quantize.levels import QuantLevel
 from quantize.llama_session import LlamaLoadError, LlamaSession
 from quantize.manifest import CheckResult
 from quantize.model_spec import ModelSpec
+from quantize.tensor_types import quantized_tensors
 
 # The output's size may differ from the prediction by metadata changes (quantization keys added,
 # general.file_type

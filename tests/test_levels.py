@@ -10,17 +10,10 @@ import pytest
 
 from quantize.bundled import smollm2_path
 from quantize.gguf_model import read_model_spec
-from quantize.levels import (
-    LEVELS,
-    UnknownLevelError,
-    estimate_weights_bytes,
-    get_level,
-    level_for_ftype,
-    quantized_tensors,
-    spec_at_level,
-)
+from quantize.levels import LEVELS, UnknownLevelError, get_level, level_for_ftype
 from quantize.model_spec import ModelSpec
 from quantize.synthetic import SyntheticShape, write_synthetic_gguf
+from quantize.tensor_types import estimate_weights_bytes, quantized_tensors, spec_at_level
 
 GIB = 1 << 30
 

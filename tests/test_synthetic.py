@@ -10,7 +10,6 @@ import pytest
 
 from quantize.bundled import smollm2_path
 from quantize.gguf_model import read_model_spec
-from quantize.levels import estimate_weights_bytes
 from quantize.llama_session import LlamaSession
 from quantize.synthetic import (
     LLAMA31_8B,
@@ -20,6 +19,7 @@ from quantize.synthetic import (
     synthetic_model_spec,
     write_synthetic_gguf,
 )
+from quantize.tensor_types import estimate_weights_bytes
 
 GIB = 1 << 30
 
