@@ -22,13 +22,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
 from server.launch import ladder
+from server.launch.events import EventKind, SupervisorEvent
 from server.launch.oom import Failure, classify
 from server.launch.plan import LaunchPlan
 from server.launch.process import BackendProcess
@@ -37,18 +38,7 @@ log = logging.getLogger(__name__)
 backend_log = logging.getLogger("edgeserve.backend")
 
 State = Literal["idle", "starting", "ready", "backoff", "stopping", "stopped", "failed"]
-EventKind = Literal["start", "ready", "exit", "ladder", "restart", "give_up", "stop"]
 NextStep = Callable[[LaunchPlan, Failure], LaunchPlan | None]
-
-
-@dataclass(frozen=True)
-class SupervisorEvent:
-    kind: EventKind
-    attempt: int
-    detail: str = ""
-    delay_s: float | None = None
-    failure: dict[str, Any] | None = None
-    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -398,7 +388,3 @@ def _fatal_reason(reply: httpx.Response) -> str | None:
     if isinstance(body, dict) and body.get("status") == "error":
         return str(body.get("reason") or "the backend reports an error")
     return None
-
-
-def events_as_json(events: tuple[SupervisorEvent, ...]) -> list[dict[str, Any]]:
-    return [asdict(e) for e in events]
