@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +38,17 @@ if str(REPO) not in sys.path:
 from quantize.budget import Budget, estimate  # noqa: E402
 from quantize.model_spec import ModelSpec  # noqa: E402
 from server.cards import GpuSet, get_card, match_card  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_report import (  # noqa: E402
+    Result,
+    calibration,
+    error_pct,
+    fmt_num,
+    parse_buffer_log,
+    parse_compute_apps,
+    render_table,
+)
 
 MIB = 1 << 20
 LLAMA3_VOCAB = 128256
@@ -77,55 +87,7 @@ GEMMA_CONFIGS = (Config("gemma", 4096, 1, True, "f16"), Config("gemma", 32768, 2
 TINY_CONFIG = Config("tiny", 512, 1, True, "f16")
 
 
-@dataclass
-class Result:
-    config: str
-    predicted_mib: float
-    measured_idle_mib: float | None = None
-    measured_loaded_mib: float | None = None
-    error_idle_pct: float | None = None
-    error_loaded_pct: float | None = None
-    predicted: dict[str, float] = field(default_factory=dict)
-    logged: dict[str, float] = field(default_factory=dict)
-    observed_overhead_mib: float | None = None
-    method: str = ""
-    startup_s: float | None = None
-    error: str | None = None
-    load_error: str | None = None
-
-
 # ---- pure helpers (tested on the CPU) ---------------------------------------------------------------------
-
-_BUF_RE = re.compile(r"\b(CUDA\d+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
-
-
-def parse_buffer_log(text: str) -> dict[str, float]:
-    """llama.cpp's CUDA buffer sizes by kind (model, KV, compute), MiB, summed over devices.
-
-    Model and KV lines add up (an iSWA model logs two KV caches); sched_reserve may log compute more than
-    once: the last wins."""
-    sums: dict[tuple[str, str], float] = {}
-    for dev, kind, mib in _BUF_RE.findall(text):
-        key = (dev, kind)
-        sums[key] = float(mib) if kind == "compute" else sums.get(key, 0.0) + float(mib)
-    out: dict[str, float] = {}
-    for (_, kind), mib in sums.items():
-        out[kind] = out.get(kind, 0.0) + mib
-    return out
-
-
-def parse_compute_apps(csv_text: str) -> dict[int, float]:
-    """`nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits` -> {pid: MiB}."""
-    out: dict[int, float] = {}
-    for line in csv_text.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 2 and parts[0].isdigit():
-            try:
-                out[int(parts[0])] = float(parts[1])
-            except ValueError:
-                continue
-    return out
-
 
 def llama_server_cmd(binary: str, model: Path, cfg: Config, port: int) -> list[str]:
     return [
@@ -135,71 +97,9 @@ def llama_server_cmd(binary: str, model: Path, cfg: Config, port: int) -> list[s
     ]  # fmt: skip
 
 
-def error_pct(predicted: float, measured: float | None) -> float | None:
-    return None if measured is None or measured <= 0 else round(100.0 * (predicted - measured) / measured, 2)
-
-
 def predict(gpus: GpuSet, spec: ModelSpec, cfg: Config) -> Budget:
     return estimate(gpus, spec, None, backend="llama-server", n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
                     kv_type=cfg.kv_type, flash_attn=cfg.flash_attn)  # fmt: skip
-
-
-def _fmt(v: float | None, digits: int = 0) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
-
-
-def render_table(results: list[Result], gpu_name: str) -> str:
-    lines = [
-        f"GPU: {gpu_name}. Predicted: `edgeserve plan` total for llama-server; measured: nvidia-smi "
-        "used_memory "
-        "of the llama-server process after /health (idle) and after one long request (loaded).",
-        "",
-        "| config | predicted MiB | measured MiB idle | error % | measured MiB loaded | error % "
-        "| weights pred/log | KV pred/log | compute pred/log | overhead pred/obs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        if r.error:
-            lines.append(f"| {r.config} | {_fmt(r.predicted_mib)} | failed: {r.error} | | | | | | | |")
-            continue
-        p, lg = r.predicted, r.logged
-        lines.append(
-            f"| {r.config} | {_fmt(r.predicted_mib)} | {_fmt(r.measured_idle_mib)} "
-            f"| {_fmt(r.error_idle_pct, 1)} "
-            f"| {_fmt(r.measured_loaded_mib)} | {_fmt(r.error_loaded_pct, 1)} "
-            f"| {_fmt(p.get('weights'))}/{_fmt(lg.get('model'))} | {_fmt(p.get('kv'))}/{_fmt(lg.get('KV'))} "
-            f"| {_fmt(p.get('compute'))}/{_fmt(lg.get('compute'))} "
-            f"| {_fmt(p.get('overhead'))}/{_fmt(r.observed_overhead_mib)} |"
-        )
-    errs = [abs(e) for r in results for e in (r.error_idle_pct, r.error_loaded_pct) if e is not None]
-    if errs:
-        lines += ["", f"max |error|: {max(errs):.1f}%; within 3%: {sum(e <= 3 for e in errs)}/{len(errs)}"]
-    cal = calibration(results)
-    if cal is not None:
-        lines += [
-            "observed CUDA/runtime overhead (measured idle - llama.cpp buffers): median "
-            f"{cal['median_mib']:.0f} "
-            f"MiB over {cal['n']} runs (predicted {cal['predicted_mib']:.0f}); with it the errors would be "
-            f"max {cal['max_abs_error_pct']:.1f}% idle."
-        ]
-    return "\n".join(lines)
-
-
-def calibration(results: list[Result]) -> dict[str, float] | None:
-    """The overhead a fitted constant would give, and the errors with it (for recalibrating budget_llama)."""
-    ok = [r for r in results if r.observed_overhead_mib is not None and r.measured_idle_mib]
-    if not ok:
-        return None
-    obs = sorted(r.observed_overhead_mib for r in ok if r.observed_overhead_mib is not None)
-    median = obs[len(obs) // 2]
-    errs = []
-    for r in ok:
-        fixed = r.predicted_mib - r.predicted.get("overhead", 0.0) + median
-        e = error_pct(fixed, r.measured_idle_mib)
-        if e is not None:
-            errs.append(abs(e))
-    return {"median_mib": median, "n": len(ok), "predicted_mib": ok[0].predicted.get("overhead", 0.0),
-            "max_abs_error_pct": max(errs) if errs else 0.0}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -418,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         # a fresh port per server: the previous one may linger in TIME_WAIT
         args.port_now = args.port + i
         r = run_config(args, gpus, models.get(cfg.model, Path()), specs[cfg.model], cfg)
-        print(f"{cfg.name}: predicted {r.predicted_mib:,.0f} MiB, measured {_fmt(r.measured_idle_mib)} / "
-              f"{_fmt(r.measured_loaded_mib)} MiB {r.error or ''}", file=sys.stderr)  # fmt: skip
+        print(f"{cfg.name}: predicted {r.predicted_mib:,.0f} MiB, measured {fmt_num(r.measured_idle_mib)} / "
+              f"{fmt_num(r.measured_loaded_mib)} MiB {r.error or ''}", file=sys.stderr)  # fmt: skip
         results.append(r)
     print(render_table(results, gpu_name))
     args.out_dir.mkdir(parents=True, exist_ok=True)
