@@ -354,6 +354,7 @@ def test_metrics_render_engine_histograms_per_registry() -> None:
         (["--model", "/nonexistent/model.gguf"], "model file not found"),
         (["--backend", "openai"], "upstream"),
         (["--parallel", "0"], "parallel"),
+        (["--chain", "/nonexistent/chain.yaml"], "chain config not found: /nonexistent/chain.yaml"),
     ],
 )
 def test_serve_refuses_bad_input_with_one_line(args: list[str], message: str) -> None:

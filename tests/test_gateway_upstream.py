@@ -179,6 +179,34 @@ def test_full_queue_is_429_with_retry_after(proxy: ServerProcess, upstream: Serv
     )
 
 
+def test_queue_wait_timeout_is_408_with_retry_after(upstream: ServerProcess) -> None:
+    """A request that waited EDGESERVE_QUEUE_TIMEOUT_S for a slot gets 408 (the SDK retries it)."""
+    gateway = edgeserve(
+        "--backend", "openai", "--upstream", upstream.url + "/v1", "--parallel", "1", "--max-queue", "1",
+        env={"EDGESERVE_QUEUE_TIMEOUT_S": "0.5"},
+    )
+
+    async def scenario() -> httpx.Response:
+        started = asyncio.Event()
+        holder = asyncio.create_task(_hold_stream(gateway.url, started))
+        await asyncio.wait_for(started.wait(), 120)
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"prompt": "hi", "max_tokens": 2}
+            waited = await client.post(gateway.url + "/v1/completions", json=body)
+        holder.cancel()
+        with contextlib.suppress(BaseException):
+            await holder
+        return waited
+
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        gateway.stop()
+    assert waited.status_code == 408
+    assert waited.headers["retry-after"] == "1"
+    assert waited.json()["error"]["code"] == "queue_timeout"
+
+
 def _has_llama_cpp_server() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("sse_starlette", "starlette_context"))
 

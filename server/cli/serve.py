@@ -62,6 +62,7 @@ GpuLayersOpt = Annotated[int | None, typer.Option(help="layers on the GPU, -1 = 
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads of the engine (default: all cores)")]
 QueueOpt = Annotated[int | None, typer.Option(help="requests queued behind busy slots (then 429)")]
 NameOpt = Annotated[str | None, typer.Option(help="model id to serve (default: file name)")]
+ChainOpt = Annotated[Path | None, typer.Option(help="fallback chain YAML (see configs/gateway.example.yaml)")]
 LogOpt = Annotated[str, typer.Option(help="uvicorn log level")]
 
 
@@ -78,6 +79,7 @@ def serve(
     threads: ThreadsOpt = None,
     max_queue: QueueOpt = None,
     model_name: NameOpt = None,
+    chain: ChainOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Serve the OpenAI API (chat, completions, models, health, ready, metrics, GPU info)."""
@@ -85,7 +87,7 @@ def serve(
         "backend": backend, "model_path": model, "upstream_url": upstream, "host": host, "port": port,
         "parallel": parallel, "ctx": ctx, "api_key": api_key, "n_gpu_layers": n_gpu_layers,
         "n_threads": threads,
-        "max_queue": max_queue, "model_name": model_name,
+        "max_queue": max_queue, "model_name": model_name, "chain_config": chain,
     })
     settings = _resolve_model(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

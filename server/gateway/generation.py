@@ -167,7 +167,8 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
                        headers=state.retry_after()) from None
     except QueueTimeoutError as exc:
         metrics.rejected.labels(reason="queue_timeout").inc()
-        raise APIError(429, f"server is busy: {exc}; retry later", code="queue_timeout",
+        # 408, as OpenAI's SDK retries it (with Retry-After): the request waited its turn and got none.
+        raise APIError(408, f"server is busy: {exc}; retry later", code="queue_timeout",
                        headers=state.retry_after()) from None
     except RequestTimeoutError:
         raise timeout_error(settings.request_timeout_s) from None

@@ -38,9 +38,9 @@ class GatewaySettings(BaseSettings):
     api_key: str | None = Field(default=None, description="clients must send `Authorization: Bearer <key>`")
 
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a slot before 429")
-    queue_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for a slot before 429")
+    queue_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for a slot before 408")
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest time for a whole request")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 and 503")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 408, 429 and 503")
     default_completion_max_tokens: int = Field(default=16, ge=1, description="/v1/completions default")
 
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
