@@ -156,6 +156,7 @@ def test_context_length_exceeded(client: openai.OpenAI) -> None:
         {"max_tokens": 0},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"messages": []},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     ],
 )
 def test_bad_parameters_are_400(server: ServerProcess, bad: dict[str, object]) -> None:
@@ -165,6 +166,7 @@ def test_bad_parameters_are_400(server: ServerProcess, bad: dict[str, object]) -
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == next(iter(bad))
 
 
 def test_bad_parameters_through_openai_client(client: openai.OpenAI) -> None:

@@ -130,6 +130,17 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     response_format: ResponseFormat | None = None
+    # Tool calling is not implemented: a request that offers tools is refused rather than answered as if it
+    # had offered none (an empty list asks for nothing and passes).
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tool and function calling are not supported by this server")
+        return value
 
     @property
     def effective_max_tokens(self) -> int | None:
