@@ -13,6 +13,7 @@ from quantize.bundled import smollm2_path
 from quantize.gguf_model import GGUFReadError, read_model_spec, swa_layer_pattern
 from quantize.hf_config import HFConfigError, model_spec_from_hf_config
 from quantize.model_spec import ModelSpec
+from tests.launch_support import LLAMA_31_8B_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -188,23 +189,8 @@ def test_real_gemma3_if_installed() -> None:
     assert [il for il in range(18) if not s.is_swa(il)] == [5, 11, 17]
 
 
-LLAMA31_8B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
-
-
 def test_hf_config_llama31_8b(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B_CONFIG))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
     s = model_spec_from_hf_config(tmp_path)
     assert s.source == "hf-config" and s.architecture == "llama"
     assert (s.n_layer, s.n_embd, s.n_head, s.n_head_kv[0], s.head_dim_k, s.n_vocab) == (

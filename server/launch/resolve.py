@@ -6,7 +6,7 @@ from typing import Any
 
 from quantize.budget_sglang import SGLANG_KV_TYPES as BUDGET_SGLANG_KV_TYPES
 from server.launch.context import BuildContext, ReasonLog
-from server.launch.plan import CPU_CARD
+from server.launch.plan import CPU_CARD, Source
 
 # llama.cpp's KV cache types (common/arg.cpp: kv_cache_types) and what one element costs, in bytes.
 LLAMA_KV_TYPES: dict[str, float] = {
@@ -33,14 +33,18 @@ class PlanError(ValueError):
     """The flags asked for something this backend or card cannot do; the message says what to do instead."""
 
 
+def _given_by(ctx: BuildContext, setting: str, source: Source, flag: str, default_why: str) -> str:
+    """Where a value the user (or the profile) chose came from, in words for the plan's reasons."""
+    return {
+        "cli": flag,
+        "env": f"EDGESERVE_{setting.upper()}",
+        "profile": f"{setting} in the {ctx.card_id} profile",
+    }.get(source, default_why)
+
+
 def pick_parallel(ctx: BuildContext, log: ReasonLog) -> int:
     value, source = ctx.setting("max_num_seqs")
-    why = {
-        "cli": "--parallel",
-        "env": "EDGESERVE_MAX_NUM_SEQS",
-        "profile": f"max_num_seqs in the {ctx.card_id} profile",
-        "default": "default number of sequences decoded at once",
-    }[source]
+    why = _given_by(ctx, "max_num_seqs", source, "--parallel", "default number of sequences decoded at once")
     log.add("n_parallel", value, source, why)
     return int(value)
 
@@ -55,12 +59,7 @@ def pick_ctx(ctx: BuildContext, log: ReasonLog) -> int:
             return int(value)
         log.add("n_ctx", n_train, "derived", f"{source} value {value} capped at the model's training context")
         return int(n_train)
-    why = {
-        "cli": "--ctx",
-        "env": "EDGESERVE_CONTEXT",
-        "profile": f"context in the {ctx.card_id} profile",
-        "default": "default context per sequence",
-    }[source]
+    why = _given_by(ctx, "context", source, "--ctx", "default context per sequence")
     log.add("n_ctx", value, source, why)
     return int(value)
 
