@@ -16,10 +16,13 @@ from tests.engine_helpers import QUESTIONS, THREADS, Result, SerialReference, co
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def engine():
+# The CPU's own way (events before the next step, sampling on the host) and a GPU's (sampler chains inside
+# the decode graph, events while the next step runs), both run here on the CPU.
+@pytest.fixture(scope="module", params=[(False, False), (True, True)], ids=["host", "in_graph_overlap"])
+def engine(request: pytest.FixtureRequest):
+    backend_sampling, overlap = request.param
     eng = Engine(EngineConfig(model_path=str(smollm2_path()), n_ctx=4096, n_parallel=8, n_batch=512,
-                              n_threads=THREADS))
+                              n_threads=THREADS, backend_sampling=backend_sampling, overlap=overlap))
     eng.start()
     yield eng
     eng.stop()

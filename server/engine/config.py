@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # ggml type ids for the KV cache types llama-server accepts (--cache-type-k/-v).
 KV_TYPES: dict[str, int] = {
@@ -34,10 +34,14 @@ class EngineConfig:
     the newest is preempted; but llama.cpp's attention kernels then see the whole step, so the last bits of a
     logit (and rarely a near-tie greedy token) depend on what else runs.
     `n_batch` is the token budget of one engine step (one token per running sequence plus prefill chunks).
-    `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of requests that carry none
-    (None: random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster kernels (AMX among them);
-    None turns it off only where the CPU lists AMX and llama.cpp was built with AMX kernels: some virtual
-    machines list AMX tiles they cannot run (batched decode then dies with an illegal instruction).
+    `backend_sampling` runs each sequence's sampler chain inside llama.cpp's decode graph (None: where the
+    output layer is on a GPU). `overlap` turns one step's tokens into text and events while the device
+    computes the next (None: where the output layer is on a GPU; on the CPU it would only delay every event
+    by a step). `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of
+    requests that carry none (None: random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster
+    kernels (AMX among them); None turns it off only where the CPU lists AMX and llama.cpp was built with AMX
+    kernels: some virtual machines list AMX tiles they cannot run (batched decode then dies with an illegal
+    instruction).
     """
 
     model_path: str
@@ -53,6 +57,8 @@ class EngineConfig:
     kv_unified: bool = False
     seed: int | None = None
     prefix_cache: bool = True
+    backend_sampling: bool | None = None
+    overlap: bool | None = None
     cpu_extra_bufts: bool | None = None
     verbose: bool = False
 
@@ -116,6 +122,10 @@ class EngineStats:
     prefix_reused_tokens_total: int
     requests_finished_total: int
     requests_cancelled_total: int
+    # tokens whose sampler chain ran inside llama.cpp's decode graph (the rest were sampled on the host)
+    sampled_in_graph_total: int = 0
+    # cumulative seconds of the decode thread per step phase (server.engine.step_profile.PHASES)
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_usage(self) -> float:

@@ -26,6 +26,7 @@ from server.engine.config import EngineConfig, EngineStats
 from server.engine.errors import (
     EmptyPromptError,
     EngineNotReadyError,
+    InvalidTokenError,
     ModelLoadError,
     PromptTooLongError,
 )
@@ -220,7 +221,9 @@ class Engine:
         if len(tokens) + params.max_tokens > limit:
             raise PromptTooLongError(len(tokens), params.max_tokens, limit)
         if any(t < 0 or t >= runtime.n_vocab for t in tokens):
-            raise ValueError(f"token ids must be in [0, {runtime.n_vocab})")
+            raise InvalidTokenError("prompt", runtime.n_vocab)
+        if any(t < 0 or t >= runtime.n_vocab for t, _ in params.logit_bias):
+            raise InvalidTokenError("logit_bias", runtime.n_vocab)
         return self._stream(tokens, params)
 
     async def _stream(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
@@ -240,7 +243,7 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
-            if not seq.is_finished:
+            if not (seq.is_finished or seq.is_answered):
                 loop.cancel(seq)
 
     # --- observability --------------------------------------------------------------------------------------
@@ -277,4 +280,6 @@ class Engine:
             prefix_reused_tokens_total=sched.reused_tokens,
             requests_finished_total=loop.finished_total,
             requests_cancelled_total=loop.cancelled_total,
+            sampled_in_graph_total=loop.sampled_in_graph_total,
+            step_seconds=loop.profile.snapshot(),
         )

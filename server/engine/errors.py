@@ -37,3 +37,11 @@ class EmptyPromptError(ValueError):
 
     def __init__(self) -> None:
         super().__init__("the prompt is empty")
+
+
+class InvalidTokenError(ValueError):
+    """A token id (in the prompt or the logit bias) outside the model's vocabulary."""
+
+    def __init__(self, where: str, n_vocab: int) -> None:
+        self.where = where
+        super().__init__(f"{where}: token ids must be in [0, {n_vocab})")

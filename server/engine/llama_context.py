@@ -100,6 +100,8 @@ class LlamaRuntime:
         cparams.type_k = config.kv_ggml_type
         cparams.type_v = config.kv_ggml_type
         cparams.no_perf = True
+        # One output per sequence per step: what in-graph penalties need, and a smaller sampling graph.
+        cparams.n_outputs_max_per_seq = 1
         cparams.flash_attn_type = (
             lc.LLAMA_FLASH_ATTN_TYPE_AUTO
             if config.flash_attn is None
@@ -113,6 +115,11 @@ class LlamaRuntime:
                 f"n_parallel={config.n_parallel}, kv_type={config.kv_type}, flash_attn={config.flash_attn})"
             )
         self.ctx: int = ctx
+        # The output layer is on a GPU when every layer is offloaded (-ngl counts it as layer n_layer + 1).
+        self.output_on_gpu: bool = (bool(lc.llama_supports_gpu_offload())
+                                    and config.n_gpu_layers > lc.llama_model_n_layer(model))
+        self.backend_sampling: bool = (self.output_on_gpu if config.backend_sampling is None
+                                       else config.backend_sampling)
         self.mem: int = lc.llama_get_memory(ctx)
         self.vocab: int = lc.llama_model_get_vocab(model)
         self.n_vocab: int = lc.llama_vocab_n_tokens(self.vocab)
@@ -228,6 +235,14 @@ class LlamaRuntime:
 
     def decode(self, batch: lc.llama_batch) -> int:
         return int(lc.llama_decode(self.ctx, batch))
+
+    def synchronize(self) -> None:
+        """Wait until the last llama_decode has finished on its device (and its outputs are on the host)."""
+        lc.llama_synchronize(self.ctx)
+
+    def set_sampler(self, seq: int, chain: int | None) -> bool:
+        """Sample sequence `seq` with `chain` inside the decode graph (None: on the host again)."""
+        return bool(lc.llama_set_sampler(self.ctx, seq, chain))
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(lc.llama_memory_seq_rm(self.mem, seq, p0, p1))

@@ -1,9 +1,16 @@
-"""Per-sequence sampling with llama.cpp sampler chains (the sampling itself runs in C, without the GIL)."""
+"""Per-sequence sampling with llama.cpp sampler chains, run inside llama.cpp's graph where the chain allows.
+
+A chain bound to its sequence's slot (`llama_set_sampler`) is computed by llama.cpp as part of the decode
+graph (on the GPU when the output layer is there): the step returns one sampled token per sequence and no
+logits row is copied to the host or sorted on the CPU. Chains that need the raw logits (logprobs) run on
+the host after the step, in C, without the GIL.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import llama_cpp.llama_cpp as lc
 import numpy as np
@@ -18,50 +25,74 @@ def _has_penalties(params: SamplingParams) -> bool:
     return params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
+class SamplerBinding(Protocol):
+    """What the sampler needs from the context to run in llama.cpp's graph (LlamaRuntime implements it)."""
+
+    def set_sampler(self, seq: int, chain: int | None) -> bool: ...
+
+
 class Sampler:
     """A llama.cpp sampler chain built from SamplingParams, in llama-server's order.
 
-    penalties -> top_k -> top_p -> min_p -> temperature -> dist(seed); temperature 0 ends in greedy (argmax,
-    exact). With `ignore_eos`, a logit bias of -inf keeps end-of-generation tokens from being picked at all.
+    logit bias -> penalties -> top_k -> top_p -> min_p -> temperature -> dist(seed); temperature 0 ends in
+    greedy (argmax, exact). With `ignore_eos`, a bias of -inf keeps end-of-generation tokens from being
+    picked at all.
+
+    `offload` asks for the chain to run in llama.cpp's graph once bound to a slot; a chain that needs the
+    logits on the host (logprobs) never is. Where neither applies and the request is plain greedy, there is
+    no chain: the engine takes the argmax of the logits row itself.
     """
 
-    __slots__ = ("_chain", "_has_penalties", "is_argmax", "seed")
+    __slots__ = ("_chain", "_has_penalties", "_was_bound", "bound_slot", "can_offload", "is_argmax", "seed")
 
     def __init__(self, params: SamplingParams, *, n_vocab: int, eog_tokens: Sequence[int] = (),
-                 default_seed: int | None = None) -> None:
+                 default_seed: int | None = None, offload: bool = False) -> None:
         self._has_penalties = _has_penalties(params)
         seed = params.seed if params.seed is not None else default_seed
         self.seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
-        # Plain greedy needs no chain: the engine takes the argmax of the logits row itself (numpy, first
-        # maximum like llama.cpp's greedy sampler) instead of having llama.cpp copy the vocabulary per token.
-        self.is_argmax = params.is_greedy and not self._has_penalties
-        self._chain = None
-        if self.is_argmax:
-            return
-        cparams = lc.llama_sampler_chain_default_params()
-        cparams.no_perf = True
-        chain = lc.llama_sampler_chain_init(cparams)
-        self._chain = chain
-        if params.ignore_eos and eog_tokens:
-            bias = (lc.llama_logit_bias * len(eog_tokens))(
-                *[lc.llama_logit_bias(tok, -math.inf) for tok in eog_tokens])
-            lc.llama_sampler_chain_add(
-                chain, lc.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), bias))
-        if self._has_penalties:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-                n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty))
-        if params.is_greedy:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-            return
-        if params.top_k > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(self.seed))
+        self.can_offload = offload and params.logprobs is None
+        self.bound_slot = -1
+        self._was_bound = False
+        # Plain greedy on the host needs no chain: numpy's argmax of the logits row (the first maximum, as
+        # llama.cpp's greedy sampler) instead of llama.cpp copying the vocabulary into candidates per token.
+        self.is_argmax = (params.is_greedy and not self._has_penalties and not params.logit_bias
+                          and not self.can_offload)
+        self._chain: int | None = None
+        if not self.is_argmax:
+            self._chain = _build_chain(params, n_vocab=n_vocab, eog_tokens=eog_tokens, seed=self.seed)
+
+    @property
+    def is_bound(self) -> bool:
+        return self.bound_slot >= 0
+
+    def bind(self, binding: SamplerBinding, slot: int) -> bool:
+        """Run this chain inside llama.cpp's graph for sequence `slot`. False when llama.cpp refused it."""
+        if not self.can_offload or self._chain is None:
+            return False
+        if self._was_bound:
+            # llama.cpp initialises a chain for one graph once: a chain bound before (this sequence was
+            # preempted) goes on as a clone, which keeps its state (RNG, penalty history).
+            fresh = lc.llama_sampler_clone(self._chain)
+            lc.llama_sampler_free(self._chain)
+            self._chain = fresh
+        self._was_bound = True
+        if not binding.set_sampler(slot, self._chain):
+            self.can_offload = False
+            return False
+        self.bound_slot = slot
+        return True
+
+    def unbind(self, binding: SamplerBinding) -> None:
+        """Take the chain out of llama.cpp's graph, before its slot serves another sequence or it is freed."""
+        if self.bound_slot >= 0:
+            binding.set_sampler(self.bound_slot, None)
+            self.bound_slot = -1
+            if self._chain is not None:
+                # Unbound, this chain still skips its in-graph samplers: later host sampling uses a clone.
+                fresh = lc.llama_sampler_clone(self._chain)
+                lc.llama_sampler_free(self._chain)
+                self._chain = fresh
+                self._was_bound = False
 
     def accept_prompt(self, tokens: Sequence[int]) -> None:
         """Let the penalties see the end of the prompt, as llama-server does."""
@@ -70,13 +101,47 @@ class Sampler:
                 lc.llama_sampler_accept(self._chain, tok)
 
     def sample(self, ctx: int, idx: int) -> int:
-        """Sample (and accept) a token from the logits of batch index `idx` of the last decode."""
+        """The token for batch index `idx` of the last decode (sampled in the graph, or here), accepted."""
         return int(lc.llama_sampler_sample(self._chain, ctx, idx))
 
     def free(self) -> None:
         if self._chain is not None:
             lc.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def _build_chain(params: SamplingParams, *, n_vocab: int, eog_tokens: Sequence[int], seed: int) -> int:
+    cparams = lc.llama_sampler_chain_default_params()
+    cparams.no_perf = True
+    chain = lc.llama_sampler_chain_init(cparams)
+    bias = _bias(params.logit_bias, eog_tokens if params.ignore_eos else ())
+    if bias:
+        entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias.items()])
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
+    if _has_penalties(params):
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+            n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
+            params.presence_penalty))
+    if params.is_greedy:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+    return chain
+
+
+def _bias(logit_bias: Sequence[tuple[int, float]], banned: Sequence[int]) -> dict[int, float]:
+    """The request's logit bias, with the banned tokens at -inf."""
+    out = {int(t): float(b) for t, b in logit_bias}
+    for t in banned:
+        out[int(t)] = -math.inf
+    return out
 
 
 def token_logprobs(row: np.ndarray, token: int, top_n: int) -> tuple[float, tuple[tuple[int, float], ...]]:

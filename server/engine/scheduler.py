@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,6 +88,8 @@ class Scheduler:
         self.preemptions = 0
         self.reused_tokens = 0
         self._tick = 0
+        # Called with a sequence about to leave its slot (finished, cancelled or preempted).
+        self.on_leave: Callable[[Sequence], None] | None = None
 
     # --- accounting -----------------------------------------------------------------------------------------
 
@@ -135,6 +138,8 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
             return
+        if self.on_leave is not None:
+            self.on_leave(seq)
         self.running.remove(seq)
         slot = self.slots[seq.slot]
         slot.seq = None

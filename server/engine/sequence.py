@@ -36,7 +36,9 @@ class Sequence:
     __slots__ = (
         "arrival",
         "detok",
+        "is_answered",
         "is_cancelled",
+        "is_done",
         "is_finished",
         "logprobs",
         "n_cached",
@@ -67,6 +69,10 @@ class Sequence:
         self.sampler: Sampler | None = None
         self.detok = IncrementalDetokenizer(piece)
         self.stops = StopMatcher(params.stop)
+        # is_done: no more steps for it (its last token is known); is_answered: its last event is built;
+        # is_finished: out of the scheduler, slot and sampler given back.
+        self.is_done = False
+        self.is_answered = False
         self.is_finished = False
         self.is_cancelled = False
         self.logprobs = params.logprobs is not None

@@ -7,6 +7,7 @@ import dataclasses
 from server.engine.types import SamplingParams
 from server.gateway.backends.base import Backend, GenerationJob, JobKind
 from server.gateway.errors import APIError, invalid_request
+from server.gateway.sampling_defaults import SamplingDefaults
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 # In GenerationJob.extra: False when the client gave no max_tokens (a remote server then applies its default).
@@ -14,14 +15,15 @@ MAX_TOKENS_EXPLICIT = "max_tokens_explicit"
 UNKNOWN_CTX_MAX_TOKENS = 4096
 
 
-def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None,
+              defaults: SamplingDefaults) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            top_k=defaults.top_k if req.top_k is None else req.top_k,
+            min_p=defaults.min_p if req.min_p is None else req.min_p,
             repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
@@ -29,6 +31,7 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Sam
             stop=req.stop_tuple(),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            logit_bias=req.logit_bias_pairs(),
         )
     except ValueError as exc:
         raise invalid_request(str(exc)) from exc
@@ -69,7 +72,8 @@ def _budget(job: GenerationJob, backend: Backend, requested: int | None,
     return dataclasses.replace(job, params=params, extra=extra)
 
 
-def chat_job(req: ChatCompletionRequest, backend: Backend, model: str) -> GenerationJob:
+def chat_job(req: ChatCompletionRequest, backend: Backend, model: str,
+             defaults: SamplingDefaults) -> GenerationJob:
     if req.response_format is not None and req.response_format.type != "text":
         raise invalid_request("only response_format type 'text' is supported", param="response_format")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -77,7 +81,7 @@ def chat_job(req: ChatCompletionRequest, backend: Backend, model: str) -> Genera
         raise invalid_request("top_logprobs needs logprobs=true", param="top_logprobs")
     job = GenerationJob(
         kind="chat",
-        params=_sampling(req, 1, logprobs),
+        params=_sampling(req, 1, logprobs, defaults),
         model=model,
         messages=tuple(m.as_template_dict() for m in req.messages),
     )
@@ -85,12 +89,12 @@ def chat_job(req: ChatCompletionRequest, backend: Backend, model: str) -> Genera
 
 
 def completion_job(req: CompletionRequest, backend: Backend, model: str,
-                   default_max_tokens: int) -> GenerationJob:
+                   default_max_tokens: int, defaults: SamplingDefaults) -> GenerationJob:
     if req.echo and req.logprobs is not None:
         raise invalid_request("echo together with logprobs is not supported", param="echo")
     job = GenerationJob(
         kind="completion",
-        params=_sampling(req, 1, req.logprobs),
+        params=_sampling(req, 1, req.logprobs, defaults),
         model=model,
         prompt=req.prompt_text(),
     )

@@ -45,6 +45,21 @@ class SamplingFields(_Request):
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     repeat_penalty: Annotated[float | None, Field(gt=0.0)] = None
     ignore_eos: bool = False
+    # OpenAI: token id (as a string) -> bias in [-100, 100]; -100 bans the token.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) pairs; OpenAI's -100 (\"a ban\") becomes -inf so the token is never picked."""
+        items = (self.logit_bias or {}).items()
+        return tuple((int(k), float("-inf") if v <= -100.0 else v) for k, v in items)
 
     @field_validator("stop")
     @classmethod
@@ -256,6 +271,8 @@ class ModelCard(_Wire):
     created: int
     owned_by: str = "edgeserve"
     max_model_len: int | None = None
+    # What a request that leaves a sampling field out gets (the `sampling_defaults` setting).
+    sampling_defaults: dict[str, float | int] | None = None
 
 
 class ModelList(_Wire):

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS, sampling_defaults
 
 BackendKind = Literal["embedded", "openai"]
 
@@ -42,6 +44,10 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest time for a whole request")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 408, 429 and 503")
     default_completion_max_tokens: int = Field(default=16, ge=1, description="/v1/completions default")
+    sampling_defaults: str = Field(
+        default=DEFAULT_SAMPLING_DEFAULTS,
+        description=f"values for sampling fields a request leaves out: {' | '.join(SAMPLING_DEFAULTS)}",
+    )
 
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_health_interval_s: float = Field(default=2.0, gt=0)
@@ -53,6 +59,12 @@ class GatewaySettings(BaseSettings):
         default=None, description="YAML fallback chain (configs/gateway.example.yaml); overrides backend")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     metrics_require_api_key: bool = Field(default=False, description="/metrics needs the API key too")
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _check_sampling_defaults(cls, value: str) -> str:
+        sampling_defaults(value)
+        return value
 
     @model_validator(mode="after")
     def _check_backend(self) -> GatewaySettings:

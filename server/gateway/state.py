@@ -13,6 +13,7 @@ from server.gateway.admission import Admission
 from server.gateway.backends.base import Backend
 from server.gateway.errors import APIError
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.sampling_defaults import SamplingDefaults, sampling_defaults
 from server.gateway.settings import GatewaySettings
 
 
@@ -34,6 +35,10 @@ class GatewayState:
         if self.settings.model_name:
             return self.settings.model_name
         return str(getattr(self.backend, "model_id", None) or self.backend.name)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        return sampling_defaults(self.settings.sampling_defaults)
 
     @property
     def is_loaded(self) -> bool:

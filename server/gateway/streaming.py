@@ -26,8 +26,15 @@ DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Characters JSON may carry raw that Python's str.splitlines() (httpx's aiter_lines, and with it many
+# clients) treats as line ends, splitting a `data:` line in the middle of a JSON string. json.dumps already
+# escapes the C0 controls (\v, \f, \x1c-\x1e); these three it leaves raw with ensure_ascii=False.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 async def _events(running: RunningJob, formatter: Formatter,

@@ -15,6 +15,7 @@ from server.engine.errors import (
     EngineError,
     EngineNotReadyError,
     EngineStoppedError,
+    InvalidTokenError,
     PromptTooLongError,
 )
 from server.engine.types import StreamEvent
@@ -131,6 +132,9 @@ class EmbeddedBackend:
                 yield self._delta(event, want_logprobs)
         except PromptTooLongError as exc:
             raise ContextLengthExceededError(str(exc), param=param) from exc
+        except InvalidTokenError as exc:
+            raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
+                               param=exc.where if exc.where == "logit_bias" else param) from exc
         except EmptyPromptError as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param=param) from exc

@@ -20,6 +20,7 @@ from server.gateway.backends.upstream_protocol import (
     EmptyStreamError,
     answer_deltas,
     request_body,
+    sse_lines,
     stream_deltas,
 )
 from server.gateway.settings import GatewaySettings
@@ -170,7 +171,7 @@ class OpenAIUpstreamBackend:
                 if response.status_code != 200:
                     raw = (await response.aread()).decode(errors="replace")
                     raise map_error(response.status_code, parse_json(raw), job.kind, text=raw[:500])
-                async for delta in stream_deltas(response.aiter_lines(), job):
+                async for delta in stream_deltas(sse_lines(response.aiter_bytes()), job):
                     yield delta
             except EmptyStreamError:
                 # Nothing reached the client yet: ask once more without streaming for the answer or the error.

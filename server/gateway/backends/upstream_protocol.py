@@ -87,6 +87,22 @@ def chunk_logprobs(choice: dict[str, Any], kind: str) -> tuple[TokenLogprob, ...
                  for t, v in zip(tokens, values, strict=False))
 
 
+async def sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The lines of an SSE body, split where SSE splits them (CR, LF, CRLF) and nowhere else.
+
+    httpx's aiter_lines splits like str.splitlines(), also at U+2028, U+0085, ... which servers leave raw
+    inside JSON strings: a `data:` line would arrive cut in two.
+    """
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")
+
+
 def _choice_text(choice: dict[str, Any], kind: str) -> str:
     if kind == "chat":
         delta = choice.get("delta") or choice.get("message") or {}

@@ -22,7 +22,7 @@ COMPLETIONS_ROUTE = "/v1/completions"
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
     """Chat completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
-    job = chat_job(body, state.backend, state.model_id)
+    job = chat_job(body, state.backend, state.model_id, state.sampling_defaults)
     formatter = ChatFormatter(state.model_id, want_logprobs=body.logprobs)
     running = await start_job(request, state, job, CHAT_ROUTE)
     if body.stream:
@@ -35,7 +35,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Response:
     """Text completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
-    job = completion_job(body, state.backend, state.model_id, state.settings.default_completion_max_tokens)
+    job = completion_job(body, state.backend, state.model_id, state.settings.default_completion_max_tokens,
+                         state.sampling_defaults)
     formatter = CompletionFormatter(state.model_id, want_logprobs=body.logprobs is not None,
                                     echo_prompt=body.prompt_text() if body.echo else None)
     running = await start_job(request, state, job, COMPLETIONS_ROUTE)
@@ -49,4 +50,5 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 async def models(state: StateDep) -> ModelList:
     """The one model this gateway serves."""
     n_ctx = state.backend.n_ctx if state.is_ready() else None
-    return ModelList(data=[ModelCard(id=state.model_id, created=state.created, max_model_len=n_ctx)])
+    return ModelList(data=[ModelCard(id=state.model_id, created=state.created, max_model_len=n_ctx,
+                                     sampling_defaults=state.sampling_defaults.as_dict())])
