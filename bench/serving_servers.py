@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -168,75 +169,78 @@ def edgeserve_cmd(env: dict[str, str]) -> list[str]:
     return [sys.executable, "-m", "server.cli.serve"]
 
 
-def start(
-    kind: str, model: Path, c: int, args: argparse.Namespace, env: dict[str, str], work: Path
-) -> Server:
+def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Namespace, env: dict[str, str],
+          work: Path) -> Server:
+    """One server with `slots` sequences of `n_ctx_seq` tokens each. Kinds: edgeserve, llama-server,
+    llama-server-bs (llama-server with --backend-sampling), llama-cpp-python."""
     port = free_port()
-    n_ctx_seq = args.prompt_tokens + args.gen_tokens + 64
-    log = work / f"{kind}-{c}.log"
+    log = work / f"{kind}-{slots}.log"
     ngl = "99" if args.gpu else "0"
-    if kind == "a":
-        cmd = [
-            *edgeserve_cmd(env),
-            "--model",
-            str(model),
-            "--port",
-            str(port),
-            "--parallel",
-            str(c),
-            "--ctx",
-            str(c * n_ctx_seq),
-            "--n-gpu-layers",
-            ngl,
-            "--max-queue",
-            "4096",
-            "--log-level",
-            "warning",
-        ]
+    if kind == "edgeserve":
+        cmd = [*edgeserve_cmd(env), "--model", str(model), "--port", str(port), "--parallel", str(slots),
+               "--ctx", str(slots * n_ctx_seq), "--n-gpu-layers", ngl, "--max-queue", "4096",
+               "--log-level", "warning"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        return Server("edgeserve", cmd, env, port, "/ready", log)
-    if kind == "b":
-        cmd = [
-            "llama-server",
-            "-m",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-ngl",
-            ngl,
-            "-np",
-            str(c),
-            "-c",
-            str(c * n_ctx_seq),
-        ]
+        # The same step budget as llama-server's default -b.
+        return Server(kind, cmd, {**env, "EDGESERVE_N_BATCH": "2048"}, port, "/ready", log)
+    if kind in ("llama-server", "llama-server-bs"):
+        cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-ngl", ngl,
+               "-np", str(slots), "-c", str(slots * n_ctx_seq)]
+        if args.gpu:
+            cmd += ["-fa", "on"]
+        if kind == "llama-server-bs":
+            cmd += ["--backend-sampling"]
         if args.threads:
             cmd += ["-t", str(args.threads)]
-        return Server("llama-server", cmd, env, port, "/health", log)
+        return Server(kind, cmd, env, port, "/health", log)
     cmd = [
         sys.executable,
         "-m",
         "server.launch.llama_cpp_python",  # llama-cpp-python's server with the engine's CPU guard
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_gpu_layers",
-        ngl,
-        "--n_ctx",
-        str(n_ctx_seq),
-        "--verbose",
-        "False",
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--n_gpu_layers", ngl,
+        "--n_ctx", str(n_ctx_seq), "--verbose", "False",
         # Its default cuts a running stream short with [DONE] as soon as another request comes in.
-        "--interrupt_requests",
-        "False",
+        "--interrupt_requests", "False",
     ]
     if args.gpu:
         cmd += ["--flash_attn", "True"]
     if args.threads:
         cmd += ["--n_threads", str(args.threads)]
-    return Server("llama-cpp-python", cmd, env, port, "/v1/models", log)
+    return Server(kind, cmd, env, port, "/v1/models", log)
+
+
+def llama_bench_tg(model: Path, gen: int, args: argparse.Namespace, env: dict[str, str]) -> float | None:
+    """llama-bench tg`gen`: llama.cpp's single-sequence decode speed, t/s (None without llama-bench)."""
+    if not shutil.which("llama-bench", path=env["PATH"]):
+        return None
+    cmd = ["llama-bench", "-m", str(model), "-p", "0", "-n", str(gen), "-r", "3", "-o", "json",
+           "-ngl", "99" if args.gpu else "0"]
+    if args.gpu:
+        cmd += ["-fa", "1"]
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    rows = json.loads(sh(cmd, env, capture_output=True).stdout)
+    return float(rows[0]["avg_ts"]) if rows else None
+
+
+def llama_batched_bench(model: Path, levels: list[int], prompt: int, gen: int, args: argparse.Namespace,
+                        env: dict[str, str]) -> dict[int, float]:
+    """llama-batched-bench: S_TG (decode t/s of B sequences side by side) by B, the C++ limit of batching."""
+    if not shutil.which("llama-batched-bench", path=env["PATH"]):
+        return {}
+    n_ctx = max(levels) * (prompt + gen) + 256
+    cmd = ["llama-batched-bench", "-m", str(model), "-c", str(n_ctx), "-b", "2048", "-ub", "512",
+           "-npp", str(prompt), "-ntg", str(gen), "-npl", ",".join(map(str, levels)), "-ngl",
+           "99" if args.gpu else "0", "--output-format", "jsonl"]
+    if args.gpu:
+        cmd += ["-fa", "on"]
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    out = sh(cmd, env, capture_output=True).stdout
+    limits: dict[int, float] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            limits[int(row["pl"])] = float(row["speed_tg"])
+    return limits

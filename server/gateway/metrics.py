@@ -92,6 +92,17 @@ class _LiveCollector(Collector):
         if stats.steps_total is not None:
             yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine decode steps",
                                       value=stats.steps_total)
+        if stats.sampled_in_graph_total is not None:
+            yield CounterMetricFamily(f"{PREFIX}_engine_sampled_in_graph_tokens",
+                                      "Tokens sampled inside llama.cpp's decode graph (not on the host)",
+                                      value=stats.sampled_in_graph_total)
+        if stats.step_seconds:
+            phases = CounterMetricFamily(f"{PREFIX}_engine_step_seconds",
+                                         "Decode-thread time per step phase (server.engine.step_profile)",
+                                         labels=["phase"])
+            for phase, seconds in stats.step_seconds.items():
+                phases.add_metric([phase], seconds)
+            yield phases
         if stats.batch_size_steps:
             yield _histogram_from_counts(f"{PREFIX}_engine_batch_size", "Sequences decoded per engine step",
                                          stats.batch_size_steps, BATCH_BUCKETS)

@@ -69,6 +69,8 @@ class BackendStats:
     steps_total: int | None = None
     batch_size_steps: dict[int, int] = field(default_factory=dict)
     step_tokens_steps: dict[int, int] = field(default_factory=dict)
+    sampled_in_graph_total: int | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_usage_ratio(self) -> float | None:

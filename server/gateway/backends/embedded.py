@@ -190,4 +190,6 @@ class EmbeddedBackend:
             steps_total=s.steps_total,
             batch_size_steps=dict(self._batch_size_steps),
             step_tokens_steps=dict(self._step_tokens_steps),
+            sampled_in_graph_total=s.sampled_in_graph_total,
+            step_seconds=s.step_seconds,
         )
