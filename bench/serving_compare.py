@@ -45,6 +45,9 @@ from serving_servers import (
 
 PHASE_METRIC = "edgeserve_engine_step_seconds_total"
 STEPS_METRIC = "edgeserve_engine_steps_total"
+IN_GRAPH_METRIC = "edgeserve_engine_sampled_in_graph_tokens_total"
+GENERATED_METRIC = "edgeserve_generation_tokens_total"
+COUNTS = ("steps", "in_graph_tokens", "generated_tokens")
 
 
 def engine_counters(server: Server) -> dict[str, float]:
@@ -56,6 +59,10 @@ def engine_counters(server: Server) -> dict[str, float]:
             out[phase] = float(line.rsplit(" ", 1)[1])
         elif line.startswith(STEPS_METRIC + " "):
             out["steps"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(IN_GRAPH_METRIC + " "):
+            out["in_graph_tokens"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(GENERATED_METRIC + " "):
+            out["generated_tokens"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -63,8 +70,9 @@ def per_step_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     steps = after.get("steps", 0.0) - before.get("steps", 0.0)
     if steps <= 0:
         return None
-    profile = {k: (after[k] - before.get(k, 0.0)) / steps * 1000 for k in after if k != "steps"}
-    profile["steps"] = steps
+    profile = {k: (after[k] - before.get(k, 0.0)) / steps * 1000 for k in after if k not in COUNTS}
+    for k in COUNTS:
+        profile[k] = after.get(k, 0.0) - before.get(k, 0.0)
     return profile
 
 
@@ -114,6 +122,9 @@ def bench_model(model: Path, args: argparse.Namespace, env: dict[str, str]) -> d
                     print("  " + line(run), flush=True)
         finally:
             server.stop()
+            if args.keep_logs:
+                tail = server.log.read_text(errors="replace")[-200_000:]
+                (args.out / f"{model.stem}-{kind}.log").write_text(tail)
     limits = llama_batched_bench(model, levels, 256, args.gen_tokens, args, env)
     tg = llama_bench_tg(model, args.gen_tokens, args, env)
     return {"model": model.name, "model_bytes": model.stat().st_size, "llama_bench_tg_tokens_per_s": tg,
@@ -137,6 +148,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every server")
     p.add_argument("--cpu", action="store_true", help="no GPU even if one is present")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="JSON goes here")
+    p.add_argument("--keep-logs", action="store_true", help="copy each server's log (its end) to --out")
     p.add_argument("--write-doc", action="store_true", help="append the section to docs/BENCHMARKS.md")
     p.add_argument("--from-json", type=Path, help="no run: the section of an earlier serving_compare.json")
     args = p.parse_args()
@@ -148,6 +160,7 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     env = kit_env(args.kit, args.wheels, args.work)
     args.gpu = not args.cpu and shutil.which("nvidia-smi") is not None
     args.levels = args.levels or ("1,8,16,32,64" if args.gpu else "1,8")

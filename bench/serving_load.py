@@ -14,6 +14,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,18 @@ def _body(shape: Shape, prompt: str, gen: int, model: str) -> dict[str, Any]:
     return body
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """Lines split where SSE splits them. httpx's aiter_lines also splits at U+2028, U+0085, ..., which a
+    server may leave raw inside a JSON string (llama-server does), and the line would arrive cut in two."""
+    buf = b""
+    async for chunk in response.aiter_bytes():
+        *lines, buf = (buf + chunk).split(b"\n")
+        for raw in lines:
+            yield raw.rstrip(b"\r").decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")
+
+
 def _content(payload: dict[str, Any]) -> bool:
     for choice in payload.get("choices") or ():
         if choice.get("text") or (choice.get("delta") or {}).get("content"):
@@ -162,7 +175,7 @@ async def request(client: httpx.AsyncClient, url: str, shape: Shape, prompt: str
     async with client.stream("POST", url + path, json=_body(shape, prompt, gen, model)) as response:
         if response.status_code != 200:
             raise ValueError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response):
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()

@@ -21,8 +21,7 @@ import pytest
 
 from quantize.bundled import smollm2_path
 from server.engine.engine import Engine, EngineConfig
-from server.engine.llama_context import LlamaRuntime
-from server.engine.sampling import PENALTY_LAST_N
+from server.engine.sampling import PENALTY_LAST_N, sorts_vocabulary
 from server.engine.types import SamplingParams
 from tests.engine_helpers import THREADS, SerialReference, collect, greedy, run
 
@@ -42,7 +41,7 @@ CASES: dict[str, dict[str, object]] = {
 }
 
 
-def _engine(backend_sampling: bool, **kw: object) -> Engine:
+def _engine(backend_sampling: bool | None, **kw: object) -> Engine:
     config = dict(model_path=str(smollm2_path()), n_ctx=SLOTS * 256, n_parallel=SLOTS, n_batch=512,
                   n_threads=THREADS, backend_sampling=backend_sampling)
     config.update(kw)
@@ -255,9 +254,18 @@ def test_in_graph_sampling_survives_preemption() -> None:
 def test_automatic_choice_keeps_sampling_on_the_host_without_a_gpu() -> None:
     if lc.llama_supports_gpu_offload():
         pytest.skip("this llama.cpp build offloads to a GPU")
-    rt = LlamaRuntime(EngineConfig(model_path=str(smollm2_path()), n_ctx=256, n_parallel=1,
-                                   n_threads=THREADS, n_gpu_layers=99))
+    eng = _engine(None, n_ctx=256, n_parallel=1, n_gpu_layers=99)
     try:
-        assert rt.backend_sampling is False
+        prompt = eng.tokenize(PROMPT)
+        # top-p with no top-k is the one shape that goes in the graph on a GPU; here there is none
+        run(collect(eng, prompt, SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, top_k=0, seed=1)))
+        assert eng.stats().sampled_in_graph_total == 0
     finally:
-        rt.close()
+        eng.stop()
+
+
+def test_sorts_vocabulary_picks_top_p_without_top_k() -> None:
+    assert sorts_vocabulary(SamplingParams(temperature=0.7, top_p=0.95))
+    assert not sorts_vocabulary(SamplingParams(temperature=0.7, top_p=0.95, top_k=40))
+    assert not sorts_vocabulary(SamplingParams(temperature=0.0, top_p=0.95))
+    assert not sorts_vocabulary(SamplingParams(temperature=0.7))

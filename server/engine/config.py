@@ -26,22 +26,23 @@ MAX_SEQUENCES = 256
 class EngineConfig:
     """How to load the model and size the context.
 
-    `n_ctx` is the total KV cache in tokens, as llama-server's -c. By default (`kv_unified` False, as
-    llama-server with -np) every sequence owns n_ctx / n_parallel cells: attention reads only a sequence's own
-    cells (faster with many streams) and a sequence computes the same bits whatever else shares its step, so
-    greedy output does not depend on the load. With `kv_unified` the sequences share one pool, one of them may
-    use all of it, a prefix can be shared between running sequences, and when they outgrow the pool together
-    the newest is preempted; but llama.cpp's attention kernels then see the whole step, so the last bits of a
-    logit (and rarely a near-tie greedy token) depend on what else runs.
-    `n_batch` is the token budget of one engine step (one token per running sequence plus prefill chunks).
-    `backend_sampling` runs each sequence's sampler chain inside llama.cpp's decode graph (None: where the
-    output layer is on a GPU). `overlap` turns one step's tokens into text and events while the device
-    computes the next (None: where the output layer is on a GPU; on the CPU it would only delay every event
-    by a step). `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of
-    requests that carry none (None: random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster
-    kernels (AMX among them); None turns it off only where the CPU lists AMX and llama.cpp was built with AMX
-    kernels: some virtual machines list AMX tiles they cannot run (batched decode then dies with an illegal
-    instruction).
+    `n_ctx` is the total KV cache in tokens, as llama-server's -c. With `kv_unified` the sequences share one
+    pool, one of them may use all of it, a prefix can be shared between running sequences, and when they
+    outgrow the pool together the newest is preempted; llama.cpp's attention kernels then see the whole step,
+    so the last bits of a logit (and rarely a near-tie greedy token) depend on what else runs. Without it (as
+    llama-server with -np) every sequence owns n_ctx / n_parallel cells and computes the same bits whatever
+    else shares its step, but llama.cpp cuts a step that mixes decoding and prefilling sequences into many
+    small pieces (one per equal share of every sequence): on an H200 with 64 streams and mixed prompt lengths,
+    3x slower. None: unified where the output layer is on a GPU (speed), per sequence on the CPU (greedy
+    output independent of the load). `n_batch` is the token budget of one engine step (one token per running
+    sequence plus prefill chunks). `backend_sampling` runs each sequence's sampler chain inside llama.cpp's
+    decode graph (None: on a GPU, only the chains that would sort the whole vocabulary on the host: top-p
+    without top-k). `overlap` turns one step's tokens into text and events while the device computes the next
+    (None: where the output layer is on a GPU; on the CPU it would only delay every event by a step).
+    `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of requests that carry none (None:
+    random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster kernels (AMX among them); None
+    turns it off only where the CPU lists AMX and llama.cpp was built with AMX kernels: some virtual machines
+    list AMX tiles they cannot run (batched decode then dies with an illegal instruction).
     """
 
     model_path: str
@@ -54,7 +55,7 @@ class EngineConfig:
     n_gpu_layers: int = 0
     flash_attn: bool | None = None
     kv_type: str = "f16"
-    kv_unified: bool = False
+    kv_unified: bool | None = None
     seed: int | None = None
     prefix_cache: bool = True
     backend_sampling: bool | None = None

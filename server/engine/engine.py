@@ -175,7 +175,7 @@ class Engine:
         """Tokens (prompt + generated) a single sequence may use."""
         if self._runtime is not None:
             return self._runtime.n_ctx_seq
-        if self.config.kv_unified:
+        if self.config.kv_unified:  # None decides at load (on a GPU unified); until then the smaller
             return self.config.n_ctx
         return self.config.n_ctx // self.config.n_parallel
 

@@ -96,7 +96,11 @@ class LlamaRuntime:
         cparams.n_seq_max = config.n_parallel
         cparams.n_threads = config.threads
         cparams.n_threads_batch = config.threads_batch
-        cparams.kv_unified = config.kv_unified
+        # The output layer is on a GPU when every layer is offloaded (-ngl counts it as layer n_layer + 1).
+        self.output_on_gpu: bool = (bool(lc.llama_supports_gpu_offload())
+                                    and config.n_gpu_layers > lc.llama_model_n_layer(model))
+        self.kv_unified: bool = self.output_on_gpu if config.kv_unified is None else config.kv_unified
+        cparams.kv_unified = self.kv_unified
         cparams.type_k = config.kv_ggml_type
         cparams.type_v = config.kv_ggml_type
         cparams.no_perf = True
@@ -115,11 +119,6 @@ class LlamaRuntime:
                 f"n_parallel={config.n_parallel}, kv_type={config.kv_type}, flash_attn={config.flash_attn})"
             )
         self.ctx: int = ctx
-        # The output layer is on a GPU when every layer is offloaded (-ngl counts it as layer n_layer + 1).
-        self.output_on_gpu: bool = (bool(lc.llama_supports_gpu_offload())
-                                    and config.n_gpu_layers > lc.llama_model_n_layer(model))
-        self.backend_sampling: bool = (self.output_on_gpu if config.backend_sampling is None
-                                       else config.backend_sampling)
         self.mem: int = lc.llama_get_memory(ctx)
         self.vocab: int = lc.llama_model_get_vocab(model)
         self.n_vocab: int = lc.llama_vocab_n_tokens(self.vocab)
