@@ -268,8 +268,12 @@ class Scheduler:
         budget = self.n_batch - len(decoders)
         planned = len(decoders)
         free = self.kv_free() - planned
+        # With a cache per sequence llama.cpp cuts a step into pieces that take an equal share of every
+        # sequence in them: decoders beside several prefilling sequences of different lengths make many small
+        # pieces. Beside decoders, one sequence prefills at a time.
+        prefills = 1 if decoders and not self.unified else len(self.slots)
         for seq in self.running:
-            if budget <= 0:
+            if budget <= 0 or prefills <= 0:
                 break
             if seq.n_pending > 1:
                 want = min(seq.n_pending, budget)
@@ -282,7 +286,8 @@ class Scheduler:
                     budget -= n
                     free -= n
                     planned += n
-        while admit and self.waiting and budget > 0:
+                    prefills -= 1
+        while admit and self.waiting and budget > 0 and prefills > 0:
             seq = self.waiting[0]
             if seq.is_cancelled:
                 self.waiting.popleft()
@@ -295,6 +300,7 @@ class Scheduler:
             if n > 0:
                 work.append(self._add_chunk(batch, seq, n))
                 budget -= n
+                prefills -= 1
         # Everyone is prefilling and the cache is full: make room by preempting the newest.
         if not work and self.running and self.preempt_newest() is not None and self.running:
             return self.plan(batch, admit)
