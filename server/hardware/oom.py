@@ -25,12 +25,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantize.model.units import GIB, KIB, MIB
+
 FailureKind = Literal["oom", "load_error", "crash"]
 OomCause = Literal["alloc", "pool_too_small"]
 Phase = Literal["startup", "running"]
 
-_MIB = 1024 * 1024
-_UNITS = {"B": 1, "KB": 1024, "KIB": 1024, "MB": _MIB, "MIB": _MIB, "GB": 1024 * _MIB, "GIB": 1024 * _MIB}
+# llama.cpp and PyTorch write MB/GB for binary sizes.
+_UNITS = {"B": 1, "KB": KIB, "KIB": KIB, "MB": MIB, "MIB": MIB, "GB": GIB, "GIB": GIB}
 
 
 class Failure(BaseModel):

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.cards import Architecture, Card, GpuSet, Link, match_card
-from server.cpu import CpuInfo, detect_cpu, parse_cpuinfo, parse_meminfo, read_text
+from server.hardware.cards import Architecture, Card, GpuSet, Link, match_card
+from server.hardware.cpu import CpuInfo, detect_cpu, parse_cpuinfo, parse_meminfo, read_text
 
 log = logging.getLogger(__name__)
 

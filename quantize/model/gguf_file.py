@@ -1,7 +1,8 @@
 """Read a GGUF file into a ModelSpec (no llama.cpp, no weights loaded).
 
-The header is parsed by quantize.gguf_header (keys and value types from the `gguf` package); gguf's GGUFReader
-is avoided because it materialises every tokenizer entry (about 10 s for a Llama-3 vocabulary on 2 cores).
+The header is parsed by quantize.model.gguf_header (keys and value types from the `gguf` package); gguf's
+GGUFReader is avoided because it materialises every tokenizer entry (about 10 s for a Llama-3 vocabulary on 2
+cores).
 
 Hyperparameters are read the way llama.cpp reads them (src/llama-model.cpp, src/models/*.cpp):
 - `{arch}.attention.head_count_kv` may be a per-layer array; a 0 entry means the layer keeps no KV cache;
@@ -20,8 +21,8 @@ from typing import Any
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from quantize.gguf_header import GGUFHeader, GGUFHeaderError, read_header
-from quantize.model_spec import ModelSpec, TensorInfo
+from quantize.model.gguf_header import GGUFHeader, GGUFHeaderError, read_header
+from quantize.model.spec import ModelSpec, TensorInfo
 
 __all__ = ["GGUFReadError", "ModelSpec", "TensorInfo", "read_model_spec", "swa_layer_pattern"]
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quantize.levels import QuantLevel, get_level
-from quantize.model_spec import OUTPUT, TOKEN_EMBD, ModelSpec, TensorInfo
+from quantize.model.levels import QuantLevel, get_level
+from quantize.model.spec import OUTPUT, TOKEN_EMBD, ModelSpec, TensorInfo
 
 __all__ = ["estimate_weights_bytes", "quantized_tensors", "spec_at_level", "tensor_bytes"]
 

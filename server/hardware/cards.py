@@ -1,7 +1,8 @@
 """Card tables: what each supported NVIDIA card is, and what the serving stack may use on it.
 
-The rows live in `server.card_table` as data; this module holds the model, the capability rules and the
-name matching (an id, a marketing name, or whatever string NVML reports for the device).
+The rows are data, `cards.yaml` beside this module (package data, read with importlib.resources), every figure
+with the URL it comes from; this module holds the model, the capability rules and the name matching (an id, a
+marketing name, or whatever string NVML reports for the device).
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from functools import cache
-from typing import Literal
+from importlib import resources
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-GIB = 1024**3
+from quantize.model.units import GIB, MIB
+
+CARD_TABLE = "cards.yaml"
+# The table writes sizes in the unit of its source: `memory_gib: 8` is `memory_bytes` = 8 GiB.
+_UNIT_SUFFIXES = {"_gib": GIB, "_mib": MIB}
 SGLANG_MIN_CC = (8, 0)
 
 Architecture = Literal[
@@ -213,6 +220,10 @@ class GpuSet(BaseModel):
         return cls(card=card, count=count, link=Link(pcie_gen=card.pcie_gen, has_nvlink=nvlink))
 
     @property
+    def card_id(self) -> str:
+        return self.card.id
+
+    @property
     def memory_bytes_per_gpu(self) -> int:
         """Memory a backend can have on each GPU: measured if detected, else the card's usable figure."""
         return self.measured_memory_bytes or self.card.usable_memory_bytes
@@ -262,14 +273,33 @@ def _memory_ok(card: Card, memory_bytes: int | None) -> bool:
     return abs(memory_bytes - card.memory_bytes) <= _MEMORY_TOLERANCE * card.memory_bytes
 
 
+def _in_bytes(key: str) -> tuple[str, int]:
+    for suffix, unit in _UNIT_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + "_bytes", unit
+    return key, 1
+
+
+def card_from_row(row: Mapping[str, Any]) -> Card:
+    """One row of the table (sizes in GiB/MiB where the key says so) as a Card."""
+    values: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "sources":
+            values["sources"] = {_in_bytes(k)[0]: url for k, url in value.items()}
+            continue
+        name, unit = _in_bytes(key)
+        values[name] = round(value * unit) if unit != 1 else value
+    return Card.model_validate(values)
+
+
 @cache
 def _table() -> tuple[Card, ...]:
-    from server.card_table import CARDS
-
-    ids = [c.id for c in CARDS]
+    text = resources.files(__package__).joinpath(CARD_TABLE).read_text(encoding="utf-8")
+    cards = tuple(card_from_row(row) for row in yaml.safe_load(text)["cards"])
+    ids = [c.id for c in cards]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"duplicate card ids in the table: {ids}")
-    return CARDS
+    return cards
 
 
 def all_cards() -> tuple[Card, ...]:

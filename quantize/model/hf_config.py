@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quantize.gguf_model import GGUFReadError, swa_layer_pattern
-from quantize.model_spec import ModelSpec, TensorInfo
+from quantize.model.gguf_file import GGUFReadError, swa_layer_pattern
+from quantize.model.spec import ModelSpec, TensorInfo
 
 __all__ = ["HFConfigError", "model_spec_from_hf_config"]
 

@@ -1,7 +1,8 @@
 """ModelSpec: the shapes and tensor types of a model, as the memory calculator and the quantizer need them.
 
-A ModelSpec comes from a GGUF file (quantize.gguf_model.read_model_spec) or from a Hugging Face config.json
-(quantize.hf_config.model_spec_from_hf_config). It is a plain frozen value: JSON-printable, no file handles.
+A ModelSpec comes from a GGUF file (quantize.model.gguf_file.read_model_spec) or from a Hugging Face
+config.json (quantize.model.hf_config.model_spec_from_hf_config); quantize.model.reader.read_spec takes
+either. It is a plain frozen value: JSON-printable, no file handles.
 
 Placement facts mirrored from llama.cpp (src/llama-model.cpp, src/llama-model-loader.cpp):
 - the input layer (token_embd) always stays on the CPU, even with every layer offloaded;
