@@ -14,12 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize.gguf_model import GGUFReadError, read_model_spec
-from quantize.levels import QuantLevel
 from quantize.llama_session import LlamaLoadError, LlamaSession
 from quantize.manifest import CheckResult
-from quantize.model_spec import ModelSpec
-from quantize.tensor_types import quantized_tensors
+from quantize.model.gguf_file import GGUFReadError, read_model_spec
+from quantize.model.levels import QuantLevel
+from quantize.model.spec import ModelSpec
+from quantize.model.tensor_types import quantized_tensors
 
 # The output's size may differ from the prediction by metadata changes (quantization keys added,
 # general.file_type

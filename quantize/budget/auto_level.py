@@ -1,18 +1,19 @@
 """`--level auto`: the highest-quality quantization level whose memory budget fits the target.
 
 The choice is budget.best_level over the quantized levels; the candidates' budgets are kept so the CLI can
-show
-why (each level's weights, total and headroom on the fullest device).
+show why (each level's weights, total and headroom on the fullest device).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantize.budget import Backend, Budget, CpuTarget, best_level, estimate
-from quantize.levels import LEVELS, QuantLevel
-from quantize.model_spec import ModelSpec
-from server.cards import GpuSet
+from quantize.budget.estimate import best_level, estimate
+from quantize.budget.types import Backend, Budget
+from quantize.model.levels import LEVELS, QuantLevel
+from quantize.model.spec import ModelSpec
+from quantize.model.units import MIB
+from server.hardware.target import Target
 
 # F16 is a conversion, not a quantization: the automatic choice is among the quantized levels.
 QUANTIZED_LEVELS: tuple[QuantLevel, ...] = tuple(lv for lv in LEVELS if lv.is_quantized)
@@ -46,13 +47,9 @@ class LevelChoice:
         }
 
 
-def target_label(target: GpuSet | CpuTarget) -> str:
-    return target.label if isinstance(target, GpuSet) else f"cpu ({target.ram_bytes / (1 << 30):.1f} GiB RAM)"
-
-
 def choose_level(
     spec: ModelSpec,
-    target: GpuSet | CpuTarget,
+    target: Target,
     *,
     backend: Backend = "llama-server",
     n_ctx: int = 4096,
@@ -68,13 +65,13 @@ def choose_level(
     ordered = tuple(sorted(levels, key=lambda lv: -lv.quality_rank))
     candidates = tuple((lv, estimate(target, spec, lv, **kwargs)) for lv in ordered)  # type: ignore[arg-type]
     picked = best_level(target, spec, ordered, **kwargs)
-    label = target_label(target)
+    label = target.label
     if picked is None:
         smallest_level, smallest = min(candidates, key=lambda c: c[1].total_bytes)
         why = "; ".join(smallest.reasons) or "it does not fit"
         raise NoLevelFitsError(
             f"no quantization level of {spec.name} fits {label} with n_ctx {n_ctx} x {n_parallel}: "
-            f"even {smallest_level.name} needs {smallest.total_bytes / (1 << 20):,.0f} MiB ({why})"
+            f"even {smallest_level.name} needs {smallest.total_bytes / MIB:,.0f} MiB ({why})"
         )
     level, budget = picked
     return LevelChoice(level=level, budget=budget, candidates=candidates, target_label=label)

@@ -2,55 +2,28 @@
 
 Pure functions. `estimate` gives one Budget; `best_level` the highest-quality level that fits;
 `level_table` the grid `edgeserve plan` prints. llama-server and the embedded engine share llama.cpp's
-memory model (quantize.budget_llama); sglang uses SGLang's (quantize.budget_sglang). Figures are per GPU:
+memory model (quantize.budget.llama); sglang uses SGLang's (quantize.budget.sglang). Figures are per GPU:
 total_bytes is the memory the backend process holds on its fullest GPU as nvidia-smi reports it, CUDA
-context included.
+context included. `n_ctx` is the context of ONE sequence everywhere; the KV pool is n_ctx * n_parallel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from quantize import budget_llama as bl
-from quantize.budget_sglang import (
-    SGLANG_KV_TYPES,
-    SGLANG_METADATA_BYTES,
-    SglangSettings,
-    sglang_settings,
-    weights_per_gpu,
-)
-from quantize.budget_types import (
-    BACKENDS,
-    Backend,
-    Budget,
-    CpuTarget,
-    GpuBudget,
-    LevelTable,
-    TableRow,
-)
-from quantize.levels import LEVELS, QuantLevel, get_level, level_for_ftype
-from quantize.model_spec import TOKEN_EMBD, ModelSpec
-from quantize.tensor_types import spec_at_level
-from server.cards import GpuSet
+from quantize.budget import llama as bl
+from quantize.budget.sglang import SGLANG_METADATA_BYTES, SglangSettings, sglang_settings, weights_per_gpu
+from quantize.budget.types import BACKENDS, Backend, Budget, GpuBudget, LevelTable, TableRow
+from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
+from quantize.model.levels import LEVELS, QuantLevel, get_level, level_for_ftype
+from quantize.model.spec import TOKEN_EMBD, ModelSpec
+from quantize.model.tensor_types import spec_at_level
+from quantize.model.units import MIB
+from server.hardware.cards import GpuSet
+from server.hardware.target import CpuTarget, Target
 
 DEFAULT_HEADROOM_FRACTION = 0.05
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
-MIB = 1 << 20
-
-__all__ = [
-    "BACKENDS",
-    "DEFAULT_CONTEXTS",
-    "DEFAULT_HEADROOM_FRACTION",
-    "Backend",
-    "Budget",
-    "CpuTarget",
-    "GpuBudget",
-    "LevelTable",
-    "TableRow",
-    "best_level",
-    "estimate",
-    "level_table",
-]
 
 
 def _quant_name(spec: ModelSpec) -> str:
@@ -63,9 +36,9 @@ def _check_kv(backend: Backend, kv_type: str, flash_attn: bool) -> list[str]:
         if kv_type not in SGLANG_KV_TYPES:
             return [f"SGLang takes --kv-cache-dtype {'|'.join(SGLANG_KV_TYPES)}, not {kv_type!r}"]
         return []
-    if kv_type not in bl.LLAMA_KV_TYPES:
-        return [f"llama.cpp KV type must be one of {', '.join(bl.LLAMA_KV_TYPES)}, got {kv_type!r}"]
-    if bl.is_quantized(kv_type) and not flash_attn:
+    if kv_type not in LLAMA_KV_TYPES:
+        return [f"llama.cpp KV type must be one of {', '.join(LLAMA_KV_TYPES)}, got {kv_type!r}"]
+    if is_quantized_kv(kv_type) and not flash_attn:
         return [
             f"a quantized V cache ({kv_type}) requires flash attention in llama.cpp; use --flash-attn or f16"
         ]
@@ -73,7 +46,7 @@ def _check_kv(backend: Backend, kv_type: str, flash_attn: bool) -> list[str]:
 
 
 def estimate(
-    target: GpuSet | CpuTarget,
+    target: Target,
     spec: ModelSpec,
     level: str | QuantLevel | None = None,
     *,
@@ -92,8 +65,9 @@ def estimate(
 ) -> Budget:
     """Memory of serving `spec` (at `level`, else as the file is) with these settings on `target`.
 
-    llama.cpp backends: n_ctx is -c, the total over n_parallel slots. swa_full/n_outputs_max default to each
-    backend's own default (llama-server: false / n_parallel; llama_context_default_params: true / n_batch).
+    `n_ctx` is the context of one of `n_parallel` sequences (llama-server's -c is their product).
+    swa_full/n_outputs_max default to each backend's own default (llama-server: false / n_parallel;
+    llama_context_default_params: true / n_batch).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -132,7 +106,7 @@ def estimate(
 
 # fmt: off
 def _llama(
-    target: GpuSet | CpuTarget, spec: ModelSpec, backend: Backend, n_ctx: int, n_parallel: int, kv: str,
+    target: Target, spec: ModelSpec, backend: Backend, n_ctx: int, n_parallel: int, kv: str,
     flash_attn: bool, n_batch: int, n_ubatch: int, kv_unified: bool, swa_full: bool | None,
     n_outputs_max: int | None, headroom_fraction: float, reasons: list[str], is_estimated: bool,
 ) -> Budget:
@@ -142,7 +116,7 @@ def _llama(
     outputs = n_outputs_max if n_outputs_max is not None else (n_parallel if backend == "llama-server" else 0)
     sizes = bl.context_sizes(
         spec,
-        n_ctx,
+        n_ctx * n_parallel,
         n_parallel,
         n_batch=n_batch,
         n_ubatch=n_ubatch,
@@ -152,8 +126,8 @@ def _llama(
     )
     kv_ok = not any("llama.cpp KV type" in r for r in reasons)
     notes: list[str] = []
-    if spec.n_ctx_train and sizes.n_ctx_seq > spec.n_ctx_train:
-        notes.append(f"{sizes.n_ctx_seq} tokens per slot exceed the trained context of {spec.n_ctx_train}")
+    if spec.n_ctx_train and n_ctx > spec.n_ctx_train:
+        notes.append(f"{n_ctx} tokens per sequence exceed the trained context of {spec.n_ctx_train}")
     if spec.has_swa:
         notes.append(
             f"sliding window {spec.sliding_window}: {sum(spec.swa_layers)} of {spec.n_layer} layers keep "
@@ -230,11 +204,13 @@ def _sglang(
     compute = s.reserved_bytes - SGLANG_METADATA_BYTES
     total = weights + s.kv_pool_bytes + compute + overhead
     notes = [
-        f"mem_fraction_static {s.mem_fraction_static} (SGLang's default here: "
-        f"{s.sglang_default_mem_fraction}); KV pool {s.max_total_tokens} tokens"
+        f"mem_fraction {s.mem_fraction} (SGLang's default here: "
+        f"{s.sglang_default_mem_fraction}); KV pool {s.kv_pool_tokens} tokens"
     ]
-    if s.max_total_tokens < n_ctx:
-        reasons.append(f"the KV pool holds {s.max_total_tokens} tokens, fewer than the {n_ctx} asked for")
+    if s.kv_pool_tokens < n_ctx * n_parallel:
+        reasons.append(
+            f"the KV pool holds {s.kv_pool_tokens} tokens, fewer than the {n_ctx * n_parallel} asked for"
+        )
     if spec.has_swa:
         notes.append("SWA layers counted with a full cache (SGLang's hybrid SWA pool is not modelled)")
     per_gpu = tuple(
@@ -247,12 +223,12 @@ def _sglang(
             total_bytes=total,
             memory_bytes=memory,
             headroom_bytes=memory - total,
-            fits=total <= memory * (1 - headroom_fraction) and s.max_total_tokens >= n_ctx,
+            fits=total <= memory * (1 - headroom_fraction) and s.kv_pool_tokens >= n_ctx * n_parallel,
         )
         for i in range(tp)
     )
     return _assemble(
-        target, spec, "sglang", n_ctx, s.max_total_tokens, s.context_length, n_parallel, kv, True,
+        target, spec, "sglang", n_ctx, s.kv_pool_tokens, s.n_ctx, n_parallel, kv, True,
         s.chunked_prefill_size, s.chunked_prefill_size, False, list(per_gpu), memory, headroom_fraction,
         reasons, notes, is_estimated, host=0, sglang=s
     )  # fmt: skip
@@ -261,8 +237,8 @@ def _sglang(
 
 # fmt: off
 def _assemble(
-    target: GpuSet | CpuTarget, spec: ModelSpec, backend: Backend, n_ctx: int, n_ctx_eff: int,
-    n_ctx_seq: int, n_parallel: int, kv: str, flash_attn: bool, n_batch: int, n_ubatch: int,
+    target: Target, spec: ModelSpec, backend: Backend, n_ctx: int, kv_cells: int,
+    kv_cells_per_stream: int, n_parallel: int, kv: str, flash_attn: bool, n_batch: int, n_ubatch: int,
     kv_unified: bool, per_gpu: list[GpuBudget], memory: int, headroom_fraction: float, reasons: list[str],
     notes: list[str], is_estimated: bool, *, host: int, sglang: SglangSettings | None,
 ) -> Budget:
@@ -278,21 +254,19 @@ def _assemble(
             f"needs {worst.total_bytes / MIB:,.0f} MiB on a device; "
             f"{memory * (1 - headroom_fraction) / MIB:,.0f} MiB usable",
         ]
-    if isinstance(target, CpuTarget):
-        card_id, card_name, n = "cpu", "CPU (system RAM)", 0
-    else:
-        card_id, card_name, n = target.card.id, target.card.name, target.count
+    card_name = "CPU (system RAM)" if isinstance(target, CpuTarget) else target.card.name
     return Budget(
-        card=card_id,
+        card=target.card_id,
         card_name=card_name,
-        gpus=n,
+        gpus=target.count,
         backend=backend,
         model=spec.name,
         quant=_quant_name(spec),
         is_estimated_quant=is_estimated,
         n_ctx=n_ctx,
-        n_ctx_effective=n_ctx_eff,
-        n_ctx_per_seq=n_ctx_seq,
+        n_ctx_total=n_ctx * n_parallel,
+        kv_cells=kv_cells,
+        kv_cells_per_stream=kv_cells_per_stream,
         n_parallel=n_parallel,
         kv_type=kv,
         flash_attn=flash_attn,
@@ -320,7 +294,7 @@ def _assemble(
 
 
 def best_level(
-    target: GpuSet | CpuTarget, spec: ModelSpec, levels: Sequence[QuantLevel] = LEVELS, **kwargs: object
+    target: Target, spec: ModelSpec, levels: Sequence[QuantLevel] = LEVELS, **kwargs: object
 ) -> tuple[QuantLevel, Budget] | None:
     """The highest-quality level whose budget fits (with headroom), and that budget; None if none fits."""
     for lv in sorted(levels, key=lambda x: -x.quality_rank):
@@ -331,7 +305,7 @@ def best_level(
 
 
 def level_table(
-    target: GpuSet | CpuTarget,
+    target: Target,
     spec: ModelSpec,
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
     levels: Sequence[QuantLevel] = LEVELS,

@@ -34,9 +34,9 @@ from fractions import Fraction
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quantize.model_spec import TOKEN_EMBD, ModelSpec, TensorInfo
+from quantize.model.spec import TOKEN_EMBD, ModelSpec, TensorInfo
+from quantize.model.units import MIB
 
-MIB = 1 << 20
 CTX_PAD = 256
 CUDA_ALIGNMENT = 128
 MATRIX_ROW_PADDING = 512
@@ -50,8 +50,6 @@ SCHED_MAX_COPIES = 4
 CUDA_BASE_OVERHEAD_BYTES = 150 * MIB
 CONTEXT_BYTES_PER_THREAD = 2048
 CPU_OVERHEAD_BYTES = 64 * MIB
-
-LLAMA_KV_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 
 
 def ggml_type(name: str) -> GGMLQuantizationType:
@@ -110,7 +108,7 @@ class LlamaContextSizes:
 
 def context_sizes(
     spec: ModelSpec,
-    n_ctx: int,
+    n_ctx_total: int,
     n_parallel: int,
     *,
     n_batch: int,
@@ -119,11 +117,12 @@ def context_sizes(
     swa_full: bool,
     n_outputs_max: int,
 ) -> LlamaContextSizes:
-    if n_ctx <= 0 or n_parallel <= 0:
-        raise ValueError(f"n_ctx and n_parallel must be positive (got {n_ctx}, {n_parallel})")
-    batch = min(n_ctx, n_batch)
+    """llama.cpp's sizes for a context of `n_ctx_total` cells (cparams.n_ctx: all sequences together)."""
+    if n_ctx_total <= 0 or n_parallel <= 0:
+        raise ValueError(f"n_ctx_total and n_parallel must be positive (got {n_ctx_total}, {n_parallel})")
+    batch = min(n_ctx_total, n_batch)
     ubatch = min(batch, n_ubatch)
-    ctx = pad(n_ctx, CTX_PAD)
+    ctx = pad(n_ctx_total, CTX_PAD)
     if kv_unified:
         n_ctx_seq, n_stream = ctx, 1
     else:

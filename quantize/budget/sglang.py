@@ -19,11 +19,10 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantize.model_spec import ModelSpec
+from quantize.model.kv_types import SGLANG_KV_TYPES
+from quantize.model.spec import ModelSpec
+from quantize.model.units import MIB
 
-MIB = 1 << 20
-GIB = 1 << 30
-SGLANG_KV_TYPES = ("auto", "fp8_e5m2", "fp8_e4m3")
 # torch's CUDA context and allocator state before the weights load; NCCL adds buffers with TP > 1.
 TORCH_CONTEXT_BYTES = 600 * MIB
 NCCL_BYTES_PER_PEER = 256 * MIB
@@ -31,19 +30,22 @@ SGLANG_METADATA_BYTES = 512 * MIB
 
 
 class SglangSettings(BaseModel):
-    """What `edgeserve launch --backend sglang` passes, and the pool it implies."""
+    """What `edgeserve launch --backend sglang` passes, and the pool it implies, under edgeserve's names:
+    mem_fraction = --mem-fraction-static, kv_type = --kv-cache-dtype, n_ctx = --context-length (one
+    sequence), n_parallel = --max-running-requests; kv_pool_tokens is the pool the fraction leaves (SGLang's
+    max_total_num_tokens)."""
 
     model_config = ConfigDict(frozen=True)
 
     tp_size: int = Field(ge=1)
-    mem_fraction_static: float = Field(gt=0, lt=1)
+    mem_fraction: float = Field(gt=0, lt=1)
     sglang_default_mem_fraction: float
     chunked_prefill_size: int
     cuda_graph_max_bs: int
-    kv_cache_dtype: str
-    context_length: int = Field(ge=1)
-    max_running_requests: int = Field(ge=1)
-    max_total_tokens: int = Field(description="KV pool size in tokens (SGLang's max_total_num_tokens)")
+    kv_type: str
+    n_ctx: int = Field(ge=1, description="context of one sequence")
+    n_parallel: int = Field(ge=1)
+    kv_pool_tokens: int = Field(description="KV pool size in tokens (SGLang's max_total_num_tokens)")
     kv_cell_bytes: int
     free_at_start_bytes: int
     kv_pool_bytes: int
@@ -89,15 +91,15 @@ def sglang_default_fraction(
     tp: int,
     chunked_prefill_size: int | None = None,
     cuda_graph_max_bs: int | None = None,
-    max_running_requests: int | None = None,
+    n_parallel: int | None = None,
 ) -> float:
     mib = gpu_mem_bytes / MIB
     chunk, bs = default_chunk_and_graph_bs(mib, tp)
     chunk = chunked_prefill_size or chunk
     if cuda_graph_max_bs:
         bs = cuda_graph_max_bs
-    elif max_running_requests:
-        bs = min(bs, max_running_requests)
+    elif n_parallel:
+        bs = min(bs, n_parallel)
     return round((mib - reserved_mib(mib, chunk, bs, tp)) / mib, 3)
 
 
@@ -106,9 +108,9 @@ def kv_element_bytes(kv_type: str, spec: ModelSpec) -> int:
         raise ValueError(
             f"SGLang kv cache dtype must be one of {', '.join(SGLANG_KV_TYPES)}, got {kv_type!r}"
         )
-    if kv_type.startswith("fp8"):
-        return 1
-    return 4 if spec.file_type_name in ("F32", "ALL_F32") else 2
+    if kv_type == "auto" and spec.file_type_name in ("F32", "ALL_F32"):
+        return 4  # auto keeps the model's own dtype
+    return int(SGLANG_KV_TYPES[kv_type])
 
 
 def kv_cell_bytes(spec: ModelSpec, tp: int, kv_type: str) -> int:
@@ -141,14 +143,12 @@ def sglang_settings(
     cuda_graph_max_bs: int | None = None,
     headroom_fraction: float = 0.05,
 ) -> SglangSettings:
-    """Pick mem_fraction_static for a card and derive the KV pool.
+    """Pick --mem-fraction-static for a card and derive the KV pool.
 
     By default the fraction is the largest that keeps context + weights + pool + SGLang's own activation/graph
     reserve within memory * (1 - headroom_fraction), and never above SGLang's default: small cards keep at
-    least
-    512 MiB free for fragmentation and a desktop. `n_ctx` is the total token budget over `n_parallel`
-    requests,
-    as llama.cpp's -c: context_length = n_ctx // n_parallel.
+    least 512 MiB free for fragmentation and a desktop. `n_ctx` is the context of one of the `n_parallel`
+    requests.
     """
     mem_mib = memory_bytes_per_gpu / MIB
     d_chunk, d_bs = default_chunk_and_graph_bs(mem_mib, tp)
@@ -166,21 +166,21 @@ def sglang_settings(
         frac = mem_fraction
     if not 0 < frac < 1:
         raise ValueError(
-            f"mem_fraction_static must be in (0, 1), got {frac}: the card is too small for SGLang's reserve"
+            f"mem_fraction must be in (0, 1), got {frac}: the card is too small for SGLang's reserve"
         )
     cell = kv_cell_bytes(spec, tp, kv_type)
     pool = int(free_at_start * frac) - weights_per_gpu(spec, tp)
     tokens = max(0, pool // cell)
     return SglangSettings(
         tp_size=tp,
-        mem_fraction_static=frac,
+        mem_fraction=frac,
         sglang_default_mem_fraction=default_frac,
         chunked_prefill_size=chunk,
         cuda_graph_max_bs=bs,
-        kv_cache_dtype=kv_type,
-        context_length=max(1, n_ctx // n_parallel),
-        max_running_requests=n_parallel,
-        max_total_tokens=tokens,
+        kv_type=kv_type,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        kv_pool_tokens=tokens,
         kv_cell_bytes=cell,
         free_at_start_bytes=free_at_start,
         kv_pool_bytes=tokens * cell,

@@ -1,4 +1,4 @@
-"""The values the budget calculator returns (quantize.budget): Budget, per-device GpuBudget, CpuTarget."""
+"""The values the budget calculator returns (quantize.budget): Budget, per-device GpuBudget, LevelTable."""
 
 from __future__ import annotations
 
@@ -6,19 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantize.budget_sglang import SglangSettings
+from quantize.budget.sglang import SglangSettings
 
 Backend = Literal["llama-server", "embedded", "sglang"]
 BACKENDS: tuple[Backend, ...] = ("llama-server", "embedded", "sglang")
-
-
-class CpuTarget(BaseModel):
-    """No GPU: the model runs from system RAM."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ram_bytes: int = Field(gt=0)
-    label: str = "cpu"
 
 
 class GpuBudget(BaseModel):
@@ -53,9 +44,12 @@ class Budget(BaseModel):
     is_estimated_quant: bool = Field(
         description="True when the weights are estimated for a level not on disk"
     )
-    n_ctx: int = Field(description="requested total context (llama.cpp -c, over all slots)")
-    n_ctx_effective: int = Field(description="cells after llama.cpp's padding / SGLang's pool tokens")
-    n_ctx_per_seq: int
+    n_ctx: int = Field(description="context of one sequence (prompt + completion), tokens")
+    n_ctx_total: int = Field(description="the KV pool asked for: n_ctx * n_parallel (llama-server's -c)")
+    kv_cells: int = Field(description="KV cells after llama.cpp's padding / SGLang's pool tokens")
+    kv_cells_per_stream: int = Field(
+        description="cells of one KV stream: one sequence's (split cache) or the shared pool (unified)"
+    )
     n_parallel: int
     kv_type: str
     flash_attn: bool
@@ -85,11 +79,14 @@ class TableRow(BaseModel):
 
     level: str
     weights_bytes: int
-    cells: tuple[tuple[int, int, bool], ...] = Field(description="(n_ctx, total_bytes, fits) per context")
+    cells: tuple[tuple[int, int, bool], ...] = Field(
+        description="(n_ctx per sequence, total_bytes, fits) per context"
+    )
 
 
 class LevelTable(BaseModel):
-    """Levels x contexts; best[i] is the best level that fits at contexts[i] (None: none fits)."""
+    """Levels x contexts (n_ctx per sequence); best[i] is the best level that fits at contexts[i] (None: none
+    fits)."""
 
     model_config = ConfigDict(frozen=True)
 
