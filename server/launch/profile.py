@@ -1,36 +1,63 @@
-"""Per-card launch profiles: `configs/<card id, - as _>.yaml`, overridden by EDGESERVE_* and CLI flags.
+"""Per-card launch profiles: `profiles/<card id, - as _>.yaml` beside this module, overridden by EDGESERVE_*
+variables and CLI flags.
 
 Precedence, highest first: CLI flag > EDGESERVE_<KEY> environment variable > the card's YAML > the default
 here. `ResolvedProfile.sources` records which of those gave each value, so a plan can say where a setting came
-from. Keys follow seed 003's profile style (gpu_memory_utilization, max_num_seqs, ...); a YAML key that is not
-a field is an error naming the file, so a misspelt setting never goes silently unused.
+from. Keys are edgeserve's setting names (llama.cpp's: n_ctx, n_parallel, n_batch, kv_type, ...), the same as
+the plan's and the engine's fields; a YAML key that is not a field is an error naming the file, so a misspelt
+setting never goes silently unused. The profiles are package data (importlib.resources), so an installed
+edgeserve has them too. Keys of earlier versions are read as their new names with a deprecation warning.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from server.launch.plan import Source
+from server.engine.config import NCtx
+from server.launch.plan import FlashAttn, Source
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGESERVE_"
 CPU_PROFILE = "cpu"
+PROFILES = "profiles"
 
 BackendChoice = Literal["auto", "sglang", "llama-server", "embedded"]
+
+# Keys of earlier versions (vLLM/SGLang spellings) -> edgeserve's names. Read with a deprecation warning, in a
+# file or as EDGESERVE_<OLD KEY>; `context` was per sequence then too.
+DEPRECATED_KEYS: dict[str, str] = {
+    "context": "n_ctx",
+    "max_num_seqs": "n_parallel",
+    "kv_cache_dtype": "kv_type",
+    "max_num_batched_tokens": "n_batch",
+    "ubatch_size": "n_ubatch",
+    "threads": "n_threads",
+    "mem_fraction_static": "mem_fraction",
+    "enable_prefix_caching": "prefix_cache",
+    "data_parallel_size": "dp_size",
+}
 
 
 class ProfileError(ValueError):
     """A profile file is missing, not YAML, or has unknown keys or bad values; the message names the file."""
 
 
-def default_configs_dir() -> Path:
-    """`configs/` at the repository root (next to `server/`)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+def default_profiles_dir() -> Traversable:
+    """The profiles shipped with edgeserve (package data)."""
+    return resources.files(__package__).joinpath(PROFILES)
 
 
 def profile_file_name(card_id: str) -> str:
@@ -39,7 +66,7 @@ def profile_file_name(card_id: str) -> str:
 
 
 class Profile(BaseSettings):
-    """Launch settings for one card. Values are per GPU; `context` is per sequence."""
+    """Launch settings for one card. Values are per GPU; `n_ctx` is the context of one sequence."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
@@ -51,31 +78,27 @@ class Profile(BaseSettings):
     gpu_memory_utilization: float = Field(
         default=0.90, gt=0.1, le=0.99, description="share of each GPU's memory the backend may use in all"
     )
-    mem_fraction_static: float | None = Field(
+    mem_fraction: float | None = Field(
         default=None,
         gt=0.1,
         le=0.99,
-        description="SGLang: weights + KV pool share; None = derived from the budget",
+        description="SGLang --mem-fraction-static: weights + KV pool share; None = derived from the budget",
     )
-    max_num_seqs: int = Field(default=4, ge=1, le=4096, description="sequences decoded at once")
-    context: int = Field(default=4096, ge=64, description="context window of one sequence, tokens")
-    kv_cache_dtype: str = Field(
-        default="auto", description="auto | f16 | q8_0 | q4_0 | fp8_e4m3 | fp8_e5m2 ..."
-    )
+    n_parallel: int = Field(default=4, ge=1, le=4096, description="sequences decoded at once")
+    n_ctx: NCtx = 4096
+    kv_type: str = Field(default="auto", description="auto | f16 | q8_0 | q4_0 | fp8_e4m3 | fp8_e5m2 ...")
     enable_chunked_prefill: bool = True
-    max_num_batched_tokens: int = Field(
-        default=2048, ge=32, description="prefill chunk (SGLang) / -b (llama.cpp)"
-    )
-    ubatch_size: int = Field(default=512, ge=32, description="llama.cpp physical batch -ub")
-    flash_attn: Literal["on", "off", "auto"] = "on"
+    n_batch: int = Field(default=2048, ge=32, description="-b (llama.cpp) / prefill chunk (SGLang)")
+    n_ubatch: int = Field(default=512, ge=32, description="llama.cpp physical batch -ub")
+    flash_attn: FlashAttn = "on"
     n_gpu_layers: int = Field(default=-1, ge=-1, description="-1 = all layers on the GPU")
     schedule_policy: str = "fcfs"
-    enable_prefix_caching: bool = True
+    prefix_cache: bool = Field(default=True, description="keep prompts' KV for reuse (SGLang: radix cache)")
     enforce_eager: bool = Field(default=False, description="SGLang: no CUDA graphs")
-    kv_unified: bool = Field(default=False, description="llama-server: one KV pool shared by the slots")
+    kv_unified: bool = Field(default=False, description="llama.cpp: one KV pool shared by the sequences")
     enable_metrics: bool = True
-    data_parallel_size: int = Field(default=1, ge=1, description="SGLang: replicas; tp = gpus / dp")
-    threads: int | None = Field(default=None, ge=1, description="CPU threads for layers on the CPU")
+    dp_size: int = Field(default=1, ge=1, description="SGLang: replicas; tp = gpus / dp")
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads for layers on the CPU")
 
 
 class ResolvedProfile(BaseModel):
@@ -93,20 +116,22 @@ class ResolvedProfile(BaseModel):
     def value(self, field: str) -> Any:
         return getattr(self.profile, field)
 
-    def overridden(self, values: Mapping[str, Any], source: Source = "derived") -> ResolvedProfile:
-        """The same profile with `values` forced (e.g. what a backend cannot change), marked with `source`."""
-        if not values:
-            return self
-        profile = self.profile.model_copy(update=dict(values))
-        return self.model_copy(
-            update={"profile": profile, "sources": {**self.sources, **dict.fromkeys(values, source)}}
-        )
+
+def renamed(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`values` with deprecated keys under their new names (a warning names each); the new key wins."""
+    out = dict(values)
+    for old, new in DEPRECATED_KEYS.items():
+        if old in out:
+            log.warning("%s: %r is deprecated, use %r (same meaning)", where, old, new)
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
-def read_profile_file(path: Path) -> dict[str, Any]:
-    """The YAML mapping of a profile file, keys checked against Profile's fields."""
+def read_profile_file(path: Path | Traversable) -> dict[str, Any]:
+    """The YAML mapping of a profile file, keys checked against Profile's fields (old keys renamed)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
@@ -115,6 +140,7 @@ def read_profile_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a mapping of settings, got {type(data).__name__}")
+    data = renamed(data, str(path))
     unknown = sorted(set(data) - set(Profile.model_fields))
     if unknown:
         known = ", ".join(Profile.model_fields)
@@ -123,8 +149,11 @@ def read_profile_file(path: Path) -> dict[str, Any]:
 
 
 def _env_values() -> dict[str, Any]:
-    """EDGESERVE_* values that name a profile field, parsed by pydantic-settings' own env source."""
-    values = EnvSettingsSource(Profile)()
+    """EDGESERVE_* values that name a profile field (or a deprecated key), parsed by pydantic-settings."""
+    old = {f"{ENV_PREFIX}{k.upper()}": v for k, v in DEPRECATED_KEYS.items()}
+    aliased = {name: os.environ[name] for name in old if name in os.environ}
+    values = renamed({k[len(ENV_PREFIX) :].lower(): v for k, v in aliased.items()}, "environment")
+    values.update(EnvSettingsSource(Profile)())
     return {k: v for k, v in values.items() if k in Profile.model_fields}
 
 
@@ -132,14 +161,14 @@ def load_profile(
     card_id: str | None,
     cli: Mapping[str, Any] | None = None,
     *,
-    configs_dir: Path | None = None,
+    profiles_dir: Path | Traversable | None = None,
     use_env: bool = True,
 ) -> ResolvedProfile:
     """The profile for `card_id` (None: the CPU profile) with env and CLI values laid over it.
 
     A card with no file gets the defaults (every source "default"); `cli` holds only flags the user gave.
     """
-    directory = configs_dir or default_configs_dir()
+    directory = profiles_dir or default_profiles_dir()
     name = card_id or CPU_PROFILE
     path = directory / profile_file_name(name)
     file_values = read_profile_file(path) if path.is_file() else {}
