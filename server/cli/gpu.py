@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from server.cards import Card, all_cards
-from server.detect import Detection, GpuInfo, detect, gpu_set_from_detection
+from server.hardware.cards import Card, all_cards
+from server.hardware.detect import Detection, GpuInfo, detect, gpu_set_from_detection
 
 GIB = 1024**3
 
