@@ -36,8 +36,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from quantize.budget import Budget, estimate  # noqa: E402
-from quantize.model_spec import ModelSpec  # noqa: E402
-from server.cards import GpuSet, get_card, match_card  # noqa: E402
+from quantize.model.spec import ModelSpec  # noqa: E402
+from server.hardware.cards import GpuSet, get_card, match_card  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_report import (  # noqa: E402
@@ -278,9 +278,9 @@ def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def dry_run_specs() -> dict[str, ModelSpec]:
+    from quantize.model.tensor_types import spec_at_level
     from quantize.synthetic import LLAMA31_8B, TINY, synthetic_model_spec
     from quantize.synthetic_gemma3 import gemma3_like_spec
-    from quantize.tensor_types import spec_at_level
 
     return {
         "llama8b": spec_at_level(synthetic_model_spec(LLAMA31_8B, LLAMA3_VOCAB), "Q4_K_M"),
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         gpus = GpuSet(card=card, count=1, measured_memory_bytes=total)
         models = prepare_models(args)
-        from quantize.gguf_model import read_model_spec
+        from quantize.model.gguf_file import read_model_spec
 
         specs = {k: read_model_spec(p) for k, p in models.items()}
     results = []

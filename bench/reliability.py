@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.reliability_support import (  # noqa: E402
+from loadtest.servers import (  # noqa: E402
     ServerProcess,
     free_port,
     metric_value,
@@ -157,7 +157,7 @@ def return_scenario(gateway: ServerProcess, restart: Any, health: str) -> dict[s
 
 
 def oom_scenario(gateway: ServerProcess, doomed: ServerProcess, requests: int) -> dict[str, Any]:
-    from server.launch.oom import classify
+    from server.hardware.oom import classify
 
     code = doomed.wait_exit(300)
     failure = classify(doomed.log_tail(80), code, phase="startup")

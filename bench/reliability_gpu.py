@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tests.reliability_support import free_port, metric_value, start_gateway, write_chain
+from loadtest.servers import free_port, metric_value, start_gateway, write_chain
 
 GIB = 1 << 30
 

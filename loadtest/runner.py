@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadtest.selection import Setting, Trial
+from loadtest.servers import free_port
 from loadtest.summary import LoadSummary
 from loadtest.workload import Workload
 
@@ -83,13 +83,6 @@ def render_command(template: Sequence[str], setting: Setting, *, host: str, port
     if not argv:
         raise ValueError("empty server command")
     return argv
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path) -> str:
