@@ -109,8 +109,7 @@ def resolve_llama_settings(
     n_gpu_layers = pick_gpu_layers(ctx, log)
     n_batch, n_ubatch = pick_batches(ctx, n_parallel, log)
     kv_unified = pick_kv_unified(ctx, n_parallel, log)
-    fit = memory.fit_llama(
-        ctx,
+    wanted = memory.LlamaFit(
         n_ctx=n_ctx,
         n_parallel=n_parallel,
         kv_type=kv_type,
@@ -118,10 +117,9 @@ def resolve_llama_settings(
         n_gpu_layers=n_gpu_layers,
         n_batch=n_batch,
         n_ubatch=n_ubatch,
-        log=log,
         kv_unified=kv_unified,
-        backend=backend,
     )
+    fit = memory.fit_llama(ctx, wanted, log=log, backend=backend)
     n_threads = pick_threads(ctx, fit.n_gpu_layers, log)
     return fit.model_copy(update={"n_threads": n_threads})
 

@@ -74,30 +74,12 @@ def _scale_offload(m: MemoryEstimate, n_gpu_layers: int, n_layer: int) -> Memory
 
 
 def fit_llama(
-    ctx: BuildContext,
-    *,
-    n_ctx: int,
-    n_parallel: int,
-    kv_type: str,
-    flash_attn: str,
-    n_gpu_layers: int,
-    n_batch: int,
-    n_ubatch: int,
-    log: ReasonLog,
-    kv_unified: bool = False,
-    backend: Backend = "llama-server",
+    ctx: BuildContext, wanted: LlamaFit, *, log: ReasonLog, backend: Backend = "llama-server"
 ) -> LlamaFit:
-    """Estimate llama.cpp's memory for these settings and step unpinned ones down until they fit."""
-    fit = LlamaFit(
-        n_ctx=n_ctx,
-        n_parallel=n_parallel,
-        kv_type=kv_type,
-        flash_attn=flash_attn,
-        n_gpu_layers=n_gpu_layers,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        kv_unified=kv_unified,
-    )
+    """Estimate llama.cpp's memory for the `wanted` settings and step unpinned ones down until they fit."""
+    fit = wanted
+    n_ctx, n_parallel = wanted.n_ctx, wanted.n_parallel
+    kv_type, flash_attn, n_gpu_layers = wanted.kv_type, wanted.flash_attn, wanted.n_gpu_layers
     target = ctx.target
     if isinstance(target, CpuTarget):
         headroom = CPU_RAM_HEADROOM
@@ -116,9 +98,9 @@ def fit_llama(
             n_parallel=p,
             kv_type=kv_type,
             flash_attn=flash_attn != "off",
-            n_batch=n_batch,
-            n_ubatch=n_ubatch,
-            kv_unified=kv_unified,
+            n_batch=wanted.n_batch,
+            n_ubatch=wanted.n_ubatch,
+            kv_unified=wanted.kv_unified,
             headroom_fraction=headroom,
         )
 
