@@ -123,7 +123,8 @@ def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, An
             raise RuntimeError(f"the holder did not start: {line!r}")
         held, free, total = (int(x) for x in m.groups())
         request = LaunchRequest(
-            backend="llama-server", card=card, model=str(model), ctx=ctx, parallel=1, port=free_port()
+            backend="llama-server", card=card, model_path=str(model), n_ctx=ctx, n_parallel=1,
+            port=free_port(),
         )
         plan = make_plan(request, toolchain=probe_toolchain())
         config = SupervisorConfig(

@@ -58,7 +58,7 @@ COMPONENTS = ("weights", "kv", "compute", "overhead")
 @dataclass(frozen=True)
 class Config:
     model: str  # "llama8b" | "gemma" | "tiny"
-    n_ctx: int
+    n_ctx_total: int  # llama-server's -c: the KV pool of all n_parallel sequences
     n_parallel: int
     flash_attn: bool
     kv_type: str
@@ -66,7 +66,7 @@ class Config:
     @property
     def name(self) -> str:
         fa = "fa" if self.flash_attn else "nofa"
-        ctx = f"{self.n_ctx // 1024}k" if self.n_ctx % 1024 == 0 else str(self.n_ctx)
+        ctx = f"{self.n_ctx_total // 1024}k" if self.n_ctx_total % 1024 == 0 else str(self.n_ctx_total)
         return f"{self.model} c{ctx} np{self.n_parallel} {fa} {self.kv_type}"
 
 
@@ -91,14 +91,15 @@ TINY_CONFIG = Config("tiny", 512, 1, True, "f16")
 
 def llama_server_cmd(binary: str, model: Path, cfg: Config, port: int) -> list[str]:
     return [
-        binary, "-m", str(model), "-ngl", "99", "-c", str(cfg.n_ctx), "-np", str(cfg.n_parallel),
+        binary, "-m", str(model), "-ngl", "99", "-c", str(cfg.n_ctx_total), "-np", str(cfg.n_parallel),
         "-fa", "on" if cfg.flash_attn else "off", "-ctk", cfg.kv_type, "-ctv", cfg.kv_type,
         "--fit", "off", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
 
 def predict(gpus: GpuSet, spec: ModelSpec, cfg: Config) -> Budget:
-    return estimate(gpus, spec, None, backend="llama-server", n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
+    n_ctx = cfg.n_ctx_total // cfg.n_parallel  # the budget takes one sequence's context
+    return estimate(gpus, spec, None, backend="llama-server", n_ctx=n_ctx, n_parallel=cfg.n_parallel,
                     kv_type=cfg.kv_type, flash_attn=cfg.flash_attn)  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def _measure(
     if args.no_load:
         return
     try:
-        long_request(args.port_now, max(16, min(args.load_tokens, b.n_ctx_per_seq - 64)), spec.n_vocab)
+        long_request(args.port_now, max(16, min(args.load_tokens, b.n_ctx - 64)), spec.n_vocab)
         time.sleep(0.5)
         res.measured_loaded_mib, _ = process_mib(proc.pid, args.device, baseline)
     except Exception as exc:

@@ -46,7 +46,7 @@ def section(report: dict[str, Any]) -> str:
         f"Model `{report['model']}` ({report['model_bytes'] / 2**30:.2f} GiB); "
         f"{report['prompt_tokens']}-token prompts (distinct per request), {gen} generated tokens per request "
         f"(EOS ignored, greedy), {report['rounds']} request(s) per stream back to back; {how}. "
-        f"(a) `edgeserve serve` (embedded engine, --parallel = streams), "
+        f"(a) `edgeserve serve` (embedded engine, --n-parallel = streams), "
         f"(b) llama-server -np = streams, (c) llama-cpp-python's server (one for all levels). "
         f"Command: `{report['command']}`.",
         "",

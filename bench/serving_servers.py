@@ -178,14 +178,14 @@ def start(
     if kind == "a":
         cmd = [
             *edgeserve_cmd(env),
-            "--model",
+            "--model-path",
             str(model),
             "--port",
             str(port),
-            "--parallel",
+            "--n-parallel",
             str(c),
-            "--ctx",
-            str(c * n_ctx_seq),
+            "--n-ctx",
+            str(n_ctx_seq),  # one sequence's context; the pool is n_ctx x n_parallel
             "--n-gpu-layers",
             ngl,
             "--max-queue",
@@ -194,7 +194,7 @@ def start(
             "warning",
         ]
         if args.threads:
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--n-threads", str(args.threads)]
         return Server("edgeserve", cmd, env, port, "/ready", log)
     if kind == "b":
         cmd = [

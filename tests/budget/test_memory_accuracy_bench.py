@@ -58,7 +58,7 @@ def test_configs_cover_the_required_grid(bench: ModuleType) -> None:
     assert len(configs) >= 8
     assert {c.kv_type for c in configs} == {"f16", "q8_0", "q4_0"}
     assert {c.flash_attn for c in configs} == {True, False}
-    assert min(c.n_ctx for c in configs) == 4096 and max(c.n_ctx for c in configs) == 65536
+    assert min(c.n_ctx_total for c in configs) == 4096 and max(c.n_ctx_total for c in configs) == 65536
     assert min(c.n_parallel for c in configs) == 1 and max(c.n_parallel for c in configs) == 16
     # a quantized V cache without flash attention cannot start in llama.cpp
     assert all(c.flash_attn for c in configs if c.kv_type != "f16")

@@ -4,7 +4,6 @@ agree on it and on the pool it implies; every --help says so; `serve` shows the 
 from __future__ import annotations
 
 import json
-
 from typing import Any
 
 import pytest
@@ -52,7 +51,8 @@ def test_plan_and_launch_agree_on_n_ctx_and_the_pool(clean_env: None) -> None:
     planned = CliRunner().invoke(_group(plan), ["plan", *flags])
     assert planned.exit_code == 0, planned.output
     budget = json.loads(planned.stdout)
-    launched = CliRunner().invoke(_group(launch), ["launch", *flags, "--backend", "llama-server", "--dry-run"])
+    launch_flags = [*flags, "--backend", "llama-server", "--dry-run"]
+    launched = CliRunner().invoke(_group(launch), ["launch", *launch_flags])
     assert launched.exit_code == 0, launched.output
     plan_json = json.loads(launched.stdout)
     assert budget["n_ctx"] == plan_json["n_ctx"] == 4096

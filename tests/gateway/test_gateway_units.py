@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -148,8 +149,23 @@ def test_completion_request_single_prompt_only() -> None:
 def test_settings_need_an_upstream_for_the_openai_backend() -> None:
     with pytest.raises(ValidationError):
         GatewaySettings(backend="openai")
-    assert GatewaySettings(backend="openai", upstream_url="http://127.0.0.1:1").parallel == 4
+    assert GatewaySettings(backend="openai", upstream_url="http://127.0.0.1:1").engine.n_parallel == 4
     assert GatewaySettings().host == "127.0.0.1"
+
+
+def test_the_engines_settings_nest_under_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("EDGESERVE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("EDGESERVE_ENGINE__N_CTX", "1024")
+    monkeypatch.setenv("EDGESERVE_ENGINE__KV_UNIFIED", "true")
+    monkeypatch.setenv("EDGESERVE_MAX_QUEUE", "5")
+    settings = GatewaySettings(engine={"n_parallel": 2})  # merged field by field with the environment
+    assert (settings.engine.n_ctx, settings.engine.kv_unified, settings.engine.n_parallel) == (1024, True, 2)
+    assert settings.max_queue == 5
+    # an upstream's context is only what was given; the engine's default is no statement about it
+    assert settings.upstream_n_ctx == 1024
+    monkeypatch.delenv("EDGESERVE_ENGINE__N_CTX")
+    assert GatewaySettings().upstream_n_ctx is None
 
 
 # --- upstream errors ----------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ SOURCES = ("pyproject.toml", "README.md", "server", "quantize", "loadtest")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
-    """bin/ of a fresh venv with edgeserve installed from a copy of the sources (no build files in the repo)."""
+    """bin/ of a fresh venv with edgeserve installed from a copy of the sources (no build files in the
+    repo)."""
     tmp = tmp_path_factory.mktemp("install")
     source = tmp / "src"
     source.mkdir()

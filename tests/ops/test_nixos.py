@@ -42,7 +42,7 @@ def _option_names(text: str) -> set[str]:
 
 def test_module_declares_the_service_options() -> None:
     names = _option_names(MODULE.read_text())
-    assert {"enable", "package", "venv", "model", "host", "port", "backend", "card", "ctx", "parallel",
+    assert {"enable", "package", "venv", "model", "host", "port", "backend", "card", "n_ctx", "n_parallel",
             "extraArgs", "openFirewall", "environment", "environmentFile", "nvidiaPersistenced"} <= names
 
 
@@ -66,7 +66,8 @@ def _launch_app() -> typer.Typer:
 
 def test_module_passes_only_flags_edgeserve_launch_has() -> None:
     flags = _launch_flags(MODULE.read_text())
-    assert {"--backend", "--card", "--host", "--port", "--model", "--ctx", "--parallel"} <= set(flags)
+    wanted = {"--backend", "--card", "--host", "--port", "--model-path", "--n-ctx", "--n-parallel"}
+    assert wanted <= set(flags)
     command = typer.main.get_command(_launch_app())
     known = {opt for param in command.params for opt in param.opts}
     assert set(flags) <= known, set(flags) - known
@@ -75,7 +76,7 @@ def test_module_passes_only_flags_edgeserve_launch_has() -> None:
 def test_the_service_command_line_is_accepted_by_launch(tmp_path: Path) -> None:
     """The argv the module builds, with CPU values, goes through `edgeserve launch --dry-run`."""
     values = {"--backend": "embedded", "--card": "cpu", "--host": "127.0.0.1", "--port": "8000",
-              "--status-file": str(tmp_path / "status.json"), "--ctx": "2048", "--parallel": "2"}
+              "--status-file": str(tmp_path / "status.json"), "--n-ctx": "2048", "--n-parallel": "2"}
     args: list[str] = []
     for flag in _launch_flags(MODULE.read_text()):
         if flag in values:
