@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loadtest.summary import LoadSummary
+from server.engine.config import NCtx
 
 
 class Setting(BaseModel):
@@ -16,7 +17,7 @@ class Setting(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     n_parallel: int = Field(ge=1, le=1024)
-    n_ctx: int = Field(ge=16, description="context of ONE sequence, tokens")
+    n_ctx: NCtx
 
     @property
     def n_ctx_total(self) -> int:

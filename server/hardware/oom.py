@@ -1,7 +1,7 @@
 """Recognise why a backend died from the tail of its log: out of memory, a load error, or some other crash.
 
-A fact about the hardware's limits as llama.cpp, PyTorch and SGLang report them: the launcher's supervisor (OOM
-ladder) and the gateway's fallback chain both read it, so it sits below both.
+A fact about the hardware's limits as llama.cpp, PyTorch and SGLang report them: the launcher's supervisor
+(OOM ladder) and the gateway's fallback chain both read it, so it sits below both.
 
 The patterns are the messages llama.cpp (vendored by llama-cpp-python 0.3.36), llama-cpp-python, PyTorch and
 SGLang really print, with the source of each:

@@ -14,7 +14,6 @@ from quantize.model.gguf_file import GGUFReadError
 from quantize.model.levels import level_for_ftype, level_names
 from quantize.model.reader import read_spec
 from quantize.model.spec import ModelSpec
-from server.hardware.cards import GpuSet
 from server.hardware.target import Target, resolve_target
 from server.launch.context import BuildContext
 from server.launch.plan import LaunchPlan, QuantFile
@@ -74,8 +73,7 @@ def make_plan(
         except ValueError as exc:  # an unknown card, or GPUs asked for that are not here
             raise PlanError(str(exc)) from None
     model_path, spec, size = resolve_model(request)
-    card_id = target.card.id if isinstance(target, GpuSet) else None
-    resolved = load_profile(card_id, request.profile_overrides(), profiles_dir=profiles_dir)
+    resolved = load_profile(target.card_id, request.profile_overrides(), profiles_dir=profiles_dir)
     ctx = BuildContext(
         target=target,
         spec=spec,

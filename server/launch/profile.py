@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from server.engine.config import NCtx
+from server.hardware.target import CPU_ID
 from server.launch.plan import FlashAttn, Source
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGESERVE_"
-CPU_PROFILE = "cpu"
 PROFILES = "profiles"
 
 BackendChoice = Literal["auto", "sglang", "llama-server", "embedded"]
@@ -158,18 +158,18 @@ def _env_values() -> dict[str, Any]:
 
 
 def load_profile(
-    card_id: str | None,
+    card_id: str,
     cli: Mapping[str, Any] | None = None,
     *,
     profiles_dir: Path | Traversable | None = None,
     use_env: bool = True,
 ) -> ResolvedProfile:
-    """The profile for `card_id` (None: the CPU profile) with env and CLI values laid over it.
+    """The profile for `card_id` (the CPU target's id `cpu` for the CPU), env and CLI values laid over it.
 
     A card with no file gets the defaults (every source "default"); `cli` holds only flags the user gave.
     """
     directory = profiles_dir or default_profiles_dir()
-    name = card_id or CPU_PROFILE
+    name = card_id or CPU_ID
     path = directory / profile_file_name(name)
     file_values = read_profile_file(path) if path.is_file() else {}
     if file_values.get("card") not in (None, name):
