@@ -85,7 +85,7 @@ class LlamaSession:
                 self.path, n_gpu_layers=self.n_gpu_layers, use_extra_bufts=self.use_extra_bufts, log=log
             )
             params = loader.ContextParams(
-                n_ctx=self.n_ctx,  # one sequence: here the context's cells and the sequence's are the same
+                n_ctx_total=self.n_ctx,  # one sequence: its context is all the cells there are
                 n_batch=self.n_batch,
                 n_ubatch=self.n_batch,
                 n_threads=self.n_threads,

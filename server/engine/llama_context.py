@@ -28,8 +28,7 @@ class LlamaRuntime:
         path = config.model_file()
         loader.init_backend(config.verbose)
         params = loader.ContextParams(
-            # llama.cpp's n_ctx is the cells of all sequences; the engine's is one sequence's.
-            n_ctx=config.n_ctx_total,
+            n_ctx_total=config.n_ctx_total,  # the cells of all sequences; a sequence gets config.n_ctx
             n_batch=config.n_batch,
             n_ubatch=config.n_ubatch,
             n_threads=config.threads,

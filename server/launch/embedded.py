@@ -44,8 +44,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
         api_key=ctx.request.api_key,
         reasons=log.freeze(),
     )
-    engine_config(plan)  # validated once here too: a plan the engine would refuse is no plan
-    return finish(plan)
+    return finish(plan)  # rendering builds the EngineConfig: a plan the engine would refuse is a PlanError
 
 
 def engine_config(plan: LaunchPlan) -> EngineConfig:

@@ -2,7 +2,8 @@
 
 One backend initialisation per process, the CPU extra-buffer (AMX) guard, the model and context parameters
 under llama.cpp's own names, and errors that quote llama.cpp's reason when its log is being captured
-(server/llama/log.py). The context's `n_ctx` here is llama.cpp's cparams.n_ctx: the cells of ALL sequences.
+(server/llama/log.py). llama.cpp's cparams.n_ctx is the cells of ALL sequences: ContextParams calls it
+n_ctx_total, as edgeserve does everywhere (its n_ctx is one sequence's).
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ def load_model(
 
 @dataclass(frozen=True)
 class ContextParams:
-    """llama_context_params under llama.cpp's names. `n_ctx` is the cells of all `n_seq_max` sequences."""
+    """llama_context_params under llama.cpp's names, but for n_ctx_total: the cells of all `n_seq_max`
+    sequences (cparams.n_ctx)."""
 
-    n_ctx: int
+    n_ctx_total: int
     n_batch: int
     n_ubatch: int
     n_threads: int
@@ -119,7 +121,7 @@ class ContextParams:
 
     def describe(self) -> str:
         return (
-            f"n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}, kv_type={self.kv_type}, "
+            f"n_ctx_total={self.n_ctx_total}, n_seq_max={self.n_seq_max}, kv_type={self.kv_type}, "
             f"flash_attn={self.flash_attn}"
         )
 
@@ -127,7 +129,7 @@ class ContextParams:
 def new_context(model: int, params: ContextParams, *, path: str | Path, log: LogCapture | None = None) -> int:
     """llama_init_from_model with `params`; frees nothing on failure (the caller owns the model)."""
     cparams = lc.llama_context_default_params()
-    cparams.n_ctx = params.n_ctx
+    cparams.n_ctx = params.n_ctx_total
     cparams.n_batch = params.n_batch
     cparams.n_ubatch = params.n_ubatch
     cparams.n_seq_max = params.n_seq_max
