@@ -28,14 +28,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantize.model.units import GIB, MIB  # noqa: E402
 from server.launch import llama_server  # noqa: E402
 from server.launch.planner import make_plan  # noqa: E402
 from server.launch.request import LaunchRequest  # noqa: E402
 from server.launch.supervisor import Supervisor, SupervisorConfig  # noqa: E402
 from server.launch.toolchain import probe_toolchain  # noqa: E402
-
-GIB = 1 << 30
-MIB = 1 << 20
 
 HOLDER = """
 import signal, sys, torch

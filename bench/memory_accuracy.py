@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from quantize.budget import Budget, estimate  # noqa: E402
 from quantize.model.spec import ModelSpec  # noqa: E402
+from quantize.model.units import MIB  # noqa: E402
 from server.hardware.cards import GpuSet, get_card, match_card  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +51,6 @@ from memory_report import (  # noqa: E402
     render_table,
 )
 
-MIB = 1 << 20
 LLAMA3_VOCAB = 128256
 COMPONENTS = ("weights", "kv", "compute", "overhead")
 

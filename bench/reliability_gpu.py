@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 
 from loadtest.servers import free_port, metric_value, start_gateway, write_chain
-
-GIB = 1 << 30
+from quantize.model.units import GIB
 
 
 def _served_by(text: str) -> dict[str, float]:

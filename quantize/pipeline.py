@@ -32,6 +32,7 @@ from quantize.manifest import (
 from quantize.model.gguf_file import GGUFReadError, read_model_spec
 from quantize.model.levels import QuantLevel, UnknownLevelError, get_level
 from quantize.model.spec import ModelSpec
+from quantize.model.units import MIB
 from quantize.runner import QuantizeFailedError, QuantizeJob, TensorProgress, run_llama_quantize
 from quantize.verify import Verification, expected_file_bytes, verify_output
 
@@ -171,8 +172,8 @@ def _check_disk(out: Path, expected: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < expected + DISK_MARGIN_BYTES:
         raise PipelineError(
-            f"not enough free space in {parent}: the output needs about {expected / (1 << 20):,.0f} MiB, "
-            f"{free / (1 << 20):,.0f} MiB are free"
+            f"not enough free space in {parent}: the output needs about {expected / MIB:,.0f} MiB, "
+            f"{free / MIB:,.0f} MiB are free"
         )
 
 

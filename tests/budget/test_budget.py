@@ -22,11 +22,9 @@ from quantize.bundled import smollm2_path
 from quantize.model.gguf_file import read_model_spec
 from quantize.model.hf_config import model_spec_from_hf_config
 from quantize.model.spec import ModelSpec
+from quantize.model.units import GIB, MIB
 from server.hardware.cards import GpuSet, get_card
 from server.hardware.target import CpuTarget
-
-MIB = 1 << 20
-GIB = 1 << 30
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from quantize.model.units import GIB, MIB
 from server.hardware.cards import (
     SOURCED_FIELDS,
     Card,
@@ -15,9 +16,6 @@ from server.hardware.cards import (
     get_card,
     match_card,
 )
-
-GIB = 1024**3
-MIB = 1024**2
 
 REQUIRED_IDS = (
     "tesla-p4",

@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from quantize.model.units import GIB, MIB
 from server.cli import gpu as gpu_cli
 from server.hardware.cards import get_card
 from server.hardware.detect import (
@@ -29,8 +30,6 @@ from server.hardware.detect import (
     sample_gpu_metrics,
 )
 
-GIB = 1024**3
-MIB = 1024**2
 ROOT = Path(__file__).resolve().parents[2]
 
 CPU = CpuInfo(

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from quantize.model.units import GIB
 from server.hardware.oom import Failure, classify
 from server.launch.ladder import next_step
 from server.launch.plan import LaunchPlan, QuantFile
 
-GIB = 1 << 30
 OOM = Failure(kind="oom", phase="startup", cause="alloc", evidence="cudaMalloc failed: out of memory")
 
 

@@ -13,9 +13,8 @@ from quantize.model.gguf_file import read_model_spec
 from quantize.model.levels import LEVELS, UnknownLevelError, get_level, level_for_ftype
 from quantize.model.spec import ModelSpec
 from quantize.model.tensor_types import estimate_weights_bytes, quantized_tensors, spec_at_level
+from quantize.model.units import GIB
 from quantize.synthetic import SyntheticShape, write_synthetic_gguf
-
-GIB = 1 << 30
 
 
 def test_get_level_is_case_insensitive_with_aliases() -> None:

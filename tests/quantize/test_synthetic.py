@@ -12,6 +12,7 @@ from quantize.bundled import smollm2_path
 from quantize.llama_session import LlamaSession
 from quantize.model.gguf_file import read_model_spec
 from quantize.model.tensor_types import estimate_weights_bytes
+from quantize.model.units import GIB
 from quantize.synthetic import (
     LLAMA31_8B,
     TINY,
@@ -20,8 +21,6 @@ from quantize.synthetic import (
     synthetic_model_spec,
     write_synthetic_gguf,
 )
-
-GIB = 1 << 30
 
 
 @pytest.fixture(scope="module")
