@@ -116,11 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     n_par = max(sizes)
     per_seq = args.prompt_tokens + args.gen_tokens + 16
-    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     config = EngineConfig(
-        model_path=model, n_ctx=n_par * per_seq, n_parallel=n_par, n_batch=max(args.n_batch, n_par),
+        model_path=model, n_ctx=per_seq, n_parallel=n_par, n_batch=max(args.n_batch, n_par),
         n_ubatch=min(512, max(args.n_batch, n_par)), n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-        flash_attn=flash, kv_unified=args.kv_unified,
+        flash_attn=args.flash_attn, kv_unified=args.kv_unified,
     )
     engine = Engine(config)
     engine.start()

@@ -28,14 +28,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantize.model.units import GIB, MIB  # noqa: E402
 from server.launch import llama_server  # noqa: E402
 from server.launch.planner import make_plan  # noqa: E402
 from server.launch.request import LaunchRequest  # noqa: E402
 from server.launch.supervisor import Supervisor, SupervisorConfig  # noqa: E402
 from server.launch.toolchain import probe_toolchain  # noqa: E402
-
-GIB = 1 << 30
-MIB = 1 << 20
 
 HOLDER = """
 import signal, sys, torch
@@ -123,7 +121,8 @@ def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, An
             raise RuntimeError(f"the holder did not start: {line!r}")
         held, free, total = (int(x) for x in m.groups())
         request = LaunchRequest(
-            backend="llama-server", card=card, model=str(model), ctx=ctx, parallel=1, port=free_port()
+            backend="llama-server", card=card, model_path=str(model), n_ctx=ctx, n_parallel=1,
+            port=free_port(),
         )
         plan = make_plan(request, toolchain=probe_toolchain())
         config = SupervisorConfig(

@@ -36,8 +36,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from quantize.budget import Budget, estimate  # noqa: E402
-from quantize.model_spec import ModelSpec  # noqa: E402
-from server.cards import GpuSet, get_card, match_card  # noqa: E402
+from quantize.model.spec import ModelSpec  # noqa: E402
+from quantize.model.units import MIB  # noqa: E402
+from server.hardware.cards import GpuSet, get_card, match_card  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_report import (  # noqa: E402
@@ -50,7 +51,6 @@ from memory_report import (  # noqa: E402
     render_table,
 )
 
-MIB = 1 << 20
 LLAMA3_VOCAB = 128256
 COMPONENTS = ("weights", "kv", "compute", "overhead")
 
@@ -58,7 +58,7 @@ COMPONENTS = ("weights", "kv", "compute", "overhead")
 @dataclass(frozen=True)
 class Config:
     model: str  # "llama8b" | "gemma" | "tiny"
-    n_ctx: int
+    n_ctx_total: int  # llama-server's -c: the KV pool of all n_parallel sequences
     n_parallel: int
     flash_attn: bool
     kv_type: str
@@ -66,7 +66,7 @@ class Config:
     @property
     def name(self) -> str:
         fa = "fa" if self.flash_attn else "nofa"
-        ctx = f"{self.n_ctx // 1024}k" if self.n_ctx % 1024 == 0 else str(self.n_ctx)
+        ctx = f"{self.n_ctx_total // 1024}k" if self.n_ctx_total % 1024 == 0 else str(self.n_ctx_total)
         return f"{self.model} c{ctx} np{self.n_parallel} {fa} {self.kv_type}"
 
 
@@ -91,14 +91,15 @@ TINY_CONFIG = Config("tiny", 512, 1, True, "f16")
 
 def llama_server_cmd(binary: str, model: Path, cfg: Config, port: int) -> list[str]:
     return [
-        binary, "-m", str(model), "-ngl", "99", "-c", str(cfg.n_ctx), "-np", str(cfg.n_parallel),
+        binary, "-m", str(model), "-ngl", "99", "-c", str(cfg.n_ctx_total), "-np", str(cfg.n_parallel),
         "-fa", "on" if cfg.flash_attn else "off", "-ctk", cfg.kv_type, "-ctv", cfg.kv_type,
         "--fit", "off", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
 
 def predict(gpus: GpuSet, spec: ModelSpec, cfg: Config) -> Budget:
-    return estimate(gpus, spec, None, backend="llama-server", n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
+    n_ctx = cfg.n_ctx_total // cfg.n_parallel  # the budget takes one sequence's context
+    return estimate(gpus, spec, None, backend="llama-server", n_ctx=n_ctx, n_parallel=cfg.n_parallel,
                     kv_type=cfg.kv_type, flash_attn=cfg.flash_attn)  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def _measure(
     if args.no_load:
         return
     try:
-        long_request(args.port_now, max(16, min(args.load_tokens, b.n_ctx_per_seq - 64)), spec.n_vocab)
+        long_request(args.port_now, max(16, min(args.load_tokens, b.n_ctx - 64)), spec.n_vocab)
         time.sleep(0.5)
         res.measured_loaded_mib, _ = process_mib(proc.pid, args.device, baseline)
     except Exception as exc:
@@ -278,9 +279,9 @@ def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def dry_run_specs() -> dict[str, ModelSpec]:
+    from quantize.model.tensor_types import spec_at_level
     from quantize.synthetic import LLAMA31_8B, TINY, synthetic_model_spec
     from quantize.synthetic_gemma3 import gemma3_like_spec
-    from quantize.tensor_types import spec_at_level
 
     return {
         "llama8b": spec_at_level(synthetic_model_spec(LLAMA31_8B, LLAMA3_VOCAB), "Q4_K_M"),
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         gpus = GpuSet(card=card, count=1, measured_memory_bytes=total)
         models = prepare_models(args)
-        from quantize.gguf_model import read_model_spec
+        from quantize.model.gguf_file import read_model_spec
 
         specs = {k: read_model_spec(p) for k, p in models.items()}
     results = []

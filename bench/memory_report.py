@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-MIB = 1 << 20
-
 
 @dataclass
 class Result:

@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.reliability_support import (  # noqa: E402
+from loadtest.servers import (  # noqa: E402
     ServerProcess,
     free_port,
     metric_value,
@@ -53,8 +53,8 @@ MAX_TOKENS = 32
 
 def start_edgeserve(port: int, log_path: Path, *, n_ctx: int, parallel: int) -> ServerProcess:
     """`edgeserve serve` (embedded engine) as the primary; n_ctx per sequence, the KV cache holds them all."""
-    cmd = [sys.executable, "-m", "server.cli.serve", "--port", str(port), "--parallel", str(parallel),
-           "--ctx", str(n_ctx * parallel), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "server.cli.serve", "--port", str(port), "--n-parallel", str(parallel),
+           "--n-ctx", str(n_ctx), "--log-level", "warning"]
     return spawn(cmd, log_path, port, "edgeserve")
 
 
@@ -157,7 +157,7 @@ def return_scenario(gateway: ServerProcess, restart: Any, health: str) -> dict[s
 
 
 def oom_scenario(gateway: ServerProcess, doomed: ServerProcess, requests: int) -> dict[str, Any]:
-    from server.launch.oom import classify
+    from server.hardware.oom import classify
 
     code = doomed.wait_exit(300)
     failure = classify(doomed.log_tail(80), code, phase="startup")
@@ -217,10 +217,11 @@ def cpu_run(args: argparse.Namespace) -> dict[str, Any]:
     health = "/v1/models" if args.primary == "llama-cpp-python" else "/ready"
     chain = write_chain(work / "chain.yaml", [
         {"name": "primary", "kind": "openai", "url": f"http://127.0.0.1:{port}", "n_ctx": 1024,
-         "slots": args.streams, "queue_size": args.streams, "health_url": health,
+         "n_parallel": args.streams, "queue_size": args.streams, "health_url": health,
          "health_interval_s": 0.5,
          "breaker": {"failure_threshold": 3, "cooldown_s": 2.0}},
-        {"name": "fallback", "kind": "embedded", "n_ctx": 8192, "slots": slots, "queue_size": queue,
+        # 1024 tokens per sequence: a pool of 8192 cells for the fallback's eight
+        {"name": "fallback", "kind": "embedded", "n_ctx": 1024, "n_parallel": slots, "queue_size": queue,
          "queue_timeout_s": 300},
     ])
     primaries: list[ServerProcess] = []

@@ -20,9 +20,8 @@ from typing import Any
 
 import httpx
 
-from tests.reliability_support import free_port, metric_value, start_gateway, write_chain
-
-GIB = 1 << 30
+from loadtest.servers import free_port, metric_value, start_gateway, write_chain
+from quantize.model.units import GIB
 
 
 def _served_by(text: str) -> dict[str, float]:
@@ -51,16 +50,19 @@ def gpu_oom_run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"the memory holder did not start: {line!r}")
         free = int(held.group(2))
         port = free_port()
-        plan = make_plan(LaunchRequest(backend="llama-server", card=args.card, model=str(model), ctx=args.ctx,
-                                       parallel=1, port=port), toolchain=probe_toolchain())
+        request = LaunchRequest(backend="llama-server", card=args.card, model_path=str(model), n_ctx=args.ctx,
+                                n_parallel=1, port=port)
+        plan = make_plan(request, toolchain=probe_toolchain())
         status = work / "primary.status.json"
         status.unlink(missing_ok=True)
         chain = write_chain(work / "gpu_chain.yaml", [
             {"name": "primary", "kind": "openai", "url": f"http://127.0.0.1:{port}", "health_url": "/health",
-             "health_interval_s": 0.5, "slots": 4, "queue_size": 16, "supervisor_status": str(status),
+             "health_interval_s": 0.5, "n_parallel": 4, "queue_size": 16, "supervisor_status": str(status),
              "breaker": {"failure_threshold": 2, "cooldown_s": 2.0}},
+            # 1024 tokens per sequence: the pool of 2048 cells this fallback always had
             {"name": "fallback", "kind": "embedded", "model_path": str(model), "n_gpu_layers": 0,
-             "n_ctx": 2048, "slots": 2, "queue_size": 32, "queue_timeout_s": 300, "stall_timeout_s": 300},
+             "n_ctx": 1024, "n_parallel": 2, "queue_size": 32, "queue_timeout_s": 300,
+             "stall_timeout_s": 300},
         ], model_name="llama31-8b-synthetic")
         gateway = start_gateway(chain, free_port(), work / "gpu_gateway.log")
         if not gateway.wait_http("/ready", 300):

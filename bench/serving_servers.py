@@ -177,13 +177,13 @@ def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Nam
     log = work / f"{kind}-{slots}.log"
     ngl = "99" if args.gpu else "0"
     if kind == "edgeserve":
-        cmd = [*edgeserve_cmd(env), "--model", str(model), "--port", str(port), "--parallel", str(slots),
-               "--ctx", str(slots * n_ctx_seq), "--n-gpu-layers", ngl, "--max-queue", "4096",
-               "--log-level", "warning"]
+        # --n-ctx is one sequence's context; the step budget is llama-server's default -b.
+        cmd = [*edgeserve_cmd(env), "--model-path", str(model), "--port", str(port), "--n-parallel",
+               str(slots), "--n-ctx", str(n_ctx_seq), "--n-batch", "2048", "--n-gpu-layers", ngl,
+               "--max-queue", "4096", "--log-level", "warning"]
         if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        # The same step budget as llama-server's default -b.
-        return Server(kind, cmd, {**env, "EDGESERVE_N_BATCH": "2048"}, port, "/ready", log)
+            cmd += ["--n-threads", str(args.threads)]
+        return Server(kind, cmd, env, port, "/ready", log)
     if kind in ("llama-server", "llama-server-bs"):
         cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-ngl", ngl,
                "-np", str(slots), "-c", str(slots * n_ctx_seq)]

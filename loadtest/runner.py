@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadtest.selection import Setting, Trial
+from loadtest.servers import free_port
 from loadtest.summary import LoadSummary
 from loadtest.workload import Workload
 
@@ -31,9 +31,10 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # script needed on PATH, and only the serve command's modules are imported.
 DEFAULT_SERVER_TEMPLATE: tuple[str, ...] = (
     "{python}", "-m", "server.cli.serve", "--host", "{host}", "--port", "{port}",
-    "--parallel", "{parallel}", "--ctx", "{ctx}", "--log-level", "warning",
+    "--n-parallel", "{n_parallel}", "--n-ctx", "{n_ctx}", "--log-level", "warning",
 )
-PLACEHOLDERS = ("python", "host", "port", "parallel", "ctx", "model")
+# {n_ctx} is one sequence's context; llama-server's -c takes {n_ctx_total} (n_ctx x n_parallel).
+PLACEHOLDERS = ("python", "host", "port", "n_parallel", "n_ctx", "n_ctx_total", "model")
 LOG_TAIL_CHARS = 1500
 
 
@@ -61,9 +62,11 @@ class RunConfig(BaseModel):
 
 def render_command(template: Sequence[str], setting: Setting, *, host: str, port: int,
                    model: Path | None, python: str = sys.executable) -> list[str]:
-    """The server's argv for one setting; {python} {host} {port} {parallel} {ctx} {model} are filled in."""
-    values = {"python": python, "host": host, "port": str(port), "parallel": str(setting.parallel),
-              "ctx": str(setting.ctx), "model": str(model) if model is not None else ""}
+    """The server's argv for one setting; the PLACEHOLDERS ({python} {host} {port} {n_parallel} {n_ctx}
+    {n_ctx_total} {model}) are filled in."""
+    values = {"python": python, "host": host, "port": str(port), "n_parallel": str(setting.n_parallel),
+              "n_ctx": str(setting.n_ctx), "n_ctx_total": str(setting.n_ctx_total),
+              "model": str(model) if model is not None else ""}
     argv: list[str] = []
     uses_model = False
     for part in template:
@@ -80,13 +83,6 @@ def render_command(template: Sequence[str], setting: Setting, *, host: str, port
     if not argv:
         raise ValueError("empty server command")
     return argv
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path) -> str:
@@ -215,7 +211,7 @@ def _snapshot_metrics(base_url: str, trial_dir: Path) -> int | None:
 
 def run_trial(setting: Setting, config: RunConfig) -> Trial:
     """Start a server with `setting`, load it, stop it. A failure becomes a Trial with its reason."""
-    trial_dir = config.out_dir / f"p{setting.parallel}_c{setting.ctx}"
+    trial_dir = config.out_dir / f"p{setting.n_parallel}_c{setting.n_ctx}"
     trial_dir.mkdir(parents=True, exist_ok=True)
     port = free_port(config.host)
     base_url = f"http://{config.host}:{port}"

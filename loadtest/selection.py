@@ -7,24 +7,25 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loadtest.summary import LoadSummary
+from server.engine.config import NCtx
 
 
 class Setting(BaseModel):
-    """One server setting: sequences decoded together (--parallel, llama-server -np), KV tokens (-c)."""
+    """One server setting: sequences decoded together (n_parallel, llama-server -np) and the context of one
+    sequence (n_ctx); the KV pool is their product (n_ctx_total, llama-server's -c)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    parallel: int = Field(ge=1, le=1024)
-    ctx: int = Field(ge=16)
+    n_parallel: int = Field(ge=1, le=1024)
+    n_ctx: NCtx
 
     @property
-    def ctx_per_sequence(self) -> int:
-        """Tokens each sequence can hold when the cache is split evenly (llama-server's -c / -np)."""
-        return self.ctx // self.parallel
+    def n_ctx_total(self) -> int:
+        return self.n_ctx * self.n_parallel
 
     @property
     def label(self) -> str:
-        return f"parallel={self.parallel} ctx={self.ctx}"
+        return f"n_parallel={self.n_parallel} n_ctx={self.n_ctx}"
 
 
 class Constraint(BaseModel):
@@ -81,22 +82,18 @@ class Choice(BaseModel):
 
 
 def expand_grid(parallels: Iterable[int], ctxs: Iterable[int]) -> tuple[Setting, ...]:
-    """Every (parallel, ctx) pair, in a stable order, without duplicates."""
+    """Every (n_parallel, n_ctx) pair, in a stable order, without duplicates."""
     p_values = sorted(set(parallels))
     c_values = sorted(set(ctxs))
     if not p_values or not c_values:
-        raise ValueError("need at least one --parallel and one --ctx value")
-    return tuple(Setting(parallel=p, ctx=c) for c in c_values for p in p_values)
+        raise ValueError("need at least one --n-parallel and one --n-ctx value")
+    return tuple(Setting(n_parallel=p, n_ctx=c) for c in c_values for p in p_values)
 
 
-def fits_request(setting: Setting, request_tokens: int, is_unified_kv: bool = True) -> bool:
-    """Whether one request (prompt + max_tokens) can fit the KV cache this setting gives a sequence.
-
-    A unified cache (the embedded engine) lets one sequence use all of `ctx`; a split one (llama-server
-    without --kv-unified) gives each slot ctx/parallel.
-    """
-    room = setting.ctx if is_unified_kv else setting.ctx_per_sequence
-    return request_tokens <= room
+def fits_request(setting: Setting, request_tokens: int) -> bool:
+    """Whether one request (prompt + max_tokens) fits the context a sequence gets (n_ctx, whatever the
+    server: the split and the unified cache alike give a sequence n_ctx tokens)."""
+    return request_tokens <= setting.n_ctx
 
 
 def judge(trial: Trial, constraint: Constraint) -> Verdict:
@@ -140,7 +137,7 @@ def choose(trials: Sequence[Trial], constraint: Constraint) -> Choice:
     top = max(t.summary.tokens_per_s for t in feasible if t.summary)
     floor = top * (1.0 - constraint.tie_tolerance)
     contenders = [t for t in feasible if t.summary and t.summary.tokens_per_s >= floor]
-    best = min(contenders, key=lambda t: (_ttft_key(t), t.setting.parallel, t.setting.ctx))
+    best = min(contenders, key=lambda t: (_ttft_key(t), t.setting.n_parallel, t.setting.n_ctx))
     assert best.summary is not None
     reason = f"highest throughput meeting the constraint: {best.summary.tokens_per_s:.1f} tokens/s"
     if len(contenders) > 1:

@@ -1,9 +1,10 @@
-"""Sweep --parallel and --ctx under load and pick the best setting: `python -m loadtest.tuner run ...`.
+"""Sweep n_parallel and n_ctx under load and pick the best setting: `python -m loadtest.tuner run ...`.
 
-For every (parallel, ctx) pair the tuner starts `edgeserve serve` (or any server command given with
---server-cmd, e.g. llama-server) on a free loopback port, waits for it to be ready, runs Locust headless for a
-fixed time, stops the server and records throughput, TTFT p50/p95 and the error rate. The chosen setting is
-the highest-throughput one that meets the TTFT p95 and error-rate limits. Results go to results.json, a
+For every (n_parallel, n_ctx) pair (n_ctx per sequence, as everywhere in edgeserve) the tuner starts
+`edgeserve serve` (or any server command given with --server-cmd, e.g. llama-server) on a free loopback
+port, waits for it to be ready, runs Locust headless for a fixed time, stops the server and records
+throughput, TTFT p50/p95 and the error rate. The chosen setting is the highest-throughput one that meets the
+TTFT p95 and error-rate limits. Results go to results.json, a
 markdown report and a PNG; `report` re-renders them from results.json.
 """
 
@@ -62,16 +63,14 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def sweep(settings: tuple[Setting, ...], config: RunConfig, *,
-          is_unified_kv: bool = True) -> tuple[Trial, ...]:
+def sweep(settings: tuple[Setting, ...], config: RunConfig) -> tuple[Trial, ...]:
     """Run every setting in turn (one server at a time: they would compete for the same GPU)."""
     need = config.workload.prompt_tokens + config.workload.max_tokens + TEMPLATE_TOKENS
     trials: list[Trial] = []
     for index, setting in enumerate(settings, start=1):
-        if not fits_request(setting, need, is_unified_kv):
-            room = setting.ctx if is_unified_kv else setting.ctx_per_sequence
-            trials.append(Trial(setting=setting, users=config.users,
-                                failure=f"a request needs about {need} tokens, a sequence gets {room}"))
+        if not fits_request(setting, need):
+            why = f"a request needs about {need} tokens, a sequence gets {setting.n_ctx}"
+            trials.append(Trial(setting=setting, users=config.users, failure=why))
             continue
         log.info("[%d/%d] %s", index, len(settings), setting.label)
         trials.append(run_trial(setting, config))
@@ -80,7 +79,7 @@ def sweep(settings: tuple[Setting, ...], config: RunConfig, *,
 
 def _print_table(result: TuneResult) -> None:
     table = Table(title="edgeserve tuning")
-    for name in ("parallel", "ctx", "ok", "failed", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "verdict"):
+    for name in ("n_parallel", "n_ctx", "ok", "failed", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "verdict"):
         table.add_column(name, justify="left" if name == "verdict" else "right")
     verdicts = {v.setting: v for v in result.choice.verdicts}
     best = result.choice.best.setting if result.choice.best else None
@@ -93,7 +92,7 @@ def _print_table(result: TuneResult) -> None:
                  [str(s.requests_ok), str(s.requests_failed), f"{s.tokens_per_s:.1f}",
                   "-" if s.ttft_p50_ms is None else f"{s.ttft_p50_ms:.0f}",
                   "-" if s.ttft_p95_ms is None else f"{s.ttft_p95_ms:.0f}"])
-        table.add_row(str(trial.setting.parallel), str(trial.setting.ctx), *cells, note[:120])
+        table.add_row(str(trial.setting.n_parallel), str(trial.setting.n_ctx), *cells, note[:120])
     console.print(table)
     console.print(result.choice.reason)
 
@@ -122,10 +121,12 @@ app = typer.Typer(name="tune", help="Load-test settings with Locust and pick the
 
 @app.command("run")
 def run_command(
-    parallel: Annotated[str, typer.Option(help="--parallel values to try, comma separated")] = "1,2,4,8",
-    ctx: Annotated[str, typer.Option(help="--ctx values (KV tokens, all sequences) to try")] = "4096",
+    n_parallel: Annotated[str, typer.Option(
+        "--n-parallel", "--parallel", help="n_parallel values to try, comma separated")] = "1,2,4,8",
+    n_ctx: Annotated[str, typer.Option(
+        "--n-ctx", "--ctx", help="n_ctx values to try (context of ONE sequence, tokens)")] = "4096",
     users: Annotated[int | None, typer.Option(help="concurrent users for every setting (default: the "
-                                                   "largest --parallel)", min=1)] = None,
+                                                   "largest n_parallel)", min=1)] = None,
     duration: Annotated[int, typer.Option(help="seconds of load per setting", min=1)] = 30,
     prompt_tokens: Annotated[int, typer.Option(help="approximate prompt length", min=1)] = 64,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per request", min=1)] = 64,
@@ -133,19 +134,16 @@ def run_command(
     max_error_rate: Annotated[float, typer.Option(help="error-rate limit (0..1)", min=0.0, max=1.0)] = 0.01,
     model: Annotated[Path | None, typer.Option(help="GGUF to serve (default: the server's default)")] = None,
     server_cmd: Annotated[str | None, typer.Option(
-        help="server command template with {host} {port} {parallel} {ctx} {model} {python}; default: "
-             "edgeserve serve")] = None,
+        help="server command template with {host} {port} {n_parallel} {n_ctx} {n_ctx_total} {model} {python} "
+             "(llama-server: -np {n_parallel} -c {n_ctx_total}); default: edgeserve serve")] = None,
     server_args: Annotated[str, typer.Option(
-        help="more arguments for every server start, e.g. \"--threads 1\" or \"--n-gpu-layers 20\"")] = "",
+        help="more arguments for every server start, e.g. \"--n-threads 1\" or \"--n-gpu-layers 20\"")] = "",
     ready_path: Annotated[str, typer.Option(help="answers 200 once the server is ready")] = "/ready",
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness", min=1)] = 300.0,
     stream: Annotated[bool, typer.Option(help="stream responses (needed for TTFT)")] = True,
     ignore_eos: Annotated[bool, typer.Option(help="generate exactly max_tokens every time")] = True,
     served_model: Annotated[str | None, typer.Option(help="model id to send (default: first listed)")] = None,
     api_key: Annotated[str | None, typer.Option(help="bearer token for the server")] = None,
-    kv_split: Annotated[bool, typer.Option(
-        help="each slot gets ctx/parallel tokens (llama-server without --kv-unified); used to skip settings "
-             "whose requests cannot fit")] = False,
     warmup: Annotated[int, typer.Option(help="unmeasured requests before each run", min=0)] = 1,
     drain: Annotated[int, typer.Option(help="seconds running requests get to finish after each run (they "
                                             "count for latency and errors, not throughput)", min=0)] = 60,
@@ -159,14 +157,14 @@ def run_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     try:
-        settings = expand_grid(parse_int_list(parallel, "--parallel"), parse_int_list(ctx, "--ctx"))
+        settings = expand_grid(parse_int_list(n_parallel, "--n-parallel"), parse_int_list(n_ctx, "--n-ctx"))
         template = (tuple(shlex.split(server_cmd)) if server_cmd else DEFAULT_SERVER_TEMPLATE) + tuple(
             shlex.split(server_args))
         out_dir = out or Path("loadtest-results") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
         workload = Workload(prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
                             ignore_eos=ignore_eos, model=served_model, api_key=api_key)
         config = RunConfig(server_template=template, model=model, ready_path=ready_path,
-                           ready_timeout_s=ready_timeout, users=users or max(s.parallel for s in settings),
+                           ready_timeout_s=ready_timeout, users=users or max(s.n_parallel for s in settings),
                            duration_s=duration, workload=workload, warmup_requests=warmup, drain_s=drain,
                            out_dir=out_dir)
         constraint = Constraint(max_ttft_p95_ms=max_ttft_p95_ms, max_error_rate=max_error_rate)
@@ -183,7 +181,7 @@ def run_command(
     if importlib.util.find_spec("locust") is None:
         raise _fail("the tuner runs Locust, which is not installed: pip install 'edgeserve[loadtest]'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials = sweep(settings, config, is_unified_kv=not kv_split)
+    trials = sweep(settings, config)
     result = TuneResult(config=config, constraint=constraint, trials=trials,
                         choice=choose(trials, constraint))
     (out_dir / "results.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")

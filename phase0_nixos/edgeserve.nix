@@ -28,13 +28,19 @@ let
   launchArgs =
     [ "launch" "--backend" cfg.backend "--card" cfg.card "--host" cfg.host "--port" (toString cfg.port)
       "--status-file" "/run/edgeserve/status.json" ]
-    ++ optionals (cfg.model != null) [ "--model" cfg.model ]
-    ++ optionals (cfg.ctx != null) [ "--ctx" (toString cfg.ctx) ]
-    ++ optionals (cfg.parallel != null) [ "--parallel" (toString cfg.parallel) ]
+    ++ optionals (cfg.model != null) [ "--model-path" cfg.model ]
+    ++ optionals (cfg.n_ctx != null) [ "--n-ctx" (toString cfg.n_ctx) ]
+    ++ optionals (cfg.n_parallel != null) [ "--n-parallel" (toString cfg.n_parallel) ]
     ++ cfg.extraArgs;
 
 in
 {
+  # The settings carry edgeserve's own names (n_ctx, n_parallel); the earlier ones still work, with a warning.
+  imports = [
+    (lib.mkRenamedOptionModule [ "services" "edgeserve" "ctx" ] [ "services" "edgeserve" "n_ctx" ])
+    (lib.mkRenamedOptionModule [ "services" "edgeserve" "parallel" ] [ "services" "edgeserve" "n_parallel" ])
+  ];
+
   options.services.edgeserve = {
     enable = mkEnableOption "edgeserve, an OpenAI-compatible LLM server for small NVIDIA GPUs and the CPU";
 
@@ -88,13 +94,16 @@ in
       description = "Card id as `edgeserve gpu` lists them, `cpu`, or `auto` (detect with NVML).";
     };
 
-    ctx = mkOption {
+    n_ctx = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;
-      description = "Context tokens per sequence; null lets the launcher fit it to the card.";
+      description = ''
+        Context of ONE sequence (prompt + completion), tokens; the KV pool is n_ctx x n_parallel. null lets
+        the launcher take the card's profile and fit it to the card.
+      '';
     };
 
-    parallel = mkOption {
+    n_parallel = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;
       description = "Sequences decoded together; `python -m loadtest.tuner run` measures the best value.";

@@ -40,8 +40,8 @@
     model = "/var/lib/edgeserve/models/Llama-3.1-8B-Instruct-Q4_K_M.gguf";
     backend = "llama-server"; # a P4 cannot run SGLang (compute capability 6.1)
     card = "tesla-p4";
-    ctx = 4096;
-    parallel = 4; # measure it: python -m loadtest.tuner run --parallel 1,2,4,8 --ctx 4096
+    n_ctx = 4096; # tokens of one sequence
+    n_parallel = 4; # measure it: python -m loadtest.tuner run --n-parallel 1,2,4,8 --n-ctx 4096
     host = "0.0.0.0";
     port = 8000;
     openFirewall = true;

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Batch-size test: serves the model at --parallel 1, 2, 4 and 8 in turn, loads each with Locust and reports
+# Batch-size test: serves the model at --n-parallel 1, 2, 4 and 8 in turn, loads each with Locust and reports
 # throughput, TTFT p50/p95 and errors, then names the best setting (python -m loadtest.tuner run).
 #
-#   phase1_foundation/batch_test.sh [--model M.gguf] [--ctx 4096] [--duration 30] [--max-ttft-p95-ms 2000]
+#   phase1_foundation/batch_test.sh [--model M.gguf] [--n-ctx 1024] [--duration 30] [--max-ttft-p95-ms 2000]
 #                                   [--out DIR] [any other `python -m loadtest.tuner run` option]
 #
-# Options given here override the defaults below (the last occurrence of an option wins). Results land in
+# --n-ctx is the context of ONE sequence (the KV pool is n_ctx x n_parallel); --ctx and --parallel are accepted
+# as before. Options given here override the defaults below (the last occurrence of an option wins). Results land in
 # DIR (default loadtest-results/batch-<time>): results.json, report.md, report.png, and per setting the server
 # log, Locust's CSVs and a /metrics snapshot. Exit status 1 when no setting met the constraint.
 set -euo pipefail
@@ -21,8 +22,8 @@ if ! "$python" -c "import locust, matplotlib" >/dev/null 2>&1; then
 fi
 cd "$root"
 exec "$python" -m loadtest.tuner run \
-  --parallel 1,2,4,8 \
-  --ctx 4096 \
+  --n-parallel 1,2,4,8 \
+  --n-ctx 1024 \
   --duration 30 \
   --out "loadtest-results/batch-$(date +%Y%m%d-%H%M%S)" \
   --title "edgeserve batch-size test" \

@@ -5,8 +5,9 @@
 #   3. no GPU (or the embedded engine chosen): the gateway itself serves on :8000 with the in-process engine and
 #      the bundled model, under the supervisor;
 #      a GPU with SGLang or llama-server: that backend on its own port on 127.0.0.1 (supervised: restarts, OOM
-#      ladder), then `edgeserve serve --backend openai --upstream ...` in front of it on :8000.
-# Arguments go to `edgeserve launch` (e.g. --model PATH --ctx 8192 --parallel 8 --backend llama-server).
+#      ladder), then `edgeserve serve --backend openai --upstream-url ...` in front of it on :8000.
+# Arguments go to `edgeserve launch` (e.g. --model-path PATH --n-ctx 8192 --n-parallel 8 --backend llama-server;
+# --n-ctx is the context of one sequence).
 # Environment: EDGESERVE_HOST (default 127.0.0.1; set 0.0.0.0 to serve other machines), EDGESERVE_PORT (8000),
 # EDGESERVE_BACKEND_PORT (the backend's port; default SGLang 30000, llama-server 8080), EDGESERVE_SKIP_SETUP=1
 # (use .venv as it is).
@@ -69,7 +70,7 @@ until [ -f "$status" ] && "$py" -c 'import json, sys; sys.exit(json.load(open(sy
   sleep 1
 done
 
-"${edgeserve[@]}" serve --backend openai --upstream "http://127.0.0.1:$backend_port" --host "$host" \
-  --port "$port" --parallel "$n_parallel" &
+"${edgeserve[@]}" serve --backend openai --upstream-url "http://127.0.0.1:$backend_port" --host "$host" \
+  --port "$port" --n-parallel "$n_parallel" &
 gateway=$!
 wait "$gateway"

@@ -28,5 +28,15 @@ def smollm2_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """The model `edgeserve serve` uses when no --model is given."""
+    """The model `edgeserve serve`, `plan` and `launch` use when no model is given."""
     return smollm2_path()
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The one lookup of the model to use: `path` as given (user home expanded), else the bundled model.
+
+    Raises BundledModelMissingError when no path is given and the bundled model is not installed.
+    """
+    if path is None or str(path) == "":
+        return default_model_path()
+    return Path(path).expanduser()

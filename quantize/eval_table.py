@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from quantize.levels import QuantLevel
 from quantize.llama_session import LlamaSession
+from quantize.model.levels import QuantLevel
 from quantize.perplexity import perplexity
 from quantize.pipeline import (
     PipelineError,
@@ -67,7 +67,7 @@ class QualityTable:
     n_ctx: int
     n_chunks: int
     n_scored: int
-    threads: int
+    n_threads: int
     is_indicative: bool
     rows: tuple[QualityRow, ...]
 
@@ -91,10 +91,10 @@ class _Measure:
 
 
 def measure(
-    path: Path, text: str, *, n_ctx: int, max_tokens: int | None, threads: int, decode_tokens: int
+    path: Path, text: str, *, n_ctx: int, max_tokens: int | None, n_threads: int, decode_tokens: int
 ) -> _Measure:
     """Perplexity of `text` and decode speed for the model at `path`."""
-    with LlamaSession(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads) as session:
+    with LlamaSession(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads) as session:
         p = perplexity(session, text, n_ctx=n_ctx, max_tokens=max_tokens)
         # a short prompt from the text, leaving room in the window for the decoded tokens
         prompt = session.tokenize(text)[: max(1, n_ctx // 4)]
@@ -128,7 +128,7 @@ def quality_table(
             lv,
             QuantizeOptions(
                 out=default_output(src, lv, out_dir),
-                threads=options.threads,
+                n_threads=options.n_threads,
                 imatrix=options.imatrix,
                 allow_requantize=options.allow_requantize,
                 force=options.force,
@@ -138,7 +138,7 @@ def quality_table(
         )
         for lv in levels
     ]
-    threads = plans[0].threads if plans else options.threads
+    n_threads = plans[0].n_threads if plans else options.n_threads
 
     def step(msg: str) -> None:
         if on_step is not None:
@@ -146,7 +146,7 @@ def quality_table(
 
     step(f"measuring the source {src.name}")
     base = measure(
-        src, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads, decode_tokens=decode_tokens
+        src, text, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads, decode_tokens=decode_tokens
     )
     rows = [
         QualityRow(
@@ -167,9 +167,8 @@ def quality_table(
         result = execute(plan, on_progress=on_progress)
         results.append(result)
         step(f"measuring {plan.level.name}")
-        m = measure(
-            result.out, text, n_ctx=n_ctx, max_tokens=max_tokens, threads=threads, decode_tokens=decode_tokens
-        )
+        m = measure(result.out, text, n_ctx=n_ctx, max_tokens=max_tokens, n_threads=n_threads,
+                    decode_tokens=decode_tokens)
         rows.append(
             QualityRow(
                 label=plan.level.name,
@@ -188,7 +187,7 @@ def quality_table(
         n_ctx=n_ctx,
         n_chunks=base.n_chunks,
         n_scored=base.n_scored,
-        threads=threads,
+        n_threads=n_threads,
         is_indicative=bool(quantized_types(spec)),
         rows=tuple(rows),
     )

@@ -1,7 +1,8 @@
 """A model and one context on llama.cpp's low-level API, for verification, perplexity and decode speed.
 
 Only what the quantization pipeline needs: tokenize, decode a batch with logits where asked, greedy decoding.
-llama.cpp's log is captured while loading so that a failure reports llama.cpp's own reason in one line.
+Loading goes through server/llama/loader.py (the engine's loader too); llama.cpp's log is captured for the
+session's life so that a failure reports llama.cpp's own reason in one line.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from quantize.llama_log import LogCapture, captured_llama_log
-from server.engine.llama_context import default_extra_bufts
+from server.llama import loader
+from server.llama.loader import LlamaLoadError
+from server.llama.log import LogCapture, captured_llama_log
 
-
-class LlamaLoadError(RuntimeError):
-    """llama.cpp could not load the model or create a context; the message has its reason."""
+__all__ = ["GreedyRun", "LlamaLoadError", "LlamaSession", "default_threads"]
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,8 @@ class LlamaSession:
         self.n_gpu_layers = (
             (99 if llama_cpp.llama_supports_gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
         )
-        # As in the engine: llama.cpp's CPU extra buffer types stay off only where AMX kernels would run on a
-        # CPU that may not grant the tile state (SIGILL; llama.cpp PR 26954).
-        self.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else use_extra_bufts
+        # None: the loader's AMX guard decides, as in the engine.
+        self.use_extra_bufts = use_extra_bufts
         self._model: Any = None
         self._ctx: Any = None
         self.vocab: Any = None
@@ -78,28 +77,21 @@ class LlamaSession:
         self.log: LogCapture | None = None
 
     def __enter__(self) -> LlamaSession:
-        llama_cpp.llama_backend_init()
+        loader.init_backend()
         # llama.cpp's log is kept (not printed) for the session's life: errors quote it.
         self.log = log = self._stack.enter_context(captured_llama_log())
         try:
-            mparams = llama_cpp.llama_model_default_params()
-            mparams.n_gpu_layers = self.n_gpu_layers
-            mparams.use_extra_bufts = self.use_extra_bufts
-            self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-            if not self._model:
-                raise LlamaLoadError(
-                    f"llama.cpp cannot load {self.path}: {log.last_error() or 'unknown error'}"
-                )
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = self.n_ctx
-            cparams.n_batch = self.n_batch
-            cparams.n_ubatch = self.n_batch
-            cparams.n_threads = self.n_threads
-            cparams.n_threads_batch = self.n_threads
-            cparams.no_perf = True
-            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-            if not self._ctx:
-                raise LlamaLoadError(f"llama.cpp cannot create a context for {self.path}: {log.last_error()}")
+            self._model = loader.load_model(
+                self.path, n_gpu_layers=self.n_gpu_layers, use_extra_bufts=self.use_extra_bufts, log=log
+            )
+            params = loader.ContextParams(
+                n_ctx_total=self.n_ctx,  # one sequence: its context is all the cells there are
+                n_batch=self.n_batch,
+                n_ubatch=self.n_batch,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+            )
+            self._ctx = loader.new_context(self._model, params, path=self.path, log=log)
         except BaseException:
             self.close()
             raise
@@ -113,12 +105,8 @@ class LlamaSession:
         self.close()
 
     def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        loader.free(self._model, self._ctx)
+        self._model = self._ctx = None
         self._stack.close()
 
     # ---- text ----------------------------------------------------------------------------------------------

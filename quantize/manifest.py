@@ -64,7 +64,7 @@ class Manifest(BaseModel):
     tensor_types: dict[str, int] = Field(description="tensor count per ggml type")
     bytes_by_type: dict[str, int]
     expected_bytes: int = Field(description="the output size edgeserve predicted before quantizing")
-    threads: int
+    n_threads: int
     quantize_seconds: float
     verify_seconds: float
     allow_requantize: bool

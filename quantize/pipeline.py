@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantize.atomic import atomic_path
-from quantize.auto_level import LevelChoice
-from quantize.gguf_model import GGUFReadError, read_model_spec
+from quantize.budget.auto_level import LevelChoice
 from quantize.imatrix import ImatrixError, load_imatrix
-from quantize.levels import QuantLevel, UnknownLevelError, get_level
 from quantize.llama_session import default_threads
 from quantize.manifest import (
     BackgroundHash,
@@ -31,7 +29,10 @@ from quantize.manifest import (
     utc_now,
     write_manifest,
 )
-from quantize.model_spec import ModelSpec
+from quantize.model.gguf_file import GGUFReadError, read_model_spec
+from quantize.model.levels import QuantLevel, UnknownLevelError, get_level
+from quantize.model.spec import ModelSpec
+from quantize.model.units import MIB
 from quantize.runner import QuantizeFailedError, QuantizeJob, TensorProgress, run_llama_quantize
 from quantize.verify import Verification, expected_file_bytes, verify_output
 
@@ -50,7 +51,7 @@ class QuantizeOptions:
     """How to quantize (the level is chosen separately)."""
 
     out: Path | None = None
-    threads: int = 0
+    n_threads: int = 0
     imatrix: Path | None = None
     allow_requantize: bool = False
     force: bool = False
@@ -67,7 +68,7 @@ class QuantizePlan:
     level: QuantLevel
     out: Path
     expected_bytes: int
-    threads: int
+    n_threads: int
     is_requantize: bool
     allow_requantize: bool
     imatrix: Path | None = None
@@ -154,7 +155,7 @@ def prepare(
         level=level,
         out=out,
         expected_bytes=expected,
-        threads=options.threads or default_threads(),
+        n_threads=options.n_threads or default_threads(),
         is_requantize=bool(already),
         allow_requantize=options.allow_requantize,
         imatrix=options.imatrix,
@@ -171,8 +172,8 @@ def _check_disk(out: Path, expected: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < expected + DISK_MARGIN_BYTES:
         raise PipelineError(
-            f"not enough free space in {parent}: the output needs about {expected / (1 << 20):,.0f} MiB, "
-            f"{free / (1 << 20):,.0f} MiB are free"
+            f"not enough free space in {parent}: the output needs about {expected / MIB:,.0f} MiB, "
+            f"{free / MIB:,.0f} MiB are free"
         )
 
 
@@ -186,7 +187,7 @@ def execute(
             src=str(plan.src),
             dst=str(tmp),
             ftype=plan.level.llama_ftype,
-            nthread=plan.threads,
+            nthread=plan.n_threads,
             allow_requantize=plan.allow_requantize,
             imatrix=str(plan.imatrix) if plan.imatrix else None,
         )
@@ -202,7 +203,7 @@ def execute(
                 level=plan.level,
                 written_types=run.tensor_types,
                 n_decode=plan.verify_tokens,
-                n_threads=plan.threads,
+                n_threads=plan.n_threads,
             )
         except GGUFReadError as exc:
             raise PipelineError(str(exc)) from None
@@ -233,7 +234,7 @@ def execute(
         tensor_types=verification.tensor_type_counts,
         bytes_by_type=out_spec.bytes_by_type,
         expected_bytes=plan.expected_bytes,
-        threads=plan.threads,
+        n_threads=plan.n_threads,
         quantize_seconds=round(run.seconds, 3),
         verify_seconds=round(verification.seconds, 3),
         allow_requantize=plan.allow_requantize,

@@ -129,7 +129,7 @@ def _quantize_in_child(
 ) -> tuple[int, str | None, tuple[str, ...]]:
     import llama_cpp
 
-    from quantize.llama_log import captured_llama_log
+    from server.llama.log import captured_llama_log
 
     keep: list[Any] = []
     with captured_llama_log(on_line, on_fragment) as capture:

@@ -26,7 +26,7 @@ import numpy as np
 from quantize.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from quantize.model_spec import ModelSpec
+    from quantize.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def synthetic_model_spec(
     shape: SyntheticShape, n_vocab: int, *, ftype: str = "F16", name: str = "edgeserve synthetic"
 ) -> ModelSpec:
     """The ModelSpec such a file would read back as, without writing it (for calculators)."""
-    from quantize.model_spec import ModelSpec, TensorInfo
+    from quantize.model.spec import ModelSpec, TensorInfo
 
     qtype, file_type = _FTYPES[ftype.upper()]
     tensors = []

@@ -13,8 +13,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from quantize.gguf_model import swa_layer_pattern
-from quantize.model_spec import ModelSpec, TensorInfo
+from quantize.model.gguf_file import swa_layer_pattern
+from quantize.model.spec import ModelSpec, TensorInfo
 
 __all__ = ["GEMMA3_270M", "gemma3_like_spec", "write_gemma3_like"]
 

@@ -14,18 +14,19 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize.gguf_model import GGUFReadError, read_model_spec
-from quantize.levels import QuantLevel
 from quantize.llama_session import LlamaLoadError, LlamaSession
 from quantize.manifest import CheckResult
-from quantize.model_spec import ModelSpec
-from quantize.tensor_types import quantized_tensors
+from quantize.model.gguf_file import GGUFReadError, read_model_spec
+from quantize.model.levels import QuantLevel
+from quantize.model.spec import ModelSpec
+from quantize.model.tensor_types import quantized_tensors
+from quantize.model.units import MIB
 
 # The output's size may differ from the prediction by metadata changes (quantization keys added,
 # general.file_type
 # rewritten) and alignment padding; tensor bytes themselves are exact.
 SIZE_TOLERANCE_FRACTION = 0.01
-SIZE_TOLERANCE_BYTES = 1 << 20
+SIZE_TOLERANCE_BYTES = MIB
 VERIFY_PROMPT = "The quick brown fox"
 
 

@@ -9,10 +9,9 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from server.cards import Card, all_cards
-from server.detect import Detection, GpuInfo, detect, gpu_set_from_detection
-
-GIB = 1024**3
+from quantize.model.units import GIB
+from server.hardware.cards import Card, all_cards
+from server.hardware.detect import Detection, GpuInfo, detect, gpu_set_from_detection
 
 
 def _gib(n: int | None) -> str:

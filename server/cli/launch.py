@@ -7,13 +7,15 @@ import logging
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from quantize.model.units import MIB
+from server.cli.options import FLASH_ATTN_HELP, KV_TYPE_HELP, N_CTX_HELP, N_PARALLEL_HELP, option
 from server.launch.cluster import cluster_commands, load_cluster
 from server.launch.plan import LaunchPlan
 from server.launch.planner import make_plan
@@ -23,7 +25,6 @@ from server.launch.supervisor import Supervisor, SupervisorConfig
 
 out = Console()
 err = Console(stderr=True)
-MIB = 1 << 20
 
 # The choices come from the backend registry: a new backend shows up here by registering.
 BackendOption = Enum("BackendOption", {n.replace("-", "_"): n for n in backend_choices()}, type=str)  # type: ignore[misc]
@@ -72,7 +73,7 @@ def _check_runnable(plan: LaunchPlan) -> None:
 
 def _available_bytes(plan: LaunchPlan) -> int | None:
     """Memory free for the backend right now (the OOM ladder sizes its first step with it)."""
-    from server.detect import detect, detect_cpu
+    from server.hardware.detect import detect, detect_cpu
 
     if plan.gpus == 0:
         return detect_cpu().available_ram_bytes
@@ -88,18 +89,22 @@ def launch(
     gpus: Annotated[
         int | None, typer.Option(min=0, help="GPUs to use (default: all like GPU 0; 0 = CPU)")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="GGUF file or HF model dir (default: bundled SmolLM2)")
+    model_path: Annotated[
+        Path | None, option("model_path", "GGUF file or HF model dir (default: bundled SmolLM2)")
     ] = None,
-    ctx: Annotated[int | None, typer.Option(min=16, help="context of one sequence, tokens")] = None,
-    parallel: Annotated[int | None, typer.Option(min=1, help="sequences decoded at once")] = None,
-    kv_type: Annotated[
-        str | None,
-        typer.Option(help="KV cache type: f16|q8_0|q4_0 (llama.cpp), auto|fp8_e4m3|fp8_e5m2 (SGLang)"),
+    n_ctx: Annotated[int | None, option("n_ctx", N_CTX_HELP + " (default: the profile's)")] = None,
+    n_parallel: Annotated[int | None, option("n_parallel", N_PARALLEL_HELP)] = None,
+    kv_type: Annotated[str | None, option("kv_type", KV_TYPE_HELP)] = None,
+    flash_attn: Annotated[Literal["on", "off", "auto"] | None, option("flash_attn", FLASH_ATTN_HELP)] = None,
+    kv_unified: Annotated[
+        bool | None, option("kv_unified", "llama.cpp: one KV pool shared by the sequences", is_bool=True)
     ] = None,
-    mem_fraction: Annotated[float | None, typer.Option(help="SGLang --mem-fraction-static")] = None,
+    n_batch: Annotated[int | None, option("n_batch", "llama.cpp -b / SGLang prefill chunk")] = None,
+    n_ubatch: Annotated[int | None, option("n_ubatch", "llama.cpp physical batch -ub")] = None,
+    n_threads: Annotated[int | None, option("n_threads", "CPU threads for layers on the CPU")] = None,
+    mem_fraction: Annotated[float | None, option("mem_fraction", "SGLang --mem-fraction-static")] = None,
     n_gpu_layers: Annotated[
-        int | None, typer.Option(min=-1, help="llama.cpp layers on the GPU, -1 = all")
+        int | None, option("n_gpu_layers", "llama.cpp layers on the GPU, -1 = all")
     ] = None,
     host: Annotated[str, typer.Option(help="address the backend listens on")] = "127.0.0.1",
     port: Annotated[
@@ -122,10 +127,15 @@ def launch(
             backend=backend.value,
             card=card,
             gpus=gpus,
-            model=str(model) if model else None,
-            ctx=ctx,
-            parallel=parallel,
+            model_path=str(model_path) if model_path else None,
+            n_ctx=n_ctx,
+            n_parallel=n_parallel,
             kv_type=kv_type,
+            flash_attn=flash_attn,
+            kv_unified=kv_unified,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_threads=n_threads,
             mem_fraction=mem_fraction,
             n_gpu_layers=n_gpu_layers,
             host=host,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -16,20 +16,19 @@ from quantize.budget import (
     DEFAULT_CONTEXTS,
     DEFAULT_HEADROOM_FRACTION,
     Budget,
-    CpuTarget,
     LevelTable,
     estimate,
     level_table,
 )
-from quantize.gguf_model import GGUFReadError, read_model_spec
-from quantize.hf_config import model_spec_from_hf_config
-from quantize.levels import UnknownLevelError, get_level
-from quantize.model_spec import ModelSpec
-from server.cards import GpuSet, UnknownCardError, get_card
-
-MIB = 1 << 20
-GIB = 1 << 30
-FALLBACK_RAM_BYTES = 8 * GIB
+from quantize.bundled import resolve_model_path
+from quantize.model.gguf_file import GGUFReadError
+from quantize.model.levels import UnknownLevelError, get_level
+from quantize.model.reader import read_spec
+from quantize.model.spec import ModelSpec
+from quantize.model.units import GIB, MIB
+from server.cli.options import FLASH_ATTN_HELP, KV_TYPE_HELP, N_CTX_HELP, N_PARALLEL_HELP, option
+from server.hardware.cards import UnknownCardError
+from server.hardware.target import resolve_target
 
 DEFAULT_CONTEXTS_TEXT = ",".join(f"{c // 1024}k" for c in DEFAULT_CONTEXTS)
 
@@ -38,35 +37,6 @@ err = Console(stderr=True)
 
 class PlanInputError(ValueError):
     """Bad input for `edgeserve plan`: reported as one line, exit status 2."""
-
-
-def load_spec(path: Path) -> ModelSpec:
-    """A GGUF file, or a Hugging Face config.json (or the folder holding one)."""
-    if path.is_dir() or path.suffix == ".json":
-        return model_spec_from_hf_config(path)
-    return read_model_spec(path)
-
-
-def resolve_target(card: str, gpus: int | None) -> GpuSet | CpuTarget:
-    """--card auto|cpu|ID and --gpus N -> what to budget against."""
-    if gpus is not None and gpus < 1:
-        raise PlanInputError(f"--gpus must be at least 1, got {gpus}")
-    key = card.strip().lower()
-    if key in ("auto", "cpu"):
-        from server.detect import detect, gpu_set_from_detection
-
-        det = detect()
-        gpu_set = None if key == "cpu" else gpu_set_from_detection(det)
-        if gpu_set is None:
-            if gpus is not None and gpus > 1:
-                raise PlanInputError(
-                    "--gpus needs a GPU card; this machine has none (or --card cpu was given)"
-                )
-            return CpuTarget(ram_bytes=det.cpu.total_ram_bytes or FALLBACK_RAM_BYTES)
-        if gpus is not None:
-            gpu_set = gpu_set.model_copy(update={"count": gpus})
-        return gpu_set
-    return GpuSet.of(get_card(card), count=gpus or 1)
 
 
 def _mib(n: int) -> str:
@@ -111,7 +81,8 @@ def _verdict(b: Budget) -> str:
 
 
 def _level_table(t: LevelTable) -> Table:
-    table = Table(title="GiB per device by level and -c (* = best that fits)", title_justify="left")
+    title = "GiB per device by level and n_ctx per sequence (* = best that fits)"
+    table = Table(title=title, title_justify="left")
     table.add_column("level")
     table.add_column("weights GiB", justify="right")
     for c in t.contexts:
@@ -138,15 +109,16 @@ def _header(spec: ModelSpec, b: Budget) -> Panel:
         f"file: {spec.file_type_name or '-'} -> {b.quant}{' (estimated)' if b.is_estimated_quant else ''}, "
         f"weights {_gib(spec.weights_bytes)} GiB",
         f"target: {b.gpus}x {b.card_name} ({b.card})" if b.card != "cpu" else "target: CPU, system RAM",
-        f"{b.backend}: -c {b.n_ctx} ({b.n_ctx_per_seq} per slot), {b.n_parallel} parallel, KV {b.kv_type}, "
-        f"flash attention {'on' if b.flash_attn else 'off'}, ubatch {b.n_ubatch}",
+        f"{b.backend}: n_ctx {b.n_ctx} per sequence x n_parallel {b.n_parallel} = {b.n_ctx_total} KV tokens "
+        f"({b.kv_cells} cells), KV {b.kv_type}, flash attention {'on' if b.flash_attn else 'off'}, "
+        f"n_ubatch {b.n_ubatch}",
     ]
     if b.sglang is not None:
         s = b.sglang
         lines.append(
-            f"SGLang: --mem-fraction-static {s.mem_fraction_static} --context-length {s.context_length} "
-            f"--max-running-requests {s.max_running_requests} --chunked-prefill-size "
-            f"{s.chunked_prefill_size} (pool {s.max_total_tokens} tokens)"
+            f"SGLang: --mem-fraction-static {s.mem_fraction} --context-length {s.n_ctx} "
+            f"--max-running-requests {s.n_parallel} --chunked-prefill-size "
+            f"{s.chunked_prefill_size} (pool {s.kv_pool_tokens} tokens)"
         )
     return Panel("\n".join(lines), title="edgeserve plan", title_align="left")
 
@@ -166,16 +138,17 @@ def _parse_contexts(text: str) -> tuple[int, ...]:
 
 
 def run_plan(
-    model: Path | None,
+    model_path: Path | None,
     card: str,
     gpus: int | None,
     backend: str,
-    ctx: int,
-    parallel: int,
+    n_ctx: int,
+    n_parallel: int,
     kv_type: str | None,
-    flash_attn: bool,
+    flash_attn: str,
     level: str | None,
-    ubatch: int,
+    n_batch: int,
+    n_ubatch: int,
     kv_unified: bool,
     mem_fraction: float | None,
     headroom: float,
@@ -184,24 +157,21 @@ def run_plan(
     """The plan as values (the CLI prints them); raises PlanInputError/ValueError on bad input."""
     if backend not in BACKENDS:
         raise PlanInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if model is None:
-        from quantize.bundled import default_model_path
-
-        model = default_model_path()
-    spec = load_spec(model)
+    spec = read_spec(resolve_model_path(model_path))
     target = resolve_target(card, gpus)
     lv = get_level(level) if level else None
     kwargs: dict[str, Any] = dict(
         backend=backend,
-        n_parallel=parallel,
+        n_parallel=n_parallel,
         kv_type=kv_type,
-        flash_attn=flash_attn,
-        n_ubatch=ubatch,
+        flash_attn=flash_attn != "off",
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
         kv_unified=kv_unified,
         mem_fraction=mem_fraction,
         headroom_fraction=headroom,
     )
-    budget = estimate(target, spec, lv, n_ctx=ctx, **kwargs)
+    budget = estimate(target, spec, lv, n_ctx=n_ctx, **kwargs)
     if not budget.is_valid:
         raise PlanInputError("; ".join(budget.reasons))
     table = level_table(target, spec, _parse_contexts(contexts), **kwargs)
@@ -209,45 +179,49 @@ def run_plan(
 
 
 def plan(
-    model: Annotated[
-        Path | None, typer.Option("--model", help="GGUF file or HF config.json (default: bundled)")
+    model_path: Annotated[
+        Path | None, option("model_path", "GGUF file or HF config.json / folder (default: bundled)")
     ] = None,
     card: Annotated[str, typer.Option(help="card id or name, 'auto' (detect) or 'cpu'")] = "auto",
     gpus: Annotated[
-        int | None, typer.Option(help="number of identical GPUs (default: detected, else 1)")
+        int | None, typer.Option(help="number of identical GPUs (default: detected, else 1; 0 = CPU)")
     ] = None,
     backend: Annotated[str, typer.Option(help="llama-server | embedded | sglang")] = "llama-server",
-    ctx: Annotated[int, typer.Option(help="total context over all slots (llama.cpp -c)")] = 4096,
-    parallel: Annotated[int, typer.Option(help="parallel sequences (slots)")] = 1,
-    kv_type: Annotated[
-        str | None, typer.Option(help="f16|q8_0|q4_0 (llama.cpp); auto|fp8_e5m2|fp8_e4m3 (SGLang)")
-    ] = None,
-    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn")] = True,
+    n_ctx: Annotated[int, option("n_ctx", N_CTX_HELP)] = 4096,
+    n_parallel: Annotated[int, option("n_parallel", N_PARALLEL_HELP)] = 1,
+    kv_type: Annotated[str | None, option("kv_type", KV_TYPE_HELP)] = None,
+    flash_attn: Annotated[Literal["on", "off", "auto"], option("flash_attn", FLASH_ATTN_HELP)] = "on",
     level: Annotated[
         str | None, typer.Option(help="quantization level to plan for (default: the file's)")
     ] = None,
-    ubatch: Annotated[int, typer.Option(help="physical batch (llama.cpp -ub)")] = 512,
-    kv_unified: Annotated[bool, typer.Option("--kv-unified/--no-kv-unified")] = False,
+    n_batch: Annotated[int, option("n_batch", "logical batch (llama.cpp -b)")] = 2048,
+    n_ubatch: Annotated[int, option("n_ubatch", "physical batch (llama.cpp -ub)")] = 512,
+    kv_unified: Annotated[
+        bool, option("kv_unified", "one KV pool shared by the sequences", is_bool=True)
+    ] = False,
     mem_fraction: Annotated[
-        float | None, typer.Option(help="SGLang mem_fraction_static (default: picked)")
+        float | None, option("mem_fraction", "SGLang --mem-fraction-static (default: picked)")
     ] = None,
     headroom: Annotated[float, typer.Option(help="fraction of memory kept free")] = DEFAULT_HEADROOM_FRACTION,
-    contexts: Annotated[str, typer.Option(help="contexts of the level table")] = DEFAULT_CONTEXTS_TEXT,
+    contexts: Annotated[
+        str, typer.Option(help="n_ctx values (per sequence) of the level table")
+    ] = DEFAULT_CONTEXTS_TEXT,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
     """Memory breakdown and verdict, and the best quantization level per context length."""
     try:
         budget, table, spec = run_plan(
-            model,
+            model_path,
             card,
             gpus,
             backend,
-            ctx,
-            parallel,
+            n_ctx,
+            n_parallel,
             kv_type,
             flash_attn,
             level,
-            ubatch,
+            n_batch,
+            n_ubatch,
             kv_unified,
             mem_fraction,
             headroom,

@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from quantize.auto_level import LevelChoice, NoLevelFitsError, choose_level
 from quantize.budget import BACKENDS
+from quantize.budget.auto_level import LevelChoice, NoLevelFitsError, choose_level
 from quantize.eval_table import DEFAULT_EVAL_CTX, QualityTable, default_eval_text, quality_table
-from quantize.levels import QuantLevel
+from quantize.model.levels import QuantLevel
+from quantize.model.units import MIB
 from quantize.perplexity import EvalTextTooShortError
 from quantize.pipeline import (
     PipelineError,
@@ -26,10 +27,10 @@ from quantize.pipeline import (
     resolve_level,
 )
 from quantize.runner import TensorProgress
-from server.cards import UnknownCardError
-from server.cli.plan import PlanInputError, resolve_target
+from server.cli.options import KV_TYPE_HELP, N_CTX_HELP, N_PARALLEL_HELP, option
+from server.hardware.cards import UnknownCardError
+from server.hardware.target import TargetError, resolve_target
 
-MIB = 1 << 20
 out = Console()
 err = Console(stderr=True)
 
@@ -89,8 +90,8 @@ def _mib(n: int) -> str:
 def _choice_table(choice: LevelChoice) -> Table:
     b0 = choice.budget
     table = Table(
-        title=f"level auto: {choice.target_label}, {b0.backend}, n_ctx {b0.n_ctx} x {b0.n_parallel}, "
-        f"KV {b0.kv_type}",
+        title=f"level auto: {choice.target_label}, {b0.backend}, n_ctx {b0.n_ctx} x n_parallel "
+        f"{b0.n_parallel}, KV {b0.kv_type}",
         title_justify="left",
     )
     for col in ("level", "GPU weights MiB", "total MiB", "usable MiB", "headroom MiB", "fits"):
@@ -121,7 +122,7 @@ def _result_table(r: QuantizeResult) -> Table:
     )
     table.add_row("tensors", ", ".join(f"{t} {n}" for t, n in m.tensor_types.items()))
     table.add_row(
-        "time", f"quantize {m.quantize_seconds:.1f} s, verify {m.verify_seconds:.1f} s, {m.threads} threads"
+        "time", f"quantize {m.quantize_seconds:.1f} s, verify {m.verify_seconds:.1f} s, {m.n_threads} threads"
     )
     for c in m.checks:
         mark = "[green]ok[/]" if c.is_ok else ("[red]FAILED[/]" if c.is_fatal else "[yellow]warning[/]")
@@ -192,9 +193,9 @@ def quantize(
         str, typer.Option(help="card id, auto (detect) or cpu: the target of --level auto")
     ] = "auto",
     gpus: Annotated[int | None, typer.Option(help="number of GPUs (default: detected, else 1)")] = None,
-    ctx: Annotated[int, typer.Option(help="total context (-c) the level must fit")] = 4096,
-    parallel: Annotated[int, typer.Option(help="parallel sequences (-np)")] = 1,
-    kv_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, q4_0, ...)")] = "f16",
+    n_ctx: Annotated[int, option("n_ctx", N_CTX_HELP + " (the level must fit it)")] = 4096,
+    n_parallel: Annotated[int, option("n_parallel", N_PARALLEL_HELP)] = 1,
+    kv_type: Annotated[str, option("kv_type", KV_TYPE_HELP)] = "f16",
     backend: Annotated[
         str, typer.Option(help="llama-server | embedded | sglang (for the budget)")
     ] = "llama-server",
@@ -202,7 +203,7 @@ def quantize(
         Path | None, typer.Option("--out", help="output GGUF (default: beside the source)")
     ] = None,
     out_dir: Annotated[Path | None, typer.Option(help="directory for the outputs of --levels")] = None,
-    threads: Annotated[int, typer.Option(help="threads (0: all usable CPUs)")] = 0,
+    n_threads: Annotated[int, option("n_threads", "threads (0: all usable CPUs)")] = 0,
     imatrix: Annotated[
         Path | None, typer.Option(help="importance matrix (llama-imatrix GGUF or legacy .dat)")
     ] = None,
@@ -213,11 +214,11 @@ def quantize(
     """Quantize a GGUF with llama.cpp (level chosen from the VRAM budget with --level auto), verify it, and
     optionally measure perplexity and speed per level on a text (--levels / --eval)."""
     options = QuantizeOptions(
-        out=out_path, threads=threads, imatrix=imatrix, allow_requantize=allow_requantize, force=force
+        out=out_path, n_threads=n_threads, imatrix=imatrix, allow_requantize=allow_requantize, force=force
     )
     try:
-        if threads < 0:
-            raise PipelineError(f"--threads must be 0 or more, got {threads}")
+        if n_threads < 0:
+            raise PipelineError(f"--n-threads must be 0 or more, got {n_threads}")
         if backend not in BACKENDS:
             raise PipelineError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         spec = read_source(src)
@@ -232,8 +233,8 @@ def quantize(
                 spec,
                 target,
                 backend=backend,
-                n_ctx=ctx,
-                n_parallel=parallel,
+                n_ctx=n_ctx,
+                n_parallel=n_parallel,
                 kv_type=kv_type,  # type: ignore[arg-type]
             )
             wanted = [choice.level]
@@ -254,7 +255,7 @@ def quantize(
             result = execute(plan, on_progress=bar)
     except KeyboardInterrupt:
         raise _fail("interrupted; no output was left behind", code=130) from None
-    except (PipelineError, NoLevelFitsError, UnknownCardError, PlanInputError, EvalTextTooShortError) as exc:
+    except (PipelineError, NoLevelFitsError, UnknownCardError, TargetError, EvalTextTooShortError) as exc:
         raise _fail(str(exc)) from None
     except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None

@@ -1,15 +1,26 @@
-"""`edgeserve serve`: the OpenAI-compatible gateway over the embedded engine or a remote server (uvicorn)."""
+"""`edgeserve serve`: the OpenAI-compatible gateway over the embedded engine or a remote server (uvicorn).
+
+The engine's options are made from EngineConfig's fields, one per field and named as the field (`--n-ctx` sets
+engine.n_ctx), with the field's description and default as help: they cannot drift from the engine, and the
+embedded launcher renders `serve`'s argv by the same rule (server/launch/embedded.py).
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 
+from server.cli.options import N_CTX_HELP, option
+from server.engine.config import EngineConfig
+from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS
 from server.gateway.settings import BackendKind, GatewaySettings
 
 err = Console(stderr=True)
@@ -20,75 +31,93 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _settings(overrides: dict[str, Any]) -> GatewaySettings:
-    """EDGESERVE_* environment first, then whatever was given on the command line."""
-    try:
-        return GatewaySettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise _fail(f"{where}: {first.get('msg')}") from None
+def build_settings(options: Mapping[str, Any]) -> GatewaySettings:
+    """EDGESERVE_* environment first, then the options given (None = not given). Engine options go to
+    `engine`, merged field by field with EDGESERVE_ENGINE__* variables. Raises ValidationError."""
+    given = {k: v for k, v in options.items() if v is not None}
+    engine = {k: given.pop(k) for k in list(given) if k in EngineConfig.model_fields}
+    if engine:
+        given["engine"] = engine
+    return GatewaySettings(**given)
 
 
 def _resolve_model(settings: GatewaySettings) -> GatewaySettings:
-    if settings.backend != "embedded":
+    """The engine's model as a checked path (the bundled model when none is given)."""
+    if settings.backend != "embedded" or settings.chain_config is not None:
         return settings
-    if settings.model_path is None:
-        from quantize.bundled import BundledModelMissingError, default_model_path
+    from quantize.bundled import BundledModelMissingError
 
-        try:
-            path = default_model_path()
-        except BundledModelMissingError as exc:
-            raise _fail(str(exc)) from None
-        return settings.model_copy(update={"model_path": path})
-    path = settings.model_path.expanduser()
+    try:
+        path = settings.engine.model_file()
+    except BundledModelMissingError as exc:
+        raise _fail(str(exc)) from None
     if not path.is_file():
         raise _fail(f"model file not found: {path}")
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise _fail(f"{path} is not a GGUF file")
-    return settings.model_copy(update={"model_path": path})
+    engine = settings.engine.model_copy(update={"model_path": str(path)})
+    return settings.model_copy(update={"engine": engine})
 
 
-BackendOpt = Annotated[BackendKind | None, typer.Option(help="embedded engine or remote OpenAI server")]
-ModelOpt = Annotated[Path | None, typer.Option(help="GGUF model (default: the bundled SmolLM2-135M)")]
-UpstreamOpt = Annotated[str | None, typer.Option(help="llama-server / SGLang base URL (--backend openai)")]
-HostOpt = Annotated[str | None, typer.Option(help="address to listen on (default 127.0.0.1)")]
-PortOpt = Annotated[int | None, typer.Option(help="port (default 8000)")]
-ParallelOpt = Annotated[int | None, typer.Option(help="sequences decoded together (default 4)")]
-CtxOpt = Annotated[int | None, typer.Option(help="KV cache tokens for all sequences, like -c (default 4096)")]
-ApiKeyOpt = Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")]
-GpuLayersOpt = Annotated[int | None, typer.Option(help="layers on the GPU, -1 = all (default)")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads of the engine (default: all cores)")]
-QueueOpt = Annotated[int | None, typer.Option(help="requests queued behind busy slots (then 429)")]
-NameOpt = Annotated[str | None, typer.Option(help="model id to serve (default: file name)")]
-ChainOpt = Annotated[Path | None, typer.Option(help="fallback chain YAML (see configs/gateway.example.yaml)")]
-LogOpt = Annotated[str, typer.Option(help="uvicorn log level")]
-
-
-def serve(
-    backend: BackendOpt = None,
-    model: ModelOpt = None,
-    upstream: UpstreamOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    parallel: ParallelOpt = None,
-    ctx: CtxOpt = None,
-    api_key: ApiKeyOpt = None,
-    n_gpu_layers: GpuLayersOpt = None,
-    threads: ThreadsOpt = None,
-    max_queue: QueueOpt = None,
-    model_name: NameOpt = None,
-    chain: ChainOpt = None,
-    log_level: LogOpt = "info",
+def _gateway_options(
+    backend: Annotated[
+        BackendKind | None, typer.Option(help="embedded engine or remote OpenAI server")
+    ] = None,
+    upstream_url: Annotated[
+        str | None,
+        typer.Option("--upstream-url", "--upstream", help="llama-server / SGLang URL (--backend openai)"),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="requests queued behind busy slots (then 429)")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="model id to serve (default: file name)")] = None,
+    chain_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--chain-config", "--chain", help="fallback chain YAML (see server/gateway/chain.example.yaml)"
+        ),
+    ] = None,
+    sampling_defaults: Annotated[
+        str | None,
+        typer.Option(help=f"values for sampling fields a request leaves out: {' | '.join(SAMPLING_DEFAULTS)} "
+                     f"(default: {DEFAULT_SAMPLING_DEFAULTS}; see the README's API section)"),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
+    """The gateway's own options (the signature is read; the function never runs)."""
+
+
+def _engine_help(name: str, field: FieldInfo) -> str:
+    """The field's description and its default (a None default is described by the field itself)."""
+    text = N_CTX_HELP if name == "n_ctx" else field.description or name
+    return text if field.default is None else f"{text} (default: {field.default})"
+
+
+def engine_parameters() -> list[inspect.Parameter]:
+    """One `serve` option per EngineConfig field: `--<field-name>`, None when not given."""
+    params = []
+    for name, field in EngineConfig.model_fields.items():
+        is_bool = field.annotation in (bool, bool | None)
+        opt = option(name, _engine_help(name, field), is_bool=is_bool)
+        annotation = Annotated[field.annotation | None, opt]  # type: ignore[name-defined]
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(name, kind, default=None, annotation=annotation))
+    return params
+
+
+def serve(**options: Any) -> None:
     """Serve the OpenAI API (chat, completions, models, health, ready, metrics, GPU info)."""
-    settings = _settings({
-        "backend": backend, "model_path": model, "upstream_url": upstream, "host": host, "port": port,
-        "parallel": parallel, "ctx": ctx, "api_key": api_key, "n_gpu_layers": n_gpu_layers,
-        "n_threads": threads,
-        "max_queue": max_queue, "model_name": model_name, "chain_config": chain,
-    })
+    log_level = options.pop("log_level")
+    try:
+        settings = build_settings(options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise _fail(f"{where}: {first.get('msg')}") from None
     settings = _resolve_model(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -103,15 +132,37 @@ def serve(
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level.lower())
 
 
+_GATEWAY = [
+    p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+    for p in inspect.signature(_gateway_options, eval_str=True).parameters.values()
+]
+# typer reads the command's options from its signature: the gateway's own, then one per engine field.
+serve.__signature__ = inspect.Signature([*_GATEWAY, *engine_parameters()])  # type: ignore[attr-defined]
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
-def main() -> None:
-    """`python -m server.cli.serve [OPTIONS]`: the serve command alone (no other command groups loaded)."""
+def _app() -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     register(app)
-    app()
+    return app
+
+
+def settings_from_argv(argv: Sequence[str]) -> GatewaySettings:
+    """The settings `edgeserve serve ARGV` would run with: parsed by serve's own options, then built by
+    build_settings (nothing is started). Raises click's UsageError or pydantic's ValidationError."""
+    command = typer.main.get_command(_app())
+    with command.make_context("serve", list(argv)) as ctx:
+        options = dict(ctx.params)
+    options.pop("log_level", None)
+    return build_settings(options)
+
+
+def main() -> None:
+    """`python -m server.cli.serve [OPTIONS]`: the serve command alone (no other command groups loaded)."""
+    _app()()
 
 
 if __name__ == "__main__":

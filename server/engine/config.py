@@ -1,86 +1,122 @@
-"""Engine settings and the engine's counters, as plain frozen values."""
+"""Engine settings and the engine's counters, as plain frozen values.
+
+`EngineConfig` is the one description of the engine's settings, validated here and nowhere else
+downstream: `edgeserve serve` has one option per field under the field's name, the gateway's settings nest it
+(environment EDGESERVE_ENGINE__<FIELD>), the fallback chain's members extend it, and the embedded launcher
+renders `serve`'s argv from its fields. `n_ctx` is the context of ONE sequence, as everywhere in
+edgeserve; the KV pool is n_ctx * n_parallel cells.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
 
-# ggml type ids for the KV cache types llama-server accepts (--cache-type-k/-v).
-KV_TYPES: dict[str, int] = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from quantize.model.kv_types import LLAMA_KV_TYPES, is_quantized_kv, kv_ggml_type
 
 # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
 MAX_SEQUENCES = 256
+# The one lower bound of a sequence's context, wherever an n_ctx enters (CLI, profile, chain, engine).
+MIN_N_CTX = 16
+
+FlashAttn = Literal["on", "off", "auto"]
+NCtx = Annotated[
+    int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
+]
 
 
-@dataclass(frozen=True)
-class EngineConfig:
+def cap_n_ctx(n_ctx: int, n_ctx_train: int | None) -> int:
+    """The one cap at the model's training context (0 or None: the model does not say)."""
+    return min(n_ctx, n_ctx_train) if n_ctx_train else n_ctx
+
+
+class EngineConfig(BaseModel):
     """How to load the model and size the context.
 
-    `n_ctx` is the total KV cache in tokens, as llama-server's -c. With `kv_unified` the sequences share one
-    pool, one of them may use all of it, a prefix can be shared between running sequences, and when they
-    outgrow the pool together the newest is preempted; llama.cpp's attention kernels then see the whole step,
-    so the last bits of a logit (and rarely a near-tie greedy token) depend on what else runs. Without it (as
-    llama-server with -np) every sequence owns n_ctx / n_parallel cells and computes the same bits whatever
-    else shares its step, but llama.cpp cuts a step that mixes decoding and prefilling sequences into many
-    small pieces (one per equal share of every sequence): on an H200 with 64 streams and mixed prompt lengths,
-    3x slower. None: unified where the output layer is on a GPU (speed), per sequence on the CPU (greedy
-    output independent of the load). `n_batch` is the token budget of one engine step (one token per running
-    sequence plus prefill chunks). `backend_sampling` runs each sequence's sampler chain inside llama.cpp's
-    decode graph (None: on a GPU, only the chains that would sort the whole vocabulary on the host: top-p
-    without top-k). `overlap` turns one step's tokens into text and events while the device computes the next
-    (None: where the output layer is on a GPU; on the CPU it would only delay every event by a step).
-    `flash_attn` None lets llama.cpp decide. `seed` is the sampling seed of requests that carry none (None:
-    random). `cpu_extra_bufts` lets llama.cpp repack CPU weights for faster kernels (AMX among them); None
-    turns it off only where the CPU lists AMX and llama.cpp was built with AMX kernels: some virtual machines
-    list AMX tiles they cannot run (batched decode then dies with an illegal instruction).
+    Without `kv_unified` (as llama-server with -np) every sequence owns its n_ctx cells and computes the same
+    bits whatever else shares its step, so greedy output does not depend on the load; but llama.cpp cuts a
+    step that mixes decoding and prefilling sequences into pieces that take an equal share of each (on an
+    H200 with 64 streams and mixed prompt lengths, 3x slower). With `kv_unified` the sequences share one pool
+    of the same size: such a step goes in whole, a prefix can be shared between running sequences (and the
+    newest is preempted should they ever outgrow the pool together); but llama.cpp's attention kernels then
+    see the whole step, so the last bits of a logit (and rarely a near-tie greedy token) depend on what else
+    runs. Left None it is unified where the output layer is on a GPU and per sequence on the CPU.
+    `backend_sampling` runs sampler chains inside llama.cpp's decode graph instead of on the host after the
+    step; measured on an H200, a chain in the graph costs more decode time than a top-k-first chain costs on
+    the host, so None puts in the graph (on a GPU) only the chains that would sort the whole vocabulary on
+    the host: top-p without top-k. `overlap` turns a step's tokens into text and events while the device
+    computes the next; None: where the output layer is on a GPU (on the CPU it only delays each event by a
+    step). `cpu_extra_bufts` None turns llama.cpp's CPU weight repacking off only where the CPU lists AMX and
+    llama.cpp was built with AMX kernels (some virtual machines list AMX tiles they cannot run).
     """
 
-    model_path: str
-    n_ctx: int = 8192
-    n_parallel: int = 4
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int | None = None
-    n_threads_batch: int | None = None
-    n_gpu_layers: int = 0
-    flash_attn: bool | None = None
-    kv_type: str = "f16"
-    kv_unified: bool | None = None
-    seed: int | None = None
-    prefix_cache: bool = True
-    backend_sampling: bool | None = None
-    overlap: bool | None = None
-    cpu_extra_bufts: bool | None = None
-    verbose: bool = False
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model_path", str(self.model_path))
-        if self.n_ctx < 16:
-            raise ValueError("n_ctx must be at least 16 tokens")
-        if not 1 <= self.n_parallel <= MAX_SEQUENCES:
-            raise ValueError(f"n_parallel must be in [1, {MAX_SEQUENCES}]")
+    model_path: str | None = Field(default=None, description="GGUF file (default: the bundled SmolLM2-135M)")
+    n_ctx: NCtx = 2048
+    n_parallel: int = Field(
+        default=4, ge=1, le=MAX_SEQUENCES, description="sequences decoded together (slots)"
+    )
+    n_batch: int = Field(
+        default=512, ge=1, description="tokens per engine step: one per running sequence plus prefill chunks"
+    )
+    n_ubatch: int = Field(
+        default=512, ge=1, validate_default=True, description="physical batch of one llama_decode"
+    )
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads (default: one per CPU)")
+    n_threads_batch: int | None = Field(
+        default=None, ge=1, description="threads for prompts (default: n_threads)"
+    )
+    n_gpu_layers: int = Field(default=-1, ge=-1, description="layers on the GPU, -1 = all")
+    flash_attn: FlashAttn = Field(default="auto", description="flash attention (auto: llama.cpp decides)")
+    kv_type: str = Field(default="f16", description=f"KV cache type: {', '.join(LLAMA_KV_TYPES)}")
+    kv_unified: bool | None = Field(
+        default=None, description="one KV pool for all sequences (default: where the output is on a GPU)"
+    )
+    prefix_cache: bool = Field(default=True, description="reuse a finished sequence's prompt cells")
+    seed: int | None = Field(
+        default=None, description="sampling seed of requests that carry none (default: random)"
+    )
+    cpu_extra_bufts: bool | None = Field(
+        default=None, description="llama.cpp's CPU weight repacking (default: off only where AMX could fault)"
+    )
+    backend_sampling: bool | None = Field(
+        default=None,
+        description="sampler chains inside llama.cpp's decode graph (default: on a GPU, top-p-without-top-k "
+        "chains only)",
+    )
+    overlap: bool | None = Field(
+        default=None,
+        description="make one step's events while the next step computes (default: where the output is on "
+        "a GPU)",
+    )
+    verbose: bool = Field(default=False, description="llama.cpp's own log on stderr")
+
+    @field_validator("n_ubatch")
+    @classmethod
+    def _ubatch_within_batch(cls, value: int, info: ValidationInfo) -> int:
+        # As llama.cpp: the physical batch never exceeds the logical one (n_ubatch = min(n_batch, n_ubatch)).
+        n_batch = info.data.get("n_batch")
+        return min(value, n_batch) if n_batch is not None else value
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
         if self.n_batch < self.n_parallel:
             raise ValueError("n_batch must be at least n_parallel: every running sequence decodes each step")
-        if self.n_ubatch < 1 or self.n_ubatch > self.n_batch:
-            raise ValueError("n_ubatch must be in [1, n_batch]")
-        if self.kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}")
-        for name in ("n_threads", "n_threads_batch"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not self.kv_unified and self.n_ctx // self.n_parallel < 16:
-            raise ValueError("n_ctx / n_parallel must be at least 16 tokens without a unified KV cache")
+        if self.kv_type not in LLAMA_KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(LLAMA_KV_TYPES)}")
+        if is_quantized_kv(self.kv_type) and self.flash_attn == "off":
+            raise ValueError(f"a {self.kv_type} V cache needs flash attention: flash_attn on or auto")
+        return self
+
+    @property
+    def n_ctx_total(self) -> int:
+        """The KV pool in tokens: what llama.cpp's cparams.n_ctx gets."""
+        return self.n_ctx * self.n_parallel
 
     @property
     def threads(self) -> int:
@@ -92,7 +128,13 @@ class EngineConfig:
 
     @property
     def kv_ggml_type(self) -> int:
-        return KV_TYPES[self.kv_type]
+        return kv_ggml_type(self.kv_type)
+
+    def model_file(self) -> Path:
+        """The GGUF to load: model_path, or the bundled model (BundledModelMissingError without it)."""
+        from quantize.bundled import resolve_model_path
+
+        return resolve_model_path(self.model_path)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The continuous-batching engine: the public face of server/engine.
 
-    engine = Engine(EngineConfig(model_path=..., n_ctx=8192, n_parallel=8))
+    engine = Engine(EngineConfig(model_path=..., n_ctx=1024, n_parallel=8))  # 1024 tokens per sequence
     engine.start()                      # loads the model (start(wait=False) loads in the background)
     async for event in engine.generate("Hello", SamplingParams(max_tokens=32)):
         ...                             # StreamEvent deltas; the last one has finish_reason
@@ -18,7 +18,6 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Mapping
 from collections.abc import Sequence as Seq
-from pathlib import Path
 from typing import Any
 
 from server.engine.chat_template import ChatTemplate, ChatTemplateError
@@ -106,7 +105,7 @@ class Engine:
         self._ready.set()
         self._done_loading.set()
         log.info("engine ready: %s, %d slots, %d KV cells, %d tokens per sequence",
-                 Path(self.config.model_path).name, runtime.n_seq_max, runtime.n_ctx, runtime.n_ctx_seq)
+                 self.config.model_file().name, runtime.n_seq_max, runtime.kv_cells, runtime.n_ctx)
         try:
             self._loop.run()
         finally:
@@ -164,20 +163,18 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return Path(self.config.model_path).stem
+        return self.config.model_file().stem
 
     @property
     def n_slots(self) -> int:
         return self._runtime.n_seq_max if self._runtime is not None else self.config.n_parallel
 
     @property
-    def n_ctx_per_seq(self) -> int:
+    def n_ctx(self) -> int:
         """Tokens (prompt + generated) a single sequence may use."""
         if self._runtime is not None:
-            return self._runtime.n_ctx_seq
-        if self.config.kv_unified:  # None decides at load (on a GPU unified); until then the smaller
-            return self.config.n_ctx
-        return self.config.n_ctx // self.config.n_parallel
+            return self._runtime.n_ctx
+        return self.config.n_ctx
 
     @property
     def n_vocab(self) -> int:
@@ -210,14 +207,14 @@ class Engine:
         """Stream a completion of `prompt` (text, tokenized with BOS as the model wants, or token ids).
 
         Checks run now, before anything is queued: EngineNotReadyError, EmptyPromptError and
-        PromptTooLongError (prompt tokens + max_tokens over n_ctx_per_seq) raise from this call.
+        PromptTooLongError (prompt tokens + max_tokens over n_ctx) raise from this call.
         The request is queued when iteration starts.
         """
         runtime = self._rt()
         tokens = runtime.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise EmptyPromptError()
-        limit = runtime.n_ctx_seq
+        limit = runtime.n_ctx
         if len(tokens) + params.max_tokens > limit:
             raise PromptTooLongError(len(tokens), params.max_tokens, limit)
         if any(t < 0 or t >= runtime.n_vocab for t in tokens):
@@ -253,8 +250,8 @@ class Engine:
         if loop is None:
             return EngineStats(
                 is_ready=False, n_slots=self.n_slots, running=0, waiting=0, kv_used_cells=0,
-                kv_cached_cells=0,
-                kv_total_cells=self.config.n_ctx, preemptions_total=0, steps_total=0, step_tokens_total=0,
+                kv_cached_cells=0, kv_total_cells=self.config.n_ctx_total, preemptions_total=0, steps_total=0,
+                step_tokens_total=0,
                 last_step_tokens=0, last_step_seqs=0, max_step_tokens=0, max_step_seqs=0,
                 prompt_tokens_total=0, generated_tokens_total=0, prefix_reused_tokens_total=0,
                 requests_finished_total=0, requests_cancelled_total=0,

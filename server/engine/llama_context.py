@@ -1,6 +1,7 @@
 """One llama.cpp model and context, through llama-cpp-python's low-level bindings.
 
-Everything that touches llama.cpp pointers lives here (and in batch.py / sampling.py). Tokenization and
+Loading goes through server/llama/loader.py (shared with the quantizer); everything else that touches
+llama.cpp pointers lives here (and in batch.py / sampling.py). Tokenization and
 vocabulary look-ups are thread-safe in llama.cpp; decode and memory operations are called from the engine's
 decode thread only.
 """
@@ -9,126 +10,62 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
-from pathlib import Path
 
 import llama_cpp.llama_cpp as lc
 import numpy as np
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, cap_n_ctx
 from server.engine.errors import ModelLoadError
+from server.llama import loader
 
 log = logging.getLogger(__name__)
 
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            # llama-cpp-python routes llama.cpp's log through this logger; by default it prints everything.
-            from llama_cpp import _logger
-
-            _logger.set_verbose(verbose)
-            lc.llama_backend_init()
-            _backend_ready = True
-
-
-def build_has_amx() -> bool:
-    """Whether the loaded llama.cpp CPU backend was compiled with AMX kernels (True when it cannot tell)."""
-    try:
-        lib = ctypes.CDLL(str(Path(lc._base_path) / "libggml-cpu.so"))
-        probe = lib.ggml_cpu_has_amx_int8
-    except (OSError, AttributeError):
-        return True
-    probe.restype = ctypes.c_int
-    return bool(probe())
-
-
-def cpu_reports_amx() -> bool:
-    """True when /proc/cpuinfo lists AMX tiles (which llama.cpp's CPU extra buffers would use)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def default_extra_bufts() -> bool:
-    """Whether llama.cpp's CPU extra buffer types (weight repacking, AMX) may be used.
-
-    Off only where the CPU lists AMX and the loaded build has AMX kernels: some virtual machines list AMX
-    tiles they cannot run, and the first batched decode then dies of SIGILL. edgeserve's own build leaves
-    AMX out.
-    """
-    return not (cpu_reports_amx() and build_has_amx())
-
 
 class LlamaRuntime:
-    """A loaded model with one context of `n_parallel` sequences."""
+    """A loaded model with one context of `n_parallel` sequences (server/llama/loader.py loads it)."""
 
     def __init__(self, config: EngineConfig) -> None:
-        path = Path(config.model_path)
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        _init_backend(config.verbose)
-
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers
-        extra = config.cpu_extra_bufts
-        if extra is None:
-            extra = default_extra_bufts()
-        mparams.use_extra_bufts = extra
-        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path}")
-        self.model: int = model
-
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = config.n_ubatch
-        cparams.n_seq_max = config.n_parallel
-        cparams.n_threads = config.threads
-        cparams.n_threads_batch = config.threads_batch
-        # The output layer is on a GPU when every layer is offloaded (-ngl counts it as layer n_layer + 1).
-        self.output_on_gpu: bool = (bool(lc.llama_supports_gpu_offload())
-                                    and config.n_gpu_layers > lc.llama_model_n_layer(model))
-        self.kv_unified: bool = self.output_on_gpu if config.kv_unified is None else config.kv_unified
-        cparams.kv_unified = self.kv_unified
-        cparams.type_k = config.kv_ggml_type
-        cparams.type_v = config.kv_ggml_type
-        cparams.no_perf = True
-        # One output per sequence per step: what in-graph penalties need, and a smaller sampling graph.
-        cparams.n_outputs_max_per_seq = 1
-        cparams.flash_attn_type = (
-            lc.LLAMA_FLASH_ATTN_TYPE_AUTO
-            if config.flash_attn is None
-            else lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            lc.llama_model_free(model)
-            raise ModelLoadError(
-                f"llama.cpp could not create a context for {path} (n_ctx={config.n_ctx}, "
-                f"n_parallel={config.n_parallel}, kv_type={config.kv_type}, flash_attn={config.flash_attn})"
+        path = config.model_file()
+        loader.init_backend(config.verbose)
+        try:
+            model = loader.load_model(
+                path, n_gpu_layers=config.n_gpu_layers, use_extra_bufts=config.cpu_extra_bufts
             )
+            self.output_on_gpu: bool = loader.output_on_gpu(model, config.n_gpu_layers)
+            self.kv_unified: bool = self.output_on_gpu if config.kv_unified is None else config.kv_unified
+            params = loader.ContextParams(
+                n_ctx_total=config.n_ctx_total,  # the cells of all sequences; a sequence gets config.n_ctx
+                n_batch=config.n_batch,
+                n_ubatch=config.n_ubatch,
+                n_threads=config.threads,
+                n_threads_batch=config.threads_batch,
+                n_seq_max=config.n_parallel,
+                kv_unified=self.kv_unified,
+                kv_type=config.kv_type,
+                flash_attn=config.flash_attn,
+                # One output per sequence per step: what in-graph penalties need; a smaller sampling graph.
+                n_outputs_max_per_seq=1,
+            )
+            try:
+                ctx = loader.new_context(model, params, path=path)
+            except loader.LlamaLoadError:
+                loader.free(model)
+                raise
+        except loader.LlamaLoadError as exc:
+            raise ModelLoadError(str(exc)) from None
+        self.model: int = model
         self.ctx: int = ctx
         self.mem: int = lc.llama_get_memory(ctx)
         self.vocab: int = lc.llama_model_get_vocab(model)
         self.n_vocab: int = lc.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx: int = lc.llama_n_ctx(ctx)
+        self.kv_cells: int = lc.llama_n_ctx(ctx)  # llama.cpp's n_ctx: the cells of all sequences, padded
         self.n_ctx_train: int = lc.llama_model_n_ctx_train(model)
         self.n_seq_max: int = lc.llama_n_seq_max(ctx)
         self.n_batch: int = lc.llama_n_batch(ctx)
-        n_ctx_seq = lc.llama_n_ctx_seq(ctx)
-        # As llama-server: a slot never runs past the context the model was trained for.
-        self.n_ctx_seq: int = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
+        # llama.cpp pads a split cache's streams to 256 cells and a unified one is the whole pool: a sequence
+        # may use n_ctx tokens, never past the context the model was trained for (as llama-server's slots).
+        n_ctx = min(lc.llama_n_ctx_seq(ctx), config.n_ctx)
+        self.n_ctx: int = cap_n_ctx(n_ctx, self.n_ctx_train)
         self.bos: int = lc.llama_vocab_bos(self.vocab)
         self.eos: int = lc.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(lc.llama_vocab_get_add_bos(self.vocab))
@@ -263,5 +200,4 @@ class LlamaRuntime:
         if self._closed:
             return
         self._closed = True
-        lc.llama_free(self.ctx)
-        lc.llama_model_free(self.model)
+        loader.free(self.model, self.ctx)

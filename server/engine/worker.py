@@ -72,7 +72,7 @@ class DecodeLoop:
         self.config = config
         self.on_step = on_step
         self.batch = TokenBatch(runtime.n_batch)
-        self.sched = Scheduler(runtime, n_slots=runtime.n_seq_max, kv_cells=runtime.n_ctx,
+        self.sched = Scheduler(runtime, n_slots=runtime.n_seq_max, kv_cells=runtime.kv_cells,
                                n_batch=min(config.n_batch, runtime.n_batch), unified=runtime.kv_unified,
                                prefix_cache=config.prefix_cache and runtime.can_reuse_prefix)
         self.sched.on_leave = self._on_leave

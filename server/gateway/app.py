@@ -47,7 +47,7 @@ def build_backend(settings: GatewaySettings) -> Backend:
 def _gpu_sampler(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     if not settings.enable_gpu_metrics:
         return None
-    from server.detect import sample_gpu_metrics
+    from server.hardware.detect import sample_gpu_metrics
 
     return sample_gpu_metrics
 
@@ -73,7 +73,7 @@ def create_app(settings: GatewaySettings | None = None, backend: Backend | None 
     backend = backend or build_backend(settings)
     gateway_metrics = GatewayMetrics(gpu_sampler=_gpu_sampler(settings))
     # A fallback chain queues per backend itself; a second queue in front of it would only add waiting.
-    admission = Admission(limit=settings.parallel,
+    admission = Admission(limit=settings.engine.n_parallel,
                           max_queue=0 if getattr(backend, "has_own_queue", False) else settings.max_queue)
     bind_registry = getattr(backend, "bind_registry", None)
     if bind_registry is not None:

@@ -1,28 +1,31 @@
 """The fallback chain as configuration: backends in the order they are tried, each with its own limits.
 
-A YAML file (see configs/gateway.example.yaml) read through pydantic-settings; EDGESERVE_CHAIN_* environment
-variables override its top-level fields. Example:
+A YAML file (see server/gateway/chain.example.yaml) read through pydantic-settings; EDGESERVE_CHAIN_*
+environment variables override its top-level fields. A member is an EngineConfig with a name and its limits:
+the engine's settings keep the engine's names (n_ctx per sequence, n_parallel, kv_type, flash_attn,
+kv_unified, n_threads, n_batch, ...), so an embedded member's engine is the member's config itself. Example:
 
     model_name: smollm2
     backends:
       - name: gpu
         kind: openai
         url: http://127.0.0.1:8080
-        n_ctx: 8192
-        slots: 16
+        n_ctx: 8192          # the upstream's context per sequence, when it does not report one
+        n_parallel: 16
       - name: cpu
         kind: embedded
         n_ctx: 2048
-        slots: 4
+        n_parallel: 4
         n_gpu_layers: 0
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,18 +33,24 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from server.engine.config import EngineConfig
 from server.gateway.backends.base import Backend
 from server.gateway.breaker import BreakerSettings
 
+log = logging.getLogger(__name__)
+
 MemberKind = Literal["embedded", "openai"]
+# Keys of earlier versions, read under their new names with a deprecation warning.
+DEPRECATED_KEYS = {"slots": "n_parallel"}
 
 
 class ChainConfigError(ValueError):
     """The chain file is missing or does not describe a usable chain (the message names the file)."""
 
 
-class MemberConfig(BaseModel):
-    """One backend of the chain."""
+class MemberConfig(EngineConfig):
+    """One backend of the chain: the engine's settings (for kind embedded; n_parallel and n_ctx also for
+    openai) plus the member's name, kind and limits."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -51,12 +60,6 @@ class MemberConfig(BaseModel):
     url: str | None = Field(default=None, description="base URL of the OpenAI-compatible server")
     model: str | None = Field(default=None, description="model name sent upstream (default: reported)")
     api_key: str | None = Field(default=None, description="key the gateway sends upstream")
-    # embedded: the in-process engine.
-    model_path: Path | None = Field(default=None, description="GGUF (default: bundled) (default: bundled)")
-    n_gpu_layers: int = Field(default=-1, ge=-1, description="-1: every layer on the GPU when there is one")
-    # both
-    n_ctx: int | None = Field(default=None, ge=16, description="context per sequence, tokens")
-    slots: int = Field(default=4, ge=1, le=1024, description="requests this backend runs at once")
     queue_size: int = Field(default=16, ge=0, description="requests waiting for one of its slots")
     queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for a slot (then 408)")
     stall_timeout_s: float = Field(default=60.0, gt=0,
@@ -67,6 +70,16 @@ class MemberConfig(BaseModel):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     supervisor_status: Path | None = Field(
         default=None, description="status file of the supervisor running it (ladder steps -> metrics)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in DEPRECATED_KEYS.items():
+                if old in data:
+                    log.warning("chain backend %s: %r is deprecated, use %r", data.get("name"), old, new)
+                    data = {k: v for k, v in data.items() if k != old} | {new: data.get(new, data[old])}
+        return data
 
     @model_validator(mode="after")
     def _check_kind(self) -> MemberConfig:
@@ -79,7 +92,12 @@ class MemberConfig(BaseModel):
     @property
     def capacity(self) -> int:
         """Requests it can hold: running plus queued."""
-        return self.slots + self.queue_size
+        return self.n_parallel + self.queue_size
+
+    @property
+    def n_ctx_given(self) -> int | None:
+        """n_ctx when the file gives it (for an openai member: the upstream's context if it reports none)."""
+        return self.n_ctx if "n_ctx" in self.model_fields_set else None
 
 
 class ChainConfig(BaseSettings):
@@ -126,7 +144,8 @@ def load_chain(path: Path | str, **overrides: Any) -> ChainConfig:
         loaded = _FromFile(**overrides)
     except ValueError as exc:  # pydantic's ValidationError and YAML errors are both ValueErrors
         raise ChainConfigError(f"{path}: {exc}") from exc
-    return ChainConfig.model_validate(loaded.model_dump())
+    # exclude_unset: a member's n_ctx_given must still know which settings the file gave.
+    return ChainConfig.model_validate(loaded.model_dump(exclude_unset=True))
 
 
 def build_member_backend(member: MemberConfig) -> Backend:
@@ -136,26 +155,16 @@ def build_member_backend(member: MemberConfig) -> Backend:
 
         assert member.url is not None
         upstream = OpenAIUpstreamBackend(
-            member.url, api_key=member.api_key, slots=member.slots, n_ctx=member.n_ctx, model=member.model,
+            member.url, api_key=member.api_key, n_parallel=member.n_parallel, n_ctx=member.n_ctx_given,
+            model=member.model,
             connect_timeout_s=member.connect_timeout_s, health_interval_s=member.health_interval_s,
             health_url=member.health_url)
         upstream.name = member.name
         return upstream
 
-    from server.engine.config import EngineConfig
-    from server.gateway.backends.embedded import ALL_LAYERS, EmbeddedBackend
+    from server.gateway.backends.embedded import EmbeddedBackend
 
-    model_path = member.model_path
-    if model_path is None:
-        from quantize.bundled import default_model_path
-
-        model_path = default_model_path()
-    kwargs: dict[str, Any] = {
-        "n_parallel": member.slots,
-        "n_gpu_layers": ALL_LAYERS if member.n_gpu_layers < 0 else member.n_gpu_layers,
-    }
-    if member.n_ctx is not None:
-        kwargs["n_ctx"] = member.n_ctx
-    embedded = EmbeddedBackend(EngineConfig(model_path=str(model_path), **kwargs), model_id=member.model)
+    # The member is an EngineConfig (validated as part of the chain file): the engine takes it as it is.
+    embedded = EmbeddedBackend(member, model_id=member.model)
     embedded.name = member.name
     return embedded

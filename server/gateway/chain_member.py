@@ -9,7 +9,7 @@ from server.gateway.admission import Admission
 from server.gateway.backends.base import Backend, BackendError, BackendUnavailableError
 from server.gateway.breaker import CircuitBreaker
 from server.gateway.chain_config import MemberConfig
-from server.launch.oom import find_oom
+from server.hardware.oom import find_oom
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Member:
     @property
     def n_ctx(self) -> int:
         """Context per sequence; 0 when unknown (a remote that reports none and has no n_ctx configured)."""
-        return self.backend.n_ctx or self.config.n_ctx or 0
+        return self.backend.n_ctx or self.config.n_ctx_given or 0
 
     def is_up(self) -> bool:
         return self.is_started and self.backend.is_ready()

@@ -60,7 +60,7 @@ class FallbackBackend:
         self.members: list[Member] = [
             Member(config=cfg, backend=backend,
                    breaker=CircuitBreaker(cfg.name, cfg.breaker, on_change=self._breaker_changed),
-                   gate=Admission(limit=cfg.slots, max_queue=total))
+                   gate=Admission(limit=cfg.n_parallel, max_queue=total))
             for cfg, backend in members
         ]
         self.metrics.watch(self.snapshots)
@@ -112,7 +112,7 @@ class FallbackBackend:
             else:
                 m.is_started = True
                 log.info("chain backend %s started (%s, %d slots, context %d)", m.name, m.config.kind,
-                         m.config.slots, m.n_ctx)
+                         m.config.n_parallel, m.n_ctx)
         if not any(m.is_started for m in self.members):
             raise RuntimeError("no backend of the chain could start: " + "; ".join(
                 f"{m.name}: {m.start_error}" for m in self.members))

@@ -13,9 +13,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.detect import GpuSample
 from server.gateway.admission import Admission
 from server.gateway.backends.base import Backend, BackendStats, ReportsStats
+from server.hardware.detect import GpuSample
 
 log = logging.getLogger(__name__)
 

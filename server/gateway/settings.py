@@ -1,4 +1,8 @@
-"""Gateway configuration: one frozen settings object, from EDGESERVE_* environment variables or the CLI."""
+"""Gateway configuration: one frozen settings object, from EDGESERVE_* environment variables or the CLI.
+
+The engine's settings are not repeated here: `engine` is the engine's own EngineConfig, read from
+EDGESERVE_ENGINE__<FIELD> (e.g. EDGESERVE_ENGINE__N_CTX=4096) or `edgeserve serve --<field>`.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,32 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.engine.config import EngineConfig
 from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS, sampling_defaults
 
 BackendKind = Literal["embedded", "openai"]
 
 
 class GatewaySettings(BaseSettings):
-    """Everything `create_app` needs. Environment: EDGESERVE_<FIELD>, e.g. EDGESERVE_MAX_QUEUE=32."""
+    """Everything `create_app` needs. Environment: EDGESERVE_<FIELD>, e.g. EDGESERVE_MAX_QUEUE=32, and
+    EDGESERVE_ENGINE__<FIELD> for the engine's."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGESERVE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="EDGESERVE_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
 
     backend: BackendKind = "embedded"
-    model_path: Path | None = Field(default=None, description="GGUF of the embedded engine; default: bundled")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="the embedded engine's settings; with --backend openai, n_parallel is the requests sent "
+        "upstream at once and n_ctx (when given) the upstream's context per sequence if it reports none",
+    )
     model_name: str | None = Field(default=None, description="id served at /v1/models; default: file stem")
     upstream_url: str | None = Field(default=None, description="base URL of a remote OpenAI server")
     upstream_api_key: str | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-
-    parallel: int = Field(default=4, ge=1, le=1024, description="sequences run at once (engine slots)")
-    ctx: int | None = Field(
-        default=None, ge=16,
-        description="embedded: KV cache tokens shared by all sequences (llama-server -c); openai: the "
-        "upstream's context per sequence when it does not report one",
-    )
-    n_gpu_layers: int = Field(default=-1, ge=-1, description="-1: all layers on the GPU when there is one")
-    n_batch: int | None = Field(default=None, ge=1, description="tokens per engine step (prefill budget)")
-    n_threads: int | None = Field(default=None, ge=1, description="CPU threads of the engine (default: all)")
 
     api_key: str | None = Field(default=None, description="clients must send `Authorization: Bearer <key>`")
 
@@ -56,7 +58,9 @@ class GatewaySettings(BaseSettings):
 
     # Reliability (fallback.py, security.py).
     chain_config: Path | None = Field(
-        default=None, description="YAML fallback chain (configs/gateway.example.yaml); overrides backend")
+        default=None,
+        description="YAML fallback chain (server/gateway/chain.example.yaml); overrides backend",
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     metrics_require_api_key: bool = Field(default=False, description="/metrics needs the API key too")
 
@@ -69,5 +73,10 @@ class GatewaySettings(BaseSettings):
     @model_validator(mode="after")
     def _check_backend(self) -> GatewaySettings:
         if self.backend == "openai" and not self.upstream_url:
-            raise ValueError("backend 'openai' needs upstream_url (--upstream URL)")
+            raise ValueError("backend 'openai' needs upstream_url (--upstream-url URL)")
         return self
+
+    @property
+    def upstream_n_ctx(self) -> int | None:
+        """The upstream's context per sequence when it reports none: engine.n_ctx, if it was given."""
+        return self.engine.n_ctx if "n_ctx" in self.engine.model_fields_set else None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.launch.plan import LaunchPlan
 from server.launch.registry import get_backend
@@ -34,14 +34,14 @@ class ClusterNode(BaseModel):
 
 
 class ClusterSpec(BaseModel):
-    """The cluster YAML (see configs/cluster.example.yaml)."""
+    """The cluster YAML (see server/launch/cluster.example.yaml; `model` is read as `model_path`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     backend: ClusterBackend
     card: str
     gpus_per_node: int = Field(default=1, ge=1)
-    model: str | None = None
+    model_path: str | None = Field(default=None, validation_alias=AliasChoices("model_path", "model"))
     dist_init_addr: str | None = Field(default=None, description="sglang: host:port of node 0's rendezvous")
     rpc_port: int = Field(default=DEFAULT_RPC_PORT, ge=1, le=65535)
     nodes: tuple[ClusterNode, ...] = Field(min_length=2)
@@ -107,7 +107,7 @@ def cluster_commands(
             "backend": spec.backend,
             "card": spec.card,
             "gpus": spec.total_gpus,
-            "model": request.model or spec.model,
+            "model_path": request.model_path or spec.model_path,
         }
     )
     plan = make_plan(base)

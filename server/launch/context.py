@@ -5,19 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantize.model_spec import ModelSpec
-from server.cards import Card, GpuSet
-from server.launch.plan import CPU_CARD, QuantFile, Reason, Scalar, Source
-from server.launch.profiles import ResolvedProfile
+from quantize.model.spec import ModelSpec
+from server.hardware.cards import Card, GpuSet
+from server.hardware.target import Target
+from server.launch.plan import QuantFile, Reason, Scalar, Source
+from server.launch.profile import ResolvedProfile
 from server.launch.request import LaunchRequest
 from server.launch.toolchain import Toolchain
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """Card (None = CPU), model, profile, the user's flags and the installed programs; all plain values."""
+    """Target (GPUs or the CPU), model, profile, the user's flags and the installed programs; plain values."""
 
-    target: GpuSet | None
+    target: Target
     spec: ModelSpec
     model_path: str
     profile: ResolvedProfile
@@ -25,23 +26,31 @@ class BuildContext:
     toolchain: Toolchain
     alternatives: tuple[QuantFile, ...] = ()
     model_bytes: int | None = None
-    host_ram_bytes: int | None = None
+
+    @property
+    def gpu_set(self) -> GpuSet | None:
+        """The GPUs, or None on the CPU."""
+        return self.target if isinstance(self.target, GpuSet) else None
 
     @property
     def card(self) -> Card | None:
-        return self.target.card if self.target is not None else None
+        return self.target.card if isinstance(self.target, GpuSet) else None
 
     @property
     def card_id(self) -> str:
-        return self.target.card.id if self.target is not None else CPU_CARD
+        return self.target.card_id
 
     @property
     def gpus(self) -> int:
-        return self.target.count if self.target is not None else 0
+        return self.target.count
 
     def setting(self, name: str) -> tuple[Any, Source]:
         """A profile value and where it came from (cli / env / profile / default)."""
         return self.profile.value(name), self.profile.source(name)
+
+    def is_pinned(self, name: str) -> bool:
+        """Whether the user fixed the setting (CLI flag or EDGESERVE_* variable): never derived away."""
+        return self.profile.source(name) in ("cli", "env")
 
 
 @dataclass

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.cards import UnknownCardError, get_card
+from quantize.model.kv_types import LLAMA_KV_TYPES
+from quantize.model.units import MIB
+from server.hardware.cards import UnknownCardError, get_card
+from server.hardware.oom import Failure
+from server.hardware.target import CPU_ID
 from server.launch import memory
-from server.launch.oom import Failure
-from server.launch.plan import CPU_CARD, LaunchPlan, Reason, StepTaken
+from server.launch.plan import LaunchPlan, Reason, StepTaken
 from server.launch.registry import get_backend
-from server.launch.resolve import LLAMA_KV_TYPES
 
 RUNGS = ("context", "parallel", "mem_fraction", "kv_type", "quant", "gpu_layers", "cpu")
 MIN_LADDER_CTX = 1024
@@ -56,20 +58,20 @@ def _step_context(plan: LaunchPlan, failure: Failure) -> Step | None:
     if need and have and have / need < factor:
         factor = have / need * _JUMP_SAFETY
         why = (
-            f"the memory needed ({need / 2**20:.0f} MiB) is {need / have:.1f}x the memory there was "
-            f"({have / 2**20:.0f} MiB): scale the context to fit"
+            f"the memory needed ({need / MIB:.0f} MiB) is {need / have:.1f}x the memory there was "
+            f"({have / MIB:.0f} MiB): scale the context to fit"
         )
     new_ctx = max(floor, _round_ctx(int(plan.n_ctx * factor)))
     if new_ctx >= plan.n_ctx:
         new_ctx = max(floor, _round_ctx(plan.n_ctx // 2))
-    return {"n_ctx": new_ctx, "n_ctx_total": new_ctx * plan.n_parallel}, why
+    return {"n_ctx": new_ctx}, why
 
 
 def _step_parallel(plan: LaunchPlan, failure: Failure) -> Step | None:
     if plan.n_parallel <= 1:
         return None
     n = max(1, plan.n_parallel // 2)
-    return {"n_parallel": n, "n_ctx_total": plan.n_ctx * n}, "halve the sequences decoded at once"
+    return {"n_parallel": n}, "halve the sequences decoded at once"
 
 
 def _step_mem_fraction(plan: LaunchPlan, failure: Failure) -> Step | None:
@@ -89,7 +91,7 @@ def _step_mem_fraction(plan: LaunchPlan, failure: Failure) -> Step | None:
 
 
 def _can_fp8(card_id: str) -> bool:
-    if card_id == CPU_CARD:
+    if card_id == CPU_ID:
         return False
     try:
         return get_card(card_id).can_fp8_kv
@@ -178,7 +180,7 @@ def _apply(plan: LaunchPlan, rung: str, update: dict[str, Any], why: str, failur
     reasons: list[Reason] = []
     for setting, new in update.items():
         old = getattr(plan, setting)
-        if setting in ("quant_alternatives", "n_ctx_total", "model_bytes") or old == new:
+        if setting in ("quant_alternatives", "model_bytes") or old == new:
             continue
         taken.append(StepTaken(step=number, rung=rung, setting=setting, old=old, new=new, why=why))
         reasons.append(

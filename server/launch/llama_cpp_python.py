@@ -13,7 +13,7 @@ import runpy
 
 import llama_cpp.llama_cpp as lc
 
-from server.engine.llama_context import default_extra_bufts
+from server.llama.loader import default_extra_bufts
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from server.launch.resolve import (
     pick_ctx,
     pick_flash_attn,
     pick_gpu_layers,
+    pick_kv_unified,
     pick_llama_kv_type,
     pick_parallel,
     pick_port,
@@ -77,12 +78,8 @@ def build(ctx: BuildContext) -> LaunchPlan:
     if why_not:
         raise PlanError(why_not)
     log = ReasonLog()
-    kv_unified, kvu_source = ctx.setting("kv_unified")
-    settings = resolve_llama_settings(ctx, log, kv_unified=bool(kv_unified))
+    settings = resolve_llama_settings(ctx, log)
     port = pick_port(ctx, DEFAULT_PORT, "llama-server", log)
-    is_unified = bool(kv_unified) and settings.n_parallel > 1
-    if is_unified:
-        log.add("kv_unified", True, kvu_source, "one KV pool for all slots; each slot capped at n_ctx")
     metrics, metrics_source = ctx.setting("enable_metrics")
     log.add("enable_metrics", metrics, metrics_source, "Prometheus llamacpp:* metrics at /metrics")
     if ctx.gpus > 1:
@@ -93,8 +90,6 @@ def build(ctx: BuildContext) -> LaunchPlan:
         program=(ctx.toolchain.llama_server or "llama-server",),
         **plan_identity(ctx, port, HEALTH_PATH),
         **llama_plan_fields(settings),
-        kv_unified=is_unified,
-        threads=settings.threads,
         enable_metrics=bool(metrics),
         api_key=ctx.request.api_key,
         env=gpu_env(ctx.gpus, ctx.card_id),
@@ -104,7 +99,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
 
 
 def resolve_llama_settings(
-    ctx: BuildContext, log: ReasonLog, *, backend: Backend = "llama-server", kv_unified: bool = False
+    ctx: BuildContext, log: ReasonLog, *, backend: Backend = "llama-server"
 ) -> memory.LlamaFit:
     """The llama.cpp settings both llama-server and the embedded engine take, fitted to the budget."""
     n_parallel = pick_parallel(ctx, log)
@@ -112,35 +107,28 @@ def resolve_llama_settings(
     kv_type = pick_llama_kv_type(ctx, log)
     flash_attn = pick_flash_attn(ctx, kv_type, log)
     n_gpu_layers = pick_gpu_layers(ctx, log)
-    batch, ubatch = pick_batches(ctx, log)
-    fit = memory.fit_llama(
-        ctx,
+    n_batch, n_ubatch = pick_batches(ctx, n_parallel, log)
+    kv_unified = pick_kv_unified(ctx, n_parallel, n_gpu_layers, log)
+    wanted = memory.LlamaFit(
         n_ctx=n_ctx,
         n_parallel=n_parallel,
         kv_type=kv_type,
         flash_attn=flash_attn,
         n_gpu_layers=n_gpu_layers,
-        batch_size=batch,
-        ubatch_size=ubatch,
-        log=log,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
         kv_unified=kv_unified,
-        backend=backend,
     )
-    threads = pick_threads(ctx, fit.n_gpu_layers, log)
-    return fit.model_copy(update={"threads": threads})
+    fit = memory.fit_llama(ctx, wanted, log=log, backend=backend)
+    n_threads = pick_threads(ctx, fit.n_gpu_layers, log)
+    return fit.model_copy(update={"n_threads": n_threads})
 
 
 def llama_plan_fields(settings: memory.LlamaFit) -> dict[str, Any]:
-    """The LaunchPlan fields of llama.cpp settings, the same for llama-server and the embedded engine."""
-    return {
-        "n_ctx": settings.n_ctx,
-        "n_ctx_total": settings.n_ctx * settings.n_parallel,
-        "n_parallel": settings.n_parallel,
-        "kv_type": settings.kv_type,
-        "n_gpu_layers": settings.n_gpu_layers,
-        "flash_attn": settings.flash_attn,
-        "batch_size": settings.batch_size,
-        "ubatch_size": settings.ubatch_size,
+    """The LaunchPlan fields of llama.cpp settings, the same for llama-server and the embedded engine: the
+    names are the same, so this is a copy, not a mapping."""
+    fields = settings.model_dump(exclude={"memory"})
+    return fields | {
         "memory": settings.memory,
         "expected_total_bytes": settings.memory.total_bytes if settings.memory else None,
     }
@@ -153,10 +141,10 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
     if plan.n_gpu_layers is not None:
         args += ["-ngl", str(plan.n_gpu_layers)]
     args += ["-fa", plan.flash_attn, "-ctk", plan.kv_type, "-ctv", plan.kv_type]
-    if plan.batch_size is not None:
-        args += ["-b", str(plan.batch_size)]
-    if plan.ubatch_size is not None:
-        args += ["-ub", str(plan.ubatch_size)]
+    if plan.n_batch is not None:
+        args += ["-b", str(plan.n_batch)]
+    if plan.n_ubatch is not None:
+        args += ["-ub", str(plan.n_ubatch)]
     args += ["--fit", "off"]
     if plan.kv_unified:
         args += ["-kvu", "--kv-unified-per-slot", str(plan.n_ctx)]
@@ -169,6 +157,6 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
         args.append("--metrics")
     if plan.api_key:
         args += ["--api-key", plan.api_key]
-    if plan.threads is not None:
-        args += ["-t", str(plan.threads)]
+    if plan.n_threads is not None:
+        args += ["-t", str(plan.n_threads)]
     return tuple(args)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from quantize.budget import Backend, Budget, CpuTarget, estimate
-from server.cards import GpuSet
+from quantize.budget import Backend, Budget, estimate
+from quantize.model.kv_types import kv_element_bytes
+from quantize.model.units import MIB
+from server.hardware.target import CpuTarget
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import LaunchPlan, MemoryEstimate
-from server.launch.resolve import LLAMA_KV_TYPES, MIN_CTX, halve_ctx
+from server.launch.resolve import halve_ctx
 
-MIB = 1 << 20
-# Bytes of one K or V element by SGLang --kv-cache-dtype (auto = the model's 16-bit dtype).
-SGLANG_KV_ELEMENT = {"auto": 2.0, "bf16": 2.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
 # The budget's context floor when fitting a profile value (the user can still ask for less).
 FIT_MIN_CTX = 1024
+# The CPU shares RAM with everything else on the machine: plan for three quarters of it.
+CPU_RAM_HEADROOM = 0.25
 
 
 class LlamaFit(BaseModel):
@@ -32,9 +33,10 @@ class LlamaFit(BaseModel):
     kv_type: str
     flash_attn: str
     n_gpu_layers: int
-    batch_size: int
-    ubatch_size: int
-    threads: int | None = None
+    n_batch: int
+    n_ubatch: int
+    kv_unified: bool = False
+    n_threads: int | None = None
     memory: MemoryEstimate | None = None
 
 
@@ -63,10 +65,6 @@ def _to_estimate(b: Budget, capacity_bytes: int | None) -> MemoryEstimate:
     )
 
 
-def _is_pinned(ctx: BuildContext, field: str) -> bool:
-    return ctx.profile.source(field) in ("cli", "env")
-
-
 def _scale_offload(m: MemoryEstimate, n_gpu_layers: int, n_layer: int) -> MemoryEstimate:
     """Partial offload: weights and KV move with their layers (the budget models full offload only)."""
     share = n_gpu_layers / (n_layer + 1)
@@ -76,63 +74,43 @@ def _scale_offload(m: MemoryEstimate, n_gpu_layers: int, n_layer: int) -> Memory
 
 
 def fit_llama(
-    ctx: BuildContext,
-    *,
-    n_ctx: int,
-    n_parallel: int,
-    kv_type: str,
-    flash_attn: str,
-    n_gpu_layers: int,
-    batch_size: int,
-    ubatch_size: int,
-    log: ReasonLog,
-    kv_unified: bool = False,
-    backend: Backend = "llama-server",
+    ctx: BuildContext, wanted: LlamaFit, *, log: ReasonLog, backend: Backend = "llama-server"
 ) -> LlamaFit:
-    """Estimate llama.cpp's memory for these settings and step unpinned ones down until they fit."""
-    fit = LlamaFit(
-        n_ctx=n_ctx,
-        n_parallel=n_parallel,
-        kv_type=kv_type,
-        flash_attn=flash_attn,
-        n_gpu_layers=n_gpu_layers,
-        batch_size=batch_size,
-        ubatch_size=ubatch_size,
-    )
-    if ctx.target is None:
-        if ctx.host_ram_bytes is None:
-            return fit
-        target: GpuSet | CpuTarget = CpuTarget(ram_bytes=ctx.host_ram_bytes)
-        headroom = 0.25  # the CPU shares RAM with everything else on the machine
-        capacity = int(ctx.host_ram_bytes * (1 - headroom))
+    """Estimate llama.cpp's memory for the `wanted` settings and step unpinned ones down until they fit."""
+    fit = wanted
+    n_ctx, n_parallel = wanted.n_ctx, wanted.n_parallel
+    kv_type, flash_attn, n_gpu_layers = wanted.kv_type, wanted.flash_attn, wanted.n_gpu_layers
+    target = ctx.target
+    if isinstance(target, CpuTarget):
+        headroom = CPU_RAM_HEADROOM
+        capacity = int(target.ram_bytes * (1 - headroom))
     else:
-        target = ctx.target
         util = _utilization(ctx, log)
         headroom = 1 - util
-        capacity = int(ctx.target.memory_bytes_per_gpu * util)
+        capacity = int(target.memory_bytes_per_gpu * util)
 
     def budget(c: int, p: int) -> Budget:
         return estimate(
             target,
             ctx.spec,
             backend=backend,
-            n_ctx=c * p,
-            n_parallel=p,  # type: ignore[arg-type]
+            n_ctx=c,
+            n_parallel=p,
             kv_type=kv_type,
             flash_attn=flash_attn != "off",
-            n_batch=batch_size,
-            n_ubatch=ubatch_size,
-            kv_unified=kv_unified,
+            n_batch=wanted.n_batch,
+            n_ubatch=wanted.n_ubatch,
+            kv_unified=wanted.kv_unified,
             headroom_fraction=headroom,
         )
 
     b = budget(n_ctx, n_parallel)
     first = b
-    if ctx.target is not None and n_gpu_layers >= ctx.spec.n_layer + 1:
-        while not b.fits and b.is_valid and not _is_pinned(ctx, "context") and n_ctx > FIT_MIN_CTX:
+    if ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1:
+        while not b.fits and b.is_valid and not ctx.is_pinned("n_ctx") and n_ctx > FIT_MIN_CTX:
             n_ctx = max(FIT_MIN_CTX, halve_ctx(n_ctx))
             b = budget(n_ctx, n_parallel)
-        while not b.fits and b.is_valid and not _is_pinned(ctx, "max_num_seqs") and n_parallel > 1:
+        while not b.fits and b.is_valid and not ctx.is_pinned("n_parallel") and n_parallel > 1:
             n_parallel = max(1, n_parallel // 2)
             b = budget(n_ctx, n_parallel)
         if n_ctx != fit.n_ctx:
@@ -146,7 +124,7 @@ def fit_llama(
         if n_parallel != fit.n_parallel:
             log.add("n_parallel", n_parallel, "derived", f"{fit.n_parallel} sequences do not fit the budget")
     mem = _to_estimate(b, capacity)
-    if ctx.target is not None and n_gpu_layers < ctx.spec.n_layer + 1:
+    if ctx.gpus and n_gpu_layers < ctx.spec.n_layer + 1:
         mem = _scale_offload(mem, n_gpu_layers, ctx.spec.n_layer)
     log.add(
         "expected_total_bytes",
@@ -163,18 +141,19 @@ def fit_sglang(
     ctx: BuildContext, *, n_ctx: int, n_parallel: int, kv_type: str, tp_size: int, log: ReasonLog
 ) -> SglangFit:
     """SGLang's memory and --mem-fraction-static; the pool must hold n_ctx * n_parallel tokens."""
-    assert ctx.target is not None
+    gpu_set = ctx.gpu_set
+    assert gpu_set is not None
     util = _utilization(ctx, log)  # the capacity figure; SGLang's own share is --mem-fraction-static
-    mem_fraction, frac_source = ctx.setting("mem_fraction_static")
-    target = ctx.target.model_copy(update={"count": tp_size})
-    capacity = int(ctx.target.memory_bytes_per_gpu * util)
+    mem_fraction, frac_source = ctx.setting("mem_fraction")
+    target = gpu_set.model_copy(update={"count": tp_size})
+    capacity = int(gpu_set.memory_bytes_per_gpu * util)
 
     def budget(c: int, p: int) -> Budget:
         return estimate(
             target,
             ctx.spec,
             backend="sglang",
-            n_ctx=c * p,
+            n_ctx=c,
             n_parallel=p,
             kv_type=kv_type,
             mem_fraction=mem_fraction,
@@ -183,14 +162,14 @@ def fit_sglang(
     def fits(b: Budget, c: int, p: int) -> bool:
         # SGLang fills its static fraction whatever the requests need, so the question is whether the pool
         # that fraction leaves holds the plan's tokens (--max-total-tokens then caps it at exactly that).
-        return b.is_valid and b.sglang is not None and b.sglang.max_total_tokens >= c * p
+        return b.is_valid and b.sglang is not None and b.sglang.kv_pool_tokens >= c * p
 
     b = budget(n_ctx, n_parallel)
     first_ctx, first_parallel = n_ctx, n_parallel
     while (
         not fits(b, n_ctx, n_parallel)
         and b.is_valid
-        and not _is_pinned(ctx, "context")
+        and not ctx.is_pinned("n_ctx")
         and n_ctx > FIT_MIN_CTX
     ):
         n_ctx = max(FIT_MIN_CTX, halve_ctx(n_ctx))
@@ -198,7 +177,7 @@ def fit_sglang(
     while (
         not fits(b, n_ctx, n_parallel)
         and b.is_valid
-        and not _is_pinned(ctx, "max_num_seqs")
+        and not ctx.is_pinned("n_parallel")
         and n_parallel > 1
     ):
         n_parallel = max(1, n_parallel // 2)
@@ -209,7 +188,7 @@ def fit_sglang(
         log.add(
             "n_parallel", n_parallel, "derived", f"{first_parallel} sequences do not fit SGLang's KV pool"
         )
-    frac = b.sglang.mem_fraction_static if b.sglang else mem_fraction
+    frac = b.sglang.mem_fraction if b.sglang else mem_fraction
     if mem_fraction is None and frac is not None:
         default = b.sglang.sglang_default_mem_fraction if b.sglang else "?"
         why = f"SGLang's own heuristic for this card ({default}) less a small reserve for fragmentation"
@@ -236,12 +215,6 @@ def fit_sglang(
     return SglangFit(n_ctx=n_ctx, n_parallel=n_parallel, mem_fraction=frac, memory=mem)
 
 
-def _kv_element(backend: str, kv_type: str) -> float:
-    if backend == "sglang":
-        return SGLANG_KV_ELEMENT.get(kv_type, 2.0)
-    return LLAMA_KV_TYPES.get(kv_type, 2.0)
-
-
 def rescale(old: LaunchPlan, new: LaunchPlan) -> MemoryEstimate | None:
     """The old plan's estimate moved to the new plan's settings (for ladder steps, without the model at hand).
 
@@ -252,7 +225,7 @@ def rescale(old: LaunchPlan, new: LaunchPlan) -> MemoryEstimate | None:
     if m is None or new.gpus == 0 or new.n_gpu_layers == 0:
         return None
     kv = m.kv_bytes * (new.n_ctx_total / old.n_ctx_total)
-    kv *= _kv_element(new.backend, new.kv_type) / _kv_element(old.backend, old.kv_type)
+    kv *= kv_element_bytes(new.kv_type) / kv_element_bytes(old.kv_type)
     weights = float(m.weights_bytes)
     if new.model_bytes and old.model_bytes and new.model_path != old.model_path:
         weights *= new.model_bytes / old.model_bytes
@@ -263,4 +236,4 @@ def rescale(old: LaunchPlan, new: LaunchPlan) -> MemoryEstimate | None:
     return m.model_copy(update={"weights_bytes": int(weights), "kv_bytes": max(0, int(kv))})
 
 
-__all__ = ["MIN_CTX", "LlamaFit", "SglangFit", "fit_llama", "fit_sglang", "rescale"]
+__all__ = ["LlamaFit", "SglangFit", "fit_llama", "fit_sglang", "rescale"]

@@ -9,15 +9,18 @@ fields by the backend's renderer: a plan never says one thing in its fields and 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from server.engine.config import FlashAttn
 
 Source = Literal["profile", "cli", "env", "derived", "default"]
 Scalar = str | int | float | bool | None
-FlashAttn = Literal["on", "off", "auto"]
 
-CPU_CARD = "cpu"
+__all__ = [
+    "FlashAttn", "LaunchPlan", "MemoryEstimate", "QuantFile", "Reason", "Scalar", "Source", "StepTaken",
+]
 
 
 class Reason(BaseModel):
@@ -78,10 +81,11 @@ class StepTaken(BaseModel):
 class LaunchPlan(BaseModel):
     """One backend process: its command, environment, health endpoint and the settings behind them.
 
-    `n_ctx` is the context of ONE sequence; `n_ctx_total` is the KV pool in tokens (llama-server's `-c` is
-    this total, split over `-np` slots; SGLang's `--max-total-tokens`). `gpus` is 0 on the CPU. `n_gpu_layers`
-    counts the output layer like llama.cpp (n_layer + 1 = everything on the GPU); None where the backend has
-    no such knob.
+    Settings carry edgeserve's names, the same as the profile's keys and the engine's fields. `n_ctx` is the
+    context of ONE sequence; `n_ctx_total` = n_ctx * n_parallel is the KV pool in tokens, derived, never an
+    input (llama-server's `-c` is this total, split over `-np` slots; SGLang's `--max-total-tokens`). `card`
+    is `cpu` and `gpus` 0 on the CPU. `n_gpu_layers` counts the output layer like llama.cpp (n_layer + 1 =
+    everything on the GPU); None where the backend has no such knob.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -103,23 +107,22 @@ class LaunchPlan(BaseModel):
     health_url: str = ""
 
     n_ctx: int = Field(gt=0)
-    n_ctx_total: int = Field(gt=0)
     n_parallel: int = Field(ge=1)
     mem_fraction: float | None = Field(default=None, gt=0, le=1)
     kv_type: str
     n_gpu_layers: int | None = Field(default=None, ge=0)
     flash_attn: FlashAttn = "auto"
-    batch_size: int | None = Field(default=None, ge=1)
-    ubatch_size: int | None = Field(default=None, ge=1)
+    n_batch: int | None = Field(default=None, ge=1)
+    n_ubatch: int | None = Field(default=None, ge=1)
     chunked_prefill_size: int | None = None
     kv_unified: bool = False
-    threads: int | None = Field(default=None, ge=1)
+    n_threads: int | None = Field(default=None, ge=1)
     tp_size: int = Field(default=1, ge=1)
     dp_size: int = Field(default=1, ge=1)
     schedule_policy: str | None = None
     enable_metrics: bool = True
-    cuda_graphs: bool = True
-    prefix_caching: bool = True
+    enforce_eager: bool = False
+    prefix_cache: bool = True
     api_key: str | None = Field(default=None, repr=False)
 
     nnodes: int = Field(default=1, ge=1)
@@ -132,12 +135,25 @@ class LaunchPlan(BaseModel):
     reasons: tuple[Reason, ...] = ()
     ladder: tuple[StepTaken, ...] = ()
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def n_ctx_total(self) -> int:
+        """The KV pool in tokens: n_ctx * n_parallel (derived, so it cannot disagree with them)."""
+        return self.n_ctx * self.n_parallel
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # A plan read back from its JSON carries n_ctx_total; it is checked, never taken as an input.
+        if isinstance(data, dict) and "n_ctx_total" in data:
+            data = dict(data)
+            total = data.pop("n_ctx_total")
+            if total != data.get("n_ctx", 0) * data.get("n_parallel", 0):
+                raise ValueError(f"n_ctx_total {total} is not n_ctx x n_parallel")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> LaunchPlan:
-        if self.n_ctx_total < self.n_ctx:
-            raise ValueError(
-                f"n_ctx_total {self.n_ctx_total} is smaller than one sequence's n_ctx {self.n_ctx}"
-            )
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} out of range for {self.nnodes} nodes")
         if (

@@ -1,74 +1,41 @@
 """make_plan: the edge that gathers the facts (detected card, model file, profile, installed programs) and
 hands them to the pure builders. Everything here that touches the machine is a read: NVML, /proc, the model
-header, the configs directory, PATH.
+header, the profiles, PATH.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from quantize.gguf_model import GGUFReadError, read_model_spec
-from quantize.levels import level_for_ftype, level_names
-from quantize.model_spec import ModelSpec
-from server.cards import GpuSet, UnknownCardError, get_card
+from quantize.bundled import BundledModelMissingError, resolve_model_path
+from quantize.model.gguf_file import GGUFReadError
+from quantize.model.levels import level_for_ftype, level_names
+from quantize.model.reader import read_spec
+from quantize.model.spec import ModelSpec
+from server.hardware.target import Target, resolve_target
 from server.launch.context import BuildContext
-from server.launch.plan import CPU_CARD, LaunchPlan, QuantFile
-from server.launch.profiles import load_profile
+from server.launch.plan import LaunchPlan, QuantFile
+from server.launch.profile import load_profile
 from server.launch.registry import build_plan
 from server.launch.request import LaunchRequest
 from server.launch.resolve import PlanError
 from server.launch.toolchain import Toolchain, probe_toolchain
 
-
-def resolve_target(request: LaunchRequest) -> tuple[GpuSet | None, int | None]:
-    """The GPUs to plan for (None = the CPU) and the host's RAM. `--card auto` detects; an id needs no GPU."""
-    from server.detect import detect, detect_cpu, gpu_set_from_detection
-
-    card_key = request.card.strip().lower()
-    if card_key == CPU_CARD or request.gpus == 0:
-        return None, detect_cpu().total_ram_bytes
-    if card_key != "auto":
-        try:
-            card = get_card(request.card)
-        except UnknownCardError as exc:
-            raise PlanError(str(exc)) from None
-        return GpuSet.of(card, request.gpus or 1), detect_cpu().total_ram_bytes
-    det = detect()
-    ram = det.cpu.total_ram_bytes
-    found = gpu_set_from_detection(det)
-    if found is None:
-        if request.gpus:
-            raise PlanError(
-                f"--gpus {request.gpus} asked for but no GPU was found ({det.reason or 'no driver'})"
-            )
-        return None, ram
-    if request.gpus is None:
-        return found, ram
-    if request.gpus > found.count:
-        raise PlanError(f"--gpus {request.gpus} but only {found.count} matching {found.card.id} GPU(s) here")
-    return found.model_copy(update={"count": request.gpus}), ram
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 def resolve_model(request: LaunchRequest) -> tuple[str, ModelSpec, int | None]:
     """The model path (default: the bundled SmolLM2), its ModelSpec and file size."""
-    if request.model:
-        path = Path(request.model).expanduser()
-    else:
-        from quantize.bundled import BundledModelMissingError, default_model_path
-
-        try:
-            path = default_model_path()
-        except BundledModelMissingError as exc:
-            raise PlanError(str(exc)) from None
     try:
-        if path.is_dir():
-            from quantize.hf_config import model_spec_from_hf_config
-
-            return str(path), model_spec_from_hf_config(path), None
-        spec = read_model_spec(path)
-    except GGUFReadError as exc:
+        path = resolve_model_path(request.model_path)
+        spec = read_spec(path)
+    except (BundledModelMissingError, GGUFReadError) as exc:
         raise PlanError(str(exc)) from None
+    if path.is_dir():
+        return str(path), spec, None
     return str(path.resolve()), spec, path.stat().st_size
 
 
@@ -96,17 +63,19 @@ def make_plan(
     request: LaunchRequest,
     *,
     toolchain: Toolchain | None = None,
-    configs_dir: Path | None = None,
-    target: tuple[GpuSet | None, int | None] | None = None,
+    profiles_dir: Path | Traversable | None = None,
+    target: Target | None = None,
 ) -> LaunchPlan:
     """Detect (or take `--card`), read the model and profile, and build the plan. Raises PlanError."""
-    gpu_set, ram = target if target is not None else resolve_target(request)
+    if target is None:
+        try:
+            target = resolve_target(request.card, request.gpus)
+        except ValueError as exc:  # an unknown card, or GPUs asked for that are not here
+            raise PlanError(str(exc)) from None
     model_path, spec, size = resolve_model(request)
-    resolved = load_profile(
-        gpu_set.card.id if gpu_set else None, request.profile_overrides(), configs_dir=configs_dir
-    )
+    resolved = load_profile(target.card_id, request.profile_overrides(), profiles_dir=profiles_dir)
     ctx = BuildContext(
-        target=gpu_set,
+        target=target,
         spec=spec,
         model_path=model_path,
         profile=resolved,
@@ -114,6 +83,5 @@ def make_plan(
         toolchain=toolchain or probe_toolchain(),
         alternatives=quant_alternatives(model_path, spec, size),
         model_bytes=size,
-        host_ram_bytes=ram,
     )
     return build_plan(ctx)

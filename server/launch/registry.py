@@ -48,13 +48,6 @@ def _with_argv(render: Callable[[LaunchPlan], tuple[str, ...]]) -> Callable[[Lau
     return finish
 
 
-def _embedded_rungs() -> frozenset[str]:
-    rungs = {"context", "parallel", "quant", "gpu_layers", "cpu"}
-    if embedded.gateway_reads("kv_type"):
-        rungs.add("kv_type")
-    return frozenset(rungs)
-
-
 BACKENDS: dict[str, BackendSpec] = {
     sglang.NAME: BackendSpec(
         name=sglang.NAME,
@@ -80,7 +73,7 @@ BACKENDS: dict[str, BackendSpec] = {
         build=embedded.build,
         finish=embedded.finish,
         refusal=embedded.refusal,
-        rungs=_embedded_rungs(),
+        rungs=_LLAMA_RUNGS,
         health_path=embedded.HEALTH_PATH,
     ),
 }

@@ -6,34 +6,38 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.launch.plan import FlashAttn
+from server.launch.profile import Profile
+
 BackendRequest = Literal["auto", "sglang", "llama-server", "embedded"]
 
 
 class LaunchRequest(BaseModel):
-    """`edgeserve launch` flags. Values left None come from the card's profile, the environment or a rule."""
+    """`edgeserve launch` flags. Settings are named as the profile's keys (n_ctx, n_parallel, kv_type, ...):
+    values left None come from the card's profile, the environment or a rule; the profile validates them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     backend: str = "auto"
     card: str = "auto"
     gpus: int | None = Field(default=None, ge=0)
-    model: str | None = None
-    ctx: int | None = Field(default=None, ge=16, description="context of one sequence, tokens")
-    parallel: int | None = Field(default=None, ge=1)
-    kv_type: str | None = None
-    mem_fraction: float | None = Field(default=None, gt=0.1, le=0.99)
-    n_gpu_layers: int | None = Field(default=None, ge=-1)
+    model_path: str | None = Field(default=None, description="GGUF file or HF folder (default: bundled)")
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535)
     api_key: str | None = Field(default=None, repr=False)
 
+    n_ctx: int | None = Field(default=None, description="context of ONE sequence, tokens")
+    n_parallel: int | None = None
+    kv_type: str | None = None
+    flash_attn: FlashAttn | None = None
+    kv_unified: bool | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    mem_fraction: float | None = None
+
     def profile_overrides(self) -> dict[str, Any]:
-        """The flags that override profile keys, under the profile's names (only those given)."""
-        pairs = {
-            "context": self.ctx,
-            "max_num_seqs": self.parallel,
-            "kv_cache_dtype": self.kv_type,
-            "mem_fraction_static": self.mem_fraction,
-            "n_gpu_layers": self.n_gpu_layers,
-        }
-        return {k: v for k, v in pairs.items() if v is not None}
+        """The flags that override profile keys (only those given): the names are the same. (`card` picks the
+        profile; the profile's own `card` key only names the file's card.)"""
+        return self.model_dump(include=set(Profile.model_fields) - {"card"}, exclude_none=True)

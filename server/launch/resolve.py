@@ -4,69 +4,57 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantize.budget_sglang import SGLANG_KV_TYPES as BUDGET_SGLANG_KV_TYPES
+from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
+from server.engine.config import cap_n_ctx
+from server.hardware.target import CPU_ID
 from server.launch.context import BuildContext, ReasonLog
-from server.launch.plan import CPU_CARD, Source
+from server.launch.plan import Source
 
-# llama.cpp's KV cache types (common/arg.cpp: kv_cache_types) and what one element costs, in bytes.
-LLAMA_KV_TYPES: dict[str, float] = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q5_1": 24 / 32,
-    "q5_0": 22 / 32,
-    "q4_1": 20 / 32,
-    "iq4_nl": 18 / 32,
-    "q4_0": 18 / 32,
-}
-# KV types whose V cache llama.cpp can only hold with flash attention on.
-LLAMA_QUANTIZED_KV = frozenset(t for t in LLAMA_KV_TYPES if t not in ("f32", "f16", "bf16"))
-# SGLang --kv-cache-dtype values edgeserve plans with: those the budget models (SGLang 0.5.23 takes more).
-SGLANG_KV_TYPES = BUDGET_SGLANG_KV_TYPES
 SGLANG_FP8_KV = ("fp8_e4m3", "fp8_e5m2")
-
-MIN_CTX = 256
+# The smallest context halve_ctx steps down to (llama.cpp pads contexts to 256 cells).
+MIN_HALVED_CTX = 256
 
 
 class PlanError(ValueError):
     """The flags asked for something this backend or card cannot do; the message says what to do instead."""
 
 
-def _given_by(ctx: BuildContext, setting: str, source: Source, flag: str, default_why: str) -> str:
-    """Where a value the user (or the profile) chose came from, in words for the plan's reasons."""
+def given_by(ctx: BuildContext, setting: str, source: Source, default_why: str) -> str:
+    """Where a value the user (or the profile) chose came from, in words for the plan's reasons: the flag,
+    variable and key all carry the setting's own name."""
     return {
-        "cli": flag,
+        "cli": "--" + setting.replace("_", "-"),
         "env": f"EDGESERVE_{setting.upper()}",
         "profile": f"{setting} in the {ctx.card_id} profile",
     }.get(source, default_why)
 
 
 def pick_parallel(ctx: BuildContext, log: ReasonLog) -> int:
-    value, source = ctx.setting("max_num_seqs")
-    why = _given_by(ctx, "max_num_seqs", source, "--parallel", "default number of sequences decoded at once")
+    value, source = ctx.setting("n_parallel")
+    why = given_by(ctx, "n_parallel", source, "default number of sequences decoded at once")
     log.add("n_parallel", value, source, why)
     return int(value)
 
 
 def pick_ctx(ctx: BuildContext, log: ReasonLog) -> int:
-    """Context of one sequence. A profile/default value above the model's training context is capped to it."""
-    value, source = ctx.setting("context")
+    """Context of one sequence. A profile/default value above the model's training context is capped to it
+    (cap_n_ctx, the engine's own rule); a pinned one is kept, with a warning in its reason."""
+    value, source = ctx.setting("n_ctx")
     n_train = ctx.spec.n_ctx_train
-    if n_train and value > n_train:
-        if source in ("cli", "env"):
+    capped = cap_n_ctx(value, n_train)
+    if capped != value:
+        if ctx.is_pinned("n_ctx"):
             log.add("n_ctx", value, source, f"asked for; above the model's training context {n_train}")
             return int(value)
-        log.add("n_ctx", n_train, "derived", f"{source} value {value} capped at the model's training context")
-        return int(n_train)
-    why = _given_by(ctx, "context", source, "--ctx", "default context per sequence")
-    log.add("n_ctx", value, source, why)
+        log.add("n_ctx", capped, "derived", f"{source} value {value} capped at the model's training context")
+        return int(capped)
+    log.add("n_ctx", value, source, given_by(ctx, "n_ctx", source, "default context per sequence"))
     return int(value)
 
 
 def pick_llama_kv_type(ctx: BuildContext, log: ReasonLog) -> str:
     """llama.cpp cache type for K and V (the same for both)."""
-    value, source = ctx.setting("kv_cache_dtype")
+    value, source = ctx.setting("kv_type")
     name = str(value).lower()
     if name == "auto":
         log.add(
@@ -86,14 +74,14 @@ def pick_llama_kv_type(ctx: BuildContext, log: ReasonLog) -> str:
 
 def pick_sglang_kv_type(ctx: BuildContext, log: ReasonLog) -> str:
     """SGLang --kv-cache-dtype; fp8 only where the card has FP8 (SM89+)."""
-    value, source = ctx.setting("kv_cache_dtype")
+    value, source = ctx.setting("kv_type")
     name = str(value).lower()
     card = ctx.card
     can_fp8 = card is not None and card.can_fp8_kv
     if name in ("f16", "fp16", "float16"):
         log.add("kv_type", "auto", "derived", f"{source} asks {name}: SGLang's auto keeps the model's dtype")
         return "auto"
-    if name in LLAMA_QUANTIZED_KV:
+    if is_quantized_kv(name):
         if source == "cli":
             raise PlanError(f"SGLang has no {name} KV cache; use one of {', '.join(SGLANG_KV_TYPES)}")
         new = "fp8_e4m3" if can_fp8 else "auto"
@@ -122,8 +110,8 @@ def pick_flash_attn(ctx: BuildContext, kv_type: str, log: ReasonLog) -> str:
             raise PlanError(f"llama.cpp's flash attention kernels need Pascal or newer; {card.id} is older")
         log.add("flash_attn", "off", "derived", f"{card.id} predates llama.cpp's flash attention kernels")
         return "off"
-    if value != "on" and kv_type in LLAMA_QUANTIZED_KV:
-        if source in ("cli", "env"):
+    if value != "on" and is_quantized_kv(kv_type):
+        if ctx.is_pinned("flash_attn"):
             raise PlanError(
                 f"a {kv_type} V cache needs flash attention on; drop flash_attn={value} or use f16"
             )
@@ -136,7 +124,7 @@ def pick_flash_attn(ctx: BuildContext, kv_type: str, log: ReasonLog) -> str:
 def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
     """Layers on the GPU, counting the output layer as llama.cpp does (n_layer + 1 = all); 0 on the CPU."""
     n_all = ctx.spec.n_layer + 1
-    if ctx.target is None:
+    if ctx.gpus == 0:
         log.add("n_gpu_layers", 0, "derived", "no GPU: every layer on the CPU")
         return 0
     value, source = ctx.setting("n_gpu_layers")
@@ -157,14 +145,14 @@ def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
 
 def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> int | None:
     """CPU threads, set only when some layers run on the CPU."""
-    if ctx.target is not None and n_gpu_layers >= ctx.spec.n_layer + 1:
+    if ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1:
         return None
-    value, source = ctx.setting("threads")
+    value, source = ctx.setting("n_threads")
     if value is None:
         n = ctx.toolchain.cpu_threads
-        log.add("threads", n, "derived", "layers on the CPU: one thread per usable CPU")
+        log.add("n_threads", n, "derived", "layers on the CPU: one thread per usable CPU")
         return n
-    log.add("threads", value, source, "CPU threads for layers on the CPU")
+    log.add("n_threads", value, source, "CPU threads for layers on the CPU")
     return int(value)
 
 
@@ -176,21 +164,47 @@ def pick_port(ctx: BuildContext, default: int, what: str, log: ReasonLog) -> int
     return default
 
 
-def pick_batches(ctx: BuildContext, log: ReasonLog) -> tuple[int, int]:
-    """llama.cpp logical (-b) and physical (-ub) batch; -ub never exceeds -b."""
-    b, b_source = ctx.setting("max_num_batched_tokens")
-    ub, ub_source = ctx.setting("ubatch_size")
-    log.add("batch_size", b, b_source, "tokens per llama_decode call (prompt chunk)")
+def pick_batches(ctx: BuildContext, n_parallel: int, log: ReasonLog) -> tuple[int, int]:
+    """llama.cpp logical (-b) and physical (-ub) batch; -ub never exceeds -b, and -b holds one token of every
+    sequence (the engine decodes them all in each step)."""
+    b, b_source = ctx.setting("n_batch")
+    ub, ub_source = ctx.setting("n_ubatch")
+    if b < n_parallel:
+        log.add("n_batch", n_parallel, "derived", f"{b_source} value {b} is below n_parallel {n_parallel}")
+        b = n_parallel
+    else:
+        log.add("n_batch", b, b_source, "tokens per llama_decode call (prompt chunk)")
     if ub > b:
-        log.add("ubatch_size", b, "derived", f"{ub_source} value {ub} above the batch size")
+        log.add("n_ubatch", b, "derived", f"{ub_source} value {ub} above the batch size")
         return int(b), int(b)
-    log.add("ubatch_size", ub, ub_source, "physical batch: sizes the compute buffer")
+    log.add("n_ubatch", ub, ub_source, "physical batch: sizes the compute buffer")
     return int(b), int(ub)
 
 
+def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: ReasonLog) -> bool:
+    """llama.cpp's unified KV cache (one pool of n_ctx * n_parallel cells, each sequence still at most
+    n_ctx); only meaningful with several sequences. Unset, it is on where the whole model is on the GPU."""
+    value, source = ctx.setting("kv_unified")
+    if n_parallel < 2:
+        return False
+    if value is None:
+        if not (ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1):
+            return False
+        log.add("kv_unified", True, "derived",
+                "the model is on the GPU: with one pool llama.cpp runs a step that mixes decoding and "
+                "prefilling sequences whole, not cut per sequence (3x faster at 64 streams on an H200, "
+                "docs/BENCHMARKS.md); each slot still capped at n_ctx")
+        return True
+    if value:
+        log.add("kv_unified", True, source, "one KV pool for all slots; each slot capped at n_ctx")
+        return True
+    return False
+
+
 def halve_ctx(n_ctx: int) -> int:
-    """Half of a context, rounded down to a multiple of 256 (llama.cpp pads to 256), never below MIN_CTX."""
-    return max(MIN_CTX, (n_ctx // 2) // 256 * 256)
+    """Half of a context, rounded down to a multiple of 256 (llama.cpp pads to 256), never below
+    MIN_HALVED_CTX."""
+    return max(MIN_HALVED_CTX, (n_ctx // 2) // 256 * 256)
 
 
 def health_url(host: str, port: int, path: str) -> str:
@@ -210,7 +224,7 @@ def gpu_env(gpus: int, card: str) -> dict[str, str]:
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
         }
-    if card != CPU_CARD:
+    if card != CPU_ID:
         return {"CUDA_VISIBLE_DEVICES": ""}
     return {}
 

@@ -45,10 +45,10 @@ def refusal(ctx: BuildContext) -> str | None:
 
 def _tp_dp(ctx: BuildContext, log: ReasonLog) -> tuple[int, int]:
     gpus = max(ctx.gpus, 1)
-    dp, source = ctx.setting("data_parallel_size")
+    dp, source = ctx.setting("dp_size")
     if gpus % dp:
-        if source in ("cli", "env"):
-            raise PlanError(f"data_parallel_size {dp} does not divide {gpus} GPUs")
+        if ctx.is_pinned("dp_size"):
+            raise PlanError(f"dp_size {dp} does not divide {gpus} GPUs")
         log.add("dp_size", 1, "derived", f"{source} value {dp} does not divide {gpus} GPUs")
         dp = 1
     elif dp > 1:
@@ -77,7 +77,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
     port = pick_port(ctx, DEFAULT_PORT, "SGLang", log)
 
     chunked, chunked_source = ctx.setting("enable_chunked_prefill")
-    size, size_source = ctx.setting("max_num_batched_tokens")
+    size, size_source = ctx.setting("n_batch")
     chunk = int(size) if chunked else -1
     log.add(
         "chunked_prefill_size",
@@ -89,12 +89,10 @@ def build(ctx: BuildContext) -> LaunchPlan:
     log.add("schedule_policy", policy, policy_source, "order in which waiting requests are scheduled")
     eager, eager_source = ctx.setting("enforce_eager")
     if eager:
-        log.add(
-            "cuda_graphs", False, eager_source, "enforce_eager: no CUDA graphs (less memory, slower decode)"
-        )
-    prefix, prefix_source = ctx.setting("enable_prefix_caching")
+        log.add("enforce_eager", True, eager_source, "no CUDA graphs (less memory, slower decode)")
+    prefix, prefix_source = ctx.setting("prefix_cache")
     if not prefix:
-        log.add("prefix_caching", False, prefix_source, "radix (prefix) cache off")
+        log.add("prefix_cache", False, prefix_source, "radix (prefix) cache off")
     metrics, metrics_source = ctx.setting("enable_metrics")
     log.add("enable_metrics", metrics, metrics_source, "Prometheus sglang:* metrics at /metrics")
 
@@ -104,7 +102,6 @@ def build(ctx: BuildContext) -> LaunchPlan:
         program=(ctx.toolchain.python, "-m", MODULE),
         **plan_identity(ctx, port, HEALTH_PATH),
         n_ctx=fit.n_ctx,
-        n_ctx_total=fit.n_ctx * fit.n_parallel,
         n_parallel=fit.n_parallel,
         mem_fraction=fit.mem_fraction,
         kv_type=kv_type,
@@ -113,8 +110,8 @@ def build(ctx: BuildContext) -> LaunchPlan:
         dp_size=dp,
         schedule_policy=str(policy),
         enable_metrics=bool(metrics),
-        cuda_graphs=not eager,
-        prefix_caching=bool(prefix),
+        enforce_eager=bool(eager),
+        prefix_cache=bool(prefix),
         api_key=ctx.request.api_key,
         env=gpu_env(ctx.gpus, ctx.card_id),
         memory=fit.memory,
@@ -150,9 +147,9 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
         args += ["--chunked-prefill-size", str(plan.chunked_prefill_size)]
     if plan.schedule_policy:
         args += ["--schedule-policy", plan.schedule_policy]
-    if not plan.cuda_graphs:
+    if plan.enforce_eager:
         args.append("--disable-cuda-graph")
-    if not plan.prefix_caching:
+    if not plan.prefix_cache:
         args.append("--disable-radix-cache")
     if plan.enable_metrics:
         args.append("--enable-metrics")

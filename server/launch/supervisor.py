@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 import httpx
 
+from server.hardware.oom import Failure, classify
 from server.launch import ladder
 from server.launch.events import EventKind, SupervisorEvent
-from server.launch.oom import Failure, classify
 from server.launch.plan import LaunchPlan
 from server.launch.process import BackendProcess
 

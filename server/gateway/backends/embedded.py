@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -32,9 +31,6 @@ from server.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-# llama.cpp offloads min(n_gpu_layers, n_layer) layers: a large number means "all of them".
-ALL_LAYERS = 999
-
 
 class EmbeddedBackend:
     """Runs jobs on an in-process Engine. `start()` loads the model off the event loop."""
@@ -43,36 +39,21 @@ class EmbeddedBackend:
 
     def __init__(self, config: EngineConfig, model_id: str | None = None) -> None:
         self.config = config
-        self.model_id = model_id or Path(config.model_path).stem
+        self.model_id = model_id or config.model_file().stem
         self._engine: Engine | None = None
         self._batch_size_steps: dict[int, int] = {}
         self._step_tokens_steps: dict[int, int] = {}
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> EmbeddedBackend:
-        model_path = settings.model_path
-        if model_path is None:
-            from quantize.bundled import default_model_path
-
-            model_path = default_model_path()
-        n_gpu_layers = ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
-        kwargs: dict[str, object] = {"n_parallel": settings.parallel, "n_gpu_layers": n_gpu_layers}
-        if settings.ctx is not None:
-            kwargs["n_ctx"] = settings.ctx
-        if settings.n_threads is not None:
-            kwargs["n_threads"] = settings.n_threads
-        if settings.n_batch is not None:
-            n_batch = max(settings.n_batch, settings.parallel)
-            kwargs["n_batch"] = n_batch
-            kwargs["n_ubatch"] = min(512, n_batch)
-        config = EngineConfig(model_path=str(model_path), **kwargs)  # type: ignore[arg-type]
-        return cls(config, model_id=settings.model_name)
+        """The engine exactly as the settings describe it: its config is taken whole, not rebuilt."""
+        return cls(settings.engine, model_id=settings.model_name)
 
     # --- Backend protocol -----------------------------------------------------------------------------------
 
     @property
     def n_ctx(self) -> int:
-        return self._engine.n_ctx_per_seq if self._engine is not None else 0
+        return self._engine.n_ctx if self._engine is not None else 0
 
     @property
     def slots(self) -> int:
@@ -123,7 +104,7 @@ class EmbeddedBackend:
             tokens = engine.tokenize(prompt)
             if job.extra.get("max_tokens_explicit") is False:
                 # No limit was asked for: generate up to the end of this engine's context window.
-                room = engine.n_ctx_per_seq - len(tokens)
+                room = engine.n_ctx - len(tokens)
                 if room >= 1 and params.max_tokens > room:
                     params = dataclasses.replace(params, max_tokens=room)
             # The engine checks the prompt length when the stream is created, before anything is queued.

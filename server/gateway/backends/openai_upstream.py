@@ -33,13 +33,13 @@ class OpenAIUpstreamBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, slots: int = 4, n_ctx: int | None = None,
-                 model: str | None = None, connect_timeout_s: float = 5.0,
+    def __init__(self, base_url: str, *, api_key: str | None = None, n_parallel: int = 4,
+                 n_ctx: int | None = None, model: str | None = None, connect_timeout_s: float = 5.0,
                  health_interval_s: float = 2.0, health_url: str | None = None) -> None:
         root = base_url.rstrip("/")
         self.base_url = root[: -len("/v1")] if root.endswith("/v1") else root
         self._api_key = api_key
-        self._slots = slots
+        self._slots = n_parallel
         self._n_ctx_override = n_ctx
         self._n_ctx_seen: int | None = None
         self.model_id: str | None = model
@@ -56,8 +56,9 @@ class OpenAIUpstreamBackend:
     def from_settings(cls, settings: GatewaySettings) -> OpenAIUpstreamBackend:
         if not settings.upstream_url:
             raise ValueError("the openai backend needs an upstream URL")
-        return cls(settings.upstream_url, api_key=settings.upstream_api_key, slots=settings.parallel,
-                   n_ctx=settings.ctx, connect_timeout_s=settings.upstream_connect_timeout_s,
+        return cls(settings.upstream_url, api_key=settings.upstream_api_key,
+                   n_parallel=settings.engine.n_parallel, n_ctx=settings.upstream_n_ctx,
+                   connect_timeout_s=settings.upstream_connect_timeout_s,
                    health_interval_s=settings.upstream_health_interval_s)
 
     @property

@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from server.detect import detect, sample_gpu_metrics
 from server.gateway.state import StateDep, verify_api_key
+from server.hardware.detect import detect, sample_gpu_metrics
 
 router = APIRouter(prefix="/v1/gpu", tags=["gpu"], dependencies=[Depends(verify_api_key)])
 

@@ -1,0 +1,72 @@
+"""`./start_sglang.sh` on a CPU machine: the gateway with the embedded engine and the bundled model on a port,
+serving completions to the official client; SIGTERM stops it and everything it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.launch.process import group_members
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_start_script_serves_completions_on_the_cpu(tmp_path: Path, repo) -> None:
+    try:
+        import server.cli.app  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the edgeserve CLI does not import: {exc}")
+    from openai import OpenAI
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESERVE_")}
+    env.update(EDGESERVE_PORT=str(port), EDGESERVE_SKIP_SETUP="1", XDG_RUNTIME_DIR=str(tmp_path))
+    script = subprocess.Popen(
+        [str(repo / "start_sglang.sh"), "--card", "cpu", "--parallel", "2"],
+        cwd=repo,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert script.poll() is None, "start_sglang.sh exited"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = client.completions.create(
+            model="x", prompt="The capital of France is", max_tokens=5, temperature=0
+        )
+        assert reply.choices[0].text
+        status = json.loads((tmp_path / f"edgeserve-{port}" / "status.json").read_text())
+        backend = int(status["pid"])  # the supervised `edgeserve serve`, in its own process group
+    finally:
+        os.kill(script.pid, signal.SIGTERM)
+        try:
+            script.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            raise
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (group_members(script.pid) or group_members(backend)):
+        time.sleep(0.1)
+    assert not group_members(script.pid) and not group_members(backend), "processes left behind"
