@@ -99,6 +99,11 @@ def launch(
     kv_unified: Annotated[
         bool | None, option("kv_unified", "llama.cpp: one KV pool shared by the sequences", is_bool=True)
     ] = None,
+    backend_sampling: Annotated[
+        bool | None,
+        option("backend_sampling", "llama.cpp: sampling inside the decode graph (default: where measured "
+               "faster)", is_bool=True),
+    ] = None,
     n_batch: Annotated[int | None, option("n_batch", "llama.cpp -b / SGLang prefill chunk")] = None,
     n_ubatch: Annotated[int | None, option("n_ubatch", "llama.cpp physical batch -ub")] = None,
     n_threads: Annotated[int | None, option("n_threads", "CPU threads for layers on the CPU")] = None,
@@ -133,6 +138,7 @@ def launch(
             kv_type=kv_type,
             flash_attn=flash_attn,
             kv_unified=kv_unified,
+            backend_sampling=backend_sampling,
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             n_threads=n_threads,

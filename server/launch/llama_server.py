@@ -23,6 +23,7 @@ from server.launch.plan import LaunchPlan
 from server.launch.resolve import (
     PlanError,
     gpu_env,
+    pick_backend_sampling,
     pick_batches,
     pick_ctx,
     pick_flash_attn,
@@ -61,6 +62,7 @@ EMITTED_FLAGS = (
     "--api-key",
     "-t",
     "--rpc",
+    "--backend-sampling",
 )
 
 
@@ -85,11 +87,13 @@ def build(ctx: BuildContext) -> LaunchPlan:
     if ctx.gpus > 1:
         log.add("split_mode", "layer", "derived", f"layers split evenly over {ctx.gpus} GPUs")
 
+    backend_sampling = pick_backend_sampling(ctx, settings.n_gpu_layers, log)
     plan = LaunchPlan(
         backend=NAME,
         program=(ctx.toolchain.llama_server or "llama-server",),
         **plan_identity(ctx, port, HEALTH_PATH),
         **llama_plan_fields(settings),
+        backend_sampling=backend_sampling,
         enable_metrics=bool(metrics),
         api_key=ctx.request.api_key,
         env=gpu_env(ctx.gpus, ctx.card_id),
@@ -153,6 +157,8 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
         args += ["--rpc", ",".join(plan.rpc_servers), "--split-mode", "layer"]
     elif plan.gpus > 1 and plan.n_gpu_layers:
         args += ["--split-mode", "layer", "--tensor-split", ",".join("1" for _ in range(plan.gpus))]
+    if plan.backend_sampling:
+        args.append("--backend-sampling")
     if plan.enable_metrics:
         args.append("--metrics")
     if plan.api_key:

@@ -121,6 +121,7 @@ class LaunchPlan(BaseModel):
     dp_size: int = Field(default=1, ge=1)
     schedule_policy: str | None = None
     enable_metrics: bool = True
+    backend_sampling: bool | None = None
     enforce_eager: bool = False
     prefix_cache: bool = True
     api_key: str | None = Field(default=None, repr=False)

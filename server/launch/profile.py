@@ -99,6 +99,9 @@ class Profile(BaseSettings):
         default=None, description="llama.cpp: one KV pool shared by the sequences (default: on a GPU)"
     )
     enable_metrics: bool = True
+    backend_sampling: bool | None = Field(
+        default=None, description="llama.cpp: sampling inside the decode graph (default: where faster)"
+    )
     dp_size: int = Field(default=1, ge=1, description="SGLang: replicas; tp = gpus / dp")
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads for layers on the CPU")
 

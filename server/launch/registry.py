@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.launch import embedded, llama_server, sglang
+from server.launch.backend_speed import engine_verdict
 from server.launch.context import BuildContext
 from server.launch.plan import LaunchPlan, Reason
 from server.launch.resolve import PlanError, gpu_env
@@ -133,22 +134,40 @@ def _is_installed(name: str, ctx: BuildContext) -> bool:
 def auto_backend(ctx: BuildContext) -> tuple[str, str]:
     """The `auto` rule, with the reason in words."""
     card = ctx.card
-    llama = (
-        (llama_server.NAME, "llama-server is on PATH")
-        if ctx.toolchain.has_llama_server
-        else (embedded.NAME, "llama-server is not on PATH: the embedded llama.cpp engine")
-    )
     if card is None:
         return embedded.NAME, "no GPU: the embedded engine batches on the CPU"
     if not ctx.model_path.endswith(".gguf"):
         return sglang.NAME, "the model is not a GGUF: only SGLang loads it"
     why_not = sglang.refusal(ctx)
+    if why_not is None and ctx.toolchain.has_sglang:
+        return sglang.NAME, f"{card.id} runs SGLang and it is installed"
     if why_not:
         cc = ".".join(str(x) for x in card.compute_capability)
-        return llama[0], f"{card.id} (compute capability {cc}) cannot run SGLang; {llama[1]}"
-    if ctx.toolchain.has_sglang:
-        return sglang.NAME, f"{card.id} runs SGLang and it is installed"
-    return llama[0], f"SGLang is not installed; {llama[1]}"
+        head = f"{card.id} (compute capability {cc}) cannot run SGLang"
+    else:
+        head = "SGLang is not installed"
+    name, why = _llama_cpp_backend(ctx)
+    return name, f"{head}; {why}"
+
+
+def _llama_cpp_backend(ctx: BuildContext) -> tuple[str, str]:
+    """llama.cpp on a GPU: the embedded engine or llama-server, whichever was measured faster for the planned
+    number of streams and can use the GPU here."""
+    if not ctx.toolchain.engine_gpu_offload:
+        if ctx.toolchain.has_llama_server:
+            return llama_server.NAME, ("llama-server is on PATH (the embedded engine's llama.cpp has no GPU "
+                                       "support)")
+        return embedded.NAME, ("llama-server is not on PATH and the embedded engine's llama.cpp has no GPU "
+                               "support: it runs on the CPU (rebuild it with CUDA: "
+                               "phase1_foundation/setup_env.sh)")
+    if not ctx.toolchain.has_llama_server:
+        return embedded.NAME, "the embedded engine (llama-server is not on PATH)"
+    streams = int(ctx.setting("n_parallel")[0])
+    verdict = engine_verdict(streams)
+    if verdict is None or verdict.engine_wins:
+        why = verdict.why(streams) if verdict else "nothing measured: the embedded engine"
+        return embedded.NAME, why
+    return llama_server.NAME, verdict.why(streams)
 
 
 def build_plan(ctx: BuildContext) -> LaunchPlan:

@@ -31,6 +31,7 @@ class LaunchRequest(BaseModel):
     kv_type: str | None = None
     flash_attn: FlashAttn | None = None
     kv_unified: bool | None = None
+    backend_sampling: bool | None = None
     n_batch: int | None = None
     n_ubatch: int | None = None
     n_threads: int | None = None

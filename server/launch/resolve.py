@@ -7,6 +7,7 @@ from typing import Any
 from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
 from server.engine.config import cap_n_ctx
 from server.hardware.target import CPU_ID
+from server.launch.backend_speed import backend_sampling_wins
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import Source
 
@@ -199,6 +200,26 @@ def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: 
         log.add("kv_unified", True, source, "one KV pool for all slots; each slot capped at n_ctx")
         return True
     return False
+
+
+def pick_backend_sampling(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> bool | None:
+    """llama-server's --backend-sampling: the profile's value, else on where the output layer is on a GPU and
+    it measured faster than llama-server's own host sampling (backend_speed.yaml)."""
+    value, source = ctx.setting("backend_sampling")
+    if value is not None:
+        log.add("backend_sampling", bool(value), source, "sampling inside llama.cpp's decode graph")
+        return bool(value)
+    on_gpu = bool(ctx.gpus) and n_gpu_layers >= ctx.spec.n_layer + 1
+    measured = backend_sampling_wins()
+    if not on_gpu or measured is None:
+        return None
+    wins, cells, record = measured
+    if wins * 2 <= cells:
+        return None
+    log.add("backend_sampling", True, "derived",
+            f"faster than llama-server's host sampling in {wins} of {cells} request shapes x stream counts "
+            f"({record.where()}; docs/BENCHMARKS.md)")
+    return True
 
 
 def halve_ctx(n_ctx: int) -> int:

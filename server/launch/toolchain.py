@@ -20,6 +20,9 @@ class Toolchain(BaseModel):
     llama_server: str | None = Field(default=None, description="path of llama-server, None if not on PATH")
     edgeserve: tuple[str, ...] = ("edgeserve",)
     cpu_threads: int = Field(default=1, ge=1)
+    engine_gpu_offload: bool = Field(
+        default=False, description="the embedded engine's llama.cpp (llama-cpp-python) has a GPU backend"
+    )
 
     @property
     def has_llama_server(self) -> bool:
@@ -33,6 +36,14 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _engine_gpu_offload() -> bool:
+    try:
+        import llama_cpp.llama_cpp as lc
+    except (ImportError, OSError):
+        return False
+    return bool(lc.llama_supports_gpu_offload())
+
+
 def probe_toolchain() -> Toolchain:
     """Look at PATH and the Python environment (no backend is started)."""
     edgeserve = shutil.which("edgeserve")
@@ -42,4 +53,5 @@ def probe_toolchain() -> Toolchain:
         llama_server=shutil.which("llama-server"),
         edgeserve=(edgeserve,) if edgeserve else (sys.executable, "-m", "server.cli.app"),
         cpu_threads=_usable_cpus(),
+        engine_gpu_offload=_engine_gpu_offload(),
     )
