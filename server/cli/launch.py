@@ -17,14 +17,22 @@ from rich.table import Table
 from quantize.model.units import MIB
 from server.cli.options import FLASH_ATTN_HELP, KV_TYPE_HELP, N_CTX_HELP, N_PARALLEL_HELP, option
 from server.launch.cluster import cluster_commands, load_cluster
+from server.launch.front import behind_front, gateway_plan, needs_front
+from server.launch.gate import plan_refusal
 from server.launch.plan import LaunchPlan
 from server.launch.planner import make_plan
 from server.launch.registry import backend_choices
 from server.launch.request import LaunchRequest
-from server.launch.supervisor import Supervisor, SupervisorConfig
+from server.launch.stack import Stack
+from server.launch.supervisor import SupervisorConfig
+from server.launch.toolchain import probe_toolchain
 
 out = Console()
 err = Console(stderr=True)
+# Where clients reach edgeserve: the gateway's port (the embedded engine's, or the one in front of a backend).
+DEFAULT_PORT = 8000
+# The exit status of a plan refused for not fitting the free memory (2 is a usage error).
+DOES_NOT_FIT_EXIT = 3
 
 # The choices come from the backend registry: a new backend shows up here by registering.
 BackendOption = Enum("BackendOption", {n.replace("-", "_"): n for n in backend_choices()}, type=str)  # type: ignore[misc]
@@ -81,6 +89,27 @@ def _available_bytes(plan: LaunchPlan) -> int | None:
     return min(g.memory_free_bytes for g in gpus) if gpus else None
 
 
+def _does_not_fit(plan: LaunchPlan, request: LaunchRequest) -> str | None:
+    """The refusal of a plan for this machine that does not fit its free memory now (None: it fits, or the
+    plan is for another machine, or nothing can be read)."""
+    if request.card not in ("auto", "cpu"):
+        return None  # --card names a card this machine need not have: nothing here to measure
+    from server.hardware.available import available_ram, available_vram
+
+    if plan.gpus == 0:
+        ram = available_ram()
+        free = [(ram.device, ram.free_bytes)] if ram else []
+    else:
+        free = [(a.device, a.free_bytes) for a in available_vram()[: plan.gpus]]
+    if not free:
+        return None
+
+    def replan(n_ctx: int, n_parallel: int) -> LaunchPlan:
+        return make_plan(request.model_copy(update={"n_ctx": n_ctx, "n_parallel": n_parallel}))
+
+    return plan_refusal(plan, free, replan)
+
+
 def launch(
     backend: Annotated[
         BackendOption, typer.Option(help="backend, or auto: SGLang where it runs, else llama.cpp")
@@ -111,11 +140,26 @@ def launch(
     n_gpu_layers: Annotated[
         int | None, option("n_gpu_layers", "llama.cpp layers on the GPU, -1 = all")
     ] = None,
-    host: Annotated[str, typer.Option(help="address the backend listens on")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address clients connect to (the gateway's)")] = "127.0.0.1",
     port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="backend port (default: its usual one)")
+        int | None,
+        typer.Option(min=1, max=65535,
+                     help="port for clients (default 8000; with --no-gateway the backend's usual one)"),
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="require this API key")] = None,
+    gateway: Annotated[
+        bool, typer.Option(help="edgeserve's gateway in front of llama-server / SGLang on --port")
+    ] = True,
+    backend_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="backend port behind the gateway (8080, SGLang 30000)"),
+    ] = None,
+    shutdown_grace_s: Annotated[
+        float | None, typer.Option(min=0, help="on SIGTERM, seconds for requests in flight (default 30)")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="start even where the plan does not fit the memory free now")
+    ] = False,
     cluster: Annotated[Path | None, typer.Option(help="cluster YAML: one command per node")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, start nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -147,6 +191,10 @@ def launch(
             host=host,
             port=port,
             api_key=api_key,
+            gateway=gateway,
+            backend_port=backend_port,
+            shutdown_grace_s=shutdown_grace_s,
+            force=force,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -173,13 +221,28 @@ def launch(
         plan = make_plan(request)
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    refused = None if force else _does_not_fit(plan, request)
+    front = None
+    if request.gateway and needs_front(plan):
+        plan = behind_front(plan, request.backend_port)
+        front = gateway_plan(plan, program=probe_toolchain().edgeserve, host=host, port=port or DEFAULT_PORT,
+                             api_key=api_key)
 
     if dry_run:
         if as_json:
-            _echo_json(plan.to_json_dict())
+            _echo_json(plan.to_json_dict() | ({"gateway": front.to_json_dict()} if front else {})
+                       | ({"refused": refused} if refused else {}))
         else:
             _show_plan(plan)
+            if front is not None:
+                _show_plan(front)
+        if refused:
+            err.print(f"[red]error:[/red] {refused}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(code=DOES_NOT_FIT_EXIT)
         return
+    if refused:
+        err.print(f"[red]error:[/red] {refused}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(code=DOES_NOT_FIT_EXIT)
 
     _check_runnable(plan)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -187,10 +250,10 @@ def launch(
     if not as_json:
         _show_plan(plan)
     config = SupervisorConfig(use_ladder=not no_ladder, available_bytes=_available_bytes(plan))
-    supervisor = Supervisor(plan, config, status_path=status_file)
-    code = supervisor.run()
+    stack = Stack(plan, front, config, status_path=status_file)
+    code = stack.run()
     if as_json:
-        _echo_json(supervisor.status())
+        _echo_json(stack.status())
     if code:
         raise typer.Exit(code=code)
 

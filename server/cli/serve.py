@@ -24,6 +24,8 @@ from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING
 from server.gateway.settings import BackendKind, GatewaySettings
 
 err = Console(stderr=True)
+# The exit status of a server whose backend failed to load (2 is a usage error).
+FATAL_EXIT = 3
 
 
 def _fail(message: str) -> typer.Exit:
@@ -86,6 +88,10 @@ def _gateway_options(
         typer.Option(help=f"values for sampling fields a request leaves out: {' | '.join(SAMPLING_DEFAULTS)} "
                      f"(default: {DEFAULT_SAMPLING_DEFAULTS}; see the README's API section)"),
     ] = None,
+    shutdown_grace_s: Annotated[
+        float | None,
+        typer.Option(help="on SIGTERM, seconds for requests in flight before their streams end (default 30)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """The gateway's own options (the signature is read; the function never runs)."""
@@ -121,15 +127,18 @@ def serve(**options: Any) -> None:
     settings = _resolve_model(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn
-
+    from server.gateway import shutdown
     from server.gateway.app import create_app
 
     try:
         app = create_app(settings)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level.lower())
+    fatal = shutdown.run(app, app.state.gateway, host=settings.host, port=settings.port,
+                         log_level=log_level.lower())
+    if fatal is not None:
+        err.print(f"[red]error:[/red] the model failed to load: {fatal}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=FATAL_EXIT)
 
 
 _GATEWAY = [

@@ -94,6 +94,9 @@ class EngineConfig(BaseModel):
         description="make one step's events while the next step computes (default: where the output is on "
         "a GPU)",
     )
+    force: bool = Field(
+        default=False, description="start even where the memory check says the settings do not fit"
+    )
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr")
 
     @field_validator("n_ubatch")

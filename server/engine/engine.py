@@ -30,6 +30,7 @@ from server.engine.errors import (
     PromptTooLongError,
 )
 from server.engine.llama_context import LlamaRuntime
+from server.engine.memory_check import check_memory, gpu_offload_wanted
 from server.engine.sequence import EventSink, Sequence
 from server.engine.types import SamplingParams, StreamEvent
 from server.engine.worker import DecodeLoop, StepObserver
@@ -91,6 +92,8 @@ class Engine:
     def _main(self) -> None:
         runtime: LlamaRuntime | None = None
         try:
+            if not self.config.force:
+                check_memory(self.config, self.config.model_file(), on_gpu=gpu_offload_wanted(self.config))
             runtime = LlamaRuntime(self.config)
             self._template = self._load_template(runtime)
             self._loop = DecodeLoop(runtime, self.config, self._on_step)

@@ -19,6 +19,10 @@ class ModelLoadError(EngineError):
     """llama.cpp could not load the model or create its context."""
 
 
+class DoesNotFitError(ModelLoadError):
+    """The settings need more memory than is free: refused before anything was allocated."""
+
+
 class PromptTooLongError(ValueError):
     """prompt tokens + max_tokens do not fit the context a single sequence may use."""
 

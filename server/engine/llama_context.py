@@ -33,8 +33,14 @@ class LlamaRuntime:
             )
             self.output_on_gpu: bool = loader.output_on_gpu(model, config.n_gpu_layers)
             self.kv_unified: bool = self.output_on_gpu if config.kv_unified is None else config.kv_unified
+            # A sequence never runs past the context the model was trained for (as llama-server's slots), so
+            # no cell beyond it is allocated either.
+            n_ctx = cap_n_ctx(config.n_ctx, lc.llama_model_n_ctx_train(model))
+            if n_ctx < config.n_ctx:
+                log.info("n_ctx %d is more than %s was trained for: %d per sequence", config.n_ctx,
+                         path.name, n_ctx)
             params = loader.ContextParams(
-                n_ctx_total=config.n_ctx_total,  # the cells of all sequences; a sequence gets config.n_ctx
+                n_ctx_total=n_ctx * config.n_parallel,  # the cells of all sequences; a sequence gets n_ctx
                 n_batch=config.n_batch,
                 n_ubatch=config.n_ubatch,
                 n_threads=config.threads,
@@ -63,9 +69,8 @@ class LlamaRuntime:
         self.n_seq_max: int = lc.llama_n_seq_max(ctx)
         self.n_batch: int = lc.llama_n_batch(ctx)
         # llama.cpp pads a split cache's streams to 256 cells and a unified one is the whole pool: a sequence
-        # may use n_ctx tokens, never past the context the model was trained for (as llama-server's slots).
-        n_ctx = min(lc.llama_n_ctx_seq(ctx), config.n_ctx)
-        self.n_ctx: int = cap_n_ctx(n_ctx, self.n_ctx_train)
+        # may use n_ctx tokens (capped above at the training context).
+        self.n_ctx: int = min(lc.llama_n_ctx_seq(ctx), n_ctx)
         self.bos: int = lc.llama_vocab_bos(self.vocab)
         self.eos: int = lc.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(lc.llama_vocab_get_add_bos(self.vocab))

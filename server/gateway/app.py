@@ -59,6 +59,9 @@ async def _load(state: GatewayState) -> None:
     except Exception as exc:
         state.load_error = str(exc) or type(exc).__name__
         log.error("backend %s failed to start: %s", state.backend.name, state.load_error)
+        # Nothing in this process will load it later: a server that cannot serve should not look alive.
+        if state.on_fatal is not None:
+            state.on_fatal(state.load_error)
         return
     # Slots are known only once the backend is up (the engine decides its own count).
     state.admission.limit = max(1, state.backend.slots)

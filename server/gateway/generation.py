@@ -37,6 +37,15 @@ class RequestTimeoutError(Exception):
     """The request ran past settings.request_timeout_s."""
 
 
+class ServerEndingError(Exception):
+    """The shutdown grace period is over: the request ends now, with an answer, not a cut connection."""
+
+
+def ending_error(state: GatewayState) -> APIError:
+    return APIError(503, "the server is shutting down and this request could not finish in time; retry it",
+                    code="server_shutting_down", headers=state.retry_after())
+
+
 def timeout_error(timeout_s: float) -> APIError:
     return APIError(504, f"request did not finish within {timeout_s:g} s", type="timeout_error",
                     code="timeout")
@@ -50,18 +59,24 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
-    """Await `awaitable` unless the client disconnects or the deadline passes first; then cancel it."""
+async def guarded(request: Request, awaitable: Awaitable[T], deadline: float,
+                  ending: asyncio.Event | None = None) -> T:
+    """Await `awaitable` unless the client disconnects, the deadline passes or the server's grace period
+    ends (`ending`) first; then cancel it."""
     work = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    stopper = asyncio.ensure_future(ending.wait()) if ending is not None else None
+    waiting = {work, watcher} | ({stopper} if stopper is not None else set())
     try:
-        done, _ = await asyncio.wait({work, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        work.cancel()
-        watcher.cancel()
+        for task in waiting:
+            task.cancel()
         raise
     watcher.cancel()
+    if stopper is not None:
+        stopper.cancel()
     if work in done:
         return work.result()
     work.cancel()
@@ -69,6 +84,8 @@ async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) ->
         await work
     if watcher in done:
         raise ClientDisconnectedError
+    if stopper is not None and stopper in done:
+        raise ServerEndingError
     raise RequestTimeoutError
 
 
@@ -125,13 +142,32 @@ class RunningJob:
         return Usage.of(self.prompt_tokens, self.completion_tokens)
 
     async def next_delta(self) -> Delta | None:
-        """The next delta, None when the backend is done. Raises RequestTimeoutError past the deadline."""
+        """The next delta, None when the backend is done. Raises RequestTimeoutError past the deadline and
+        ServerEndingError when the shutdown grace period ends first."""
+        ending = self.state.ending
+        if ending.is_set():
+            raise ServerEndingError
+        step = asyncio.ensure_future(_first(self.iterator))
+        stopper = asyncio.ensure_future(ending.wait())
         try:
-            return await asyncio.wait_for(_first(self.iterator), max(0.0, self.deadline - time.monotonic()))
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError from None
+            done, _ = await asyncio.wait({step, stopper}, timeout=max(0.0, self.deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            step.cancel()
+            stopper.cancel()
+            raise
+        stopper.cancel()
+        if step in done:
+            try:
+                return step.result()
+            except StopAsyncIteration:
+                return None
+        step.cancel()
+        with contextlib.suppress(BaseException):
+            await step
+        if stopper in done:
+            raise ServerEndingError
+        raise RequestTimeoutError
 
     async def close(self, *, completed: bool) -> None:
         if self._closed:
@@ -160,7 +196,8 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
     started = time.monotonic()
     deadline = started + settings.request_timeout_s
     try:
-        lease = await guarded(request, state.admission.acquire(settings.queue_timeout_s), deadline)
+        lease = await guarded(request, state.admission.acquire(settings.queue_timeout_s), deadline,
+                              state.ending)
     except QueueFullError as exc:
         metrics.rejected.labels(reason="queue_full").inc()
         raise APIError(429, f"server is at capacity: {exc}; retry later", code="queue_full",
@@ -172,10 +209,12 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
                        headers=state.retry_after()) from None
     except RequestTimeoutError:
         raise timeout_error(settings.request_timeout_s) from None
+    except ServerEndingError:
+        raise ending_error(state) from None
     metrics.queue_wait.observe(time.monotonic() - started)
     iterator = state.backend.generate(job)
     try:
-        first = await guarded(request, _first(iterator), deadline)
+        first = await guarded(request, _first(iterator), deadline, state.ending)
     except BaseException as exc:
         lease.release()
         with contextlib.suppress(Exception):
@@ -188,6 +227,8 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
             raise from_backend_error(exc, settings.retry_after_s) from None
         if isinstance(exc, RequestTimeoutError):
             raise timeout_error(settings.request_timeout_s) from None
+        if isinstance(exc, ServerEndingError):
+            raise ending_error(state) from None
         raise
     running = RunningJob(route=route, state=state, job=job, lease=lease, iterator=iterator, first=first,
                          started=started, deadline=deadline)
@@ -210,13 +251,15 @@ async def collect(request: Request, running: RunningJob) -> str:
     """The whole answer of a non-streamed request. Cancels the job if the client leaves."""
     completed = False
     try:
-        text = await guarded(request, _drain(running), running.deadline)
+        text = await guarded(request, _drain(running), running.deadline, running.state.ending)
         completed = True
         return text
     except BackendError as exc:
         raise from_backend_error(exc, running.state.settings.retry_after_s) from None
     except RequestTimeoutError:
         raise timeout_error(running.state.settings.request_timeout_s) from None
+    except ServerEndingError:
+        raise ending_error(running.state) from None
     except ClientDisconnectedError:
         running.state.metrics.cancelled.inc()
         raise

@@ -45,6 +45,11 @@ class GatewaySettings(BaseSettings):
     queue_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for a slot before 408")
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest time for a whole request")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 408, 429 and 503")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="on SIGTERM, how long requests in flight may take to finish before their streams are "
+        "ended (with an error event and [DONE]); new requests get 503 meanwhile",
+    )
     default_completion_max_tokens: int = Field(default=16, ge=1, description="/v1/completions default")
     sampling_defaults: str = Field(
         default=DEFAULT_SAMPLING_DEFAULTS,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -15,6 +17,8 @@ from server.gateway.errors import APIError
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.sampling_defaults import SamplingDefaults, sampling_defaults
 from server.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,12 @@ class GatewayState:
     loader: asyncio.Task[None] | None = None
     load_error: str | None = None
     created: int = field(default=0)
+    # Shutdown: `draining` from the first SIGTERM (new requests get 503); `ending` is set when the grace
+    # period is over and every stream still running must end now, properly.
+    draining: bool = False
+    ending: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called when the backend failed to load for good: the server should exit rather than look alive.
+    on_fatal: Callable[[str], None] | None = None
 
     @property
     def model_id(self) -> str:
@@ -50,11 +60,22 @@ class GatewayState:
     def retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}
 
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop taking requests; `grace_s` from now, end whatever still runs. Idempotent; loop thread only."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %.0f s for the requests in flight, then their streams end", grace_s)
+        asyncio.get_running_loop().call_later(grace_s, self.ending.set)
+
     def require_ready(self) -> None:
-        """503 with Retry-After while the model loads or the backend is down."""
+        """503 while the model loads, the backend is down or the server is shutting down; Retry-After only
+        where waiting can help (a model that failed to load will not load later in this process)."""
         if self.load_error is not None:
-            raise APIError(503, f"model failed to load: {self.load_error}", code="model_load_failed",
-                           headers=self.retry_after())
+            raise APIError(503, f"model failed to load: {self.load_error}", code="model_load_failed")
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry elsewhere or later",
+                           code="server_shutting_down", headers=self.retry_after())
         if not self.is_ready():
             message = ("model is loading" if not self.is_loaded
                        else f"backend {self.backend.name} is not ready")

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from server.gateway.backends.base import BackendError
 from server.gateway.errors import error_body, error_type_for
 from server.gateway.formatting import Formatter
-from server.gateway.generation import RequestTimeoutError, RunningJob
+from server.gateway.generation import RequestTimeoutError, RunningJob, ServerEndingError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,12 @@ async def _events(running: RunningJob, formatter: Formatter,
         running.is_answered = True
         message = f"request did not finish within {timeout_s:g} s"
         yield sse(error_body(message, "timeout_error", None, "timeout"))
+        yield DONE
+    except ServerEndingError:
+        # The shutdown grace period is over: the stream ends with a reason and [DONE], not a cut connection.
+        running.is_answered = True
+        message = "the server is shutting down; the answer so far is all there will be (retry for the rest)"
+        yield sse(error_body(message, "server_error", None, "server_shutting_down"))
         yield DONE
     finally:
         # Shielded: when the client is gone Starlette cancels this task's scope, and every await in here would

@@ -13,7 +13,8 @@ SGLang really print, with the source of each:
 - llama-kv-cache.cpp: "failed to allocate buffer for kv cache"; llama-model.cpp: "unable to allocate <buft>
   buffer"; llama-context.cpp: "failed to allocate compute pp/tg buffers";
 - common.cpp / llama-cpp-python: "failed to create context with model", "Failed to create llama_context";
-  edgeserve's own engine: "llama.cpp could not create a context for <model> (...)";
+  edgeserve's own engine: "llama.cpp could not create a context for <model> (...)", and its check before
+  allocating: "does not fit: ... <n> needed, <m> free on <device>";
 - PyTorch: "CUDA out of memory. Tried to allocate X GiB"; SGLang: "Not enough memory. Please try to increase
   --mem-fraction-static" (the KV pool got no room: the fraction is too LOW, not too high).
 "failed to load model" alone is also what a missing or damaged file prints, so it counts as out of memory only
@@ -78,6 +79,8 @@ _ALLOC_PATTERNS: tuple[tuple[re.Pattern[str], str | None], ...] = (
     (re.compile(r"(?i)failed to create (?:llama_)?context"), None),
     # edgeserve's engine (server/engine) when llama_init_from_model returns NULL
     (re.compile(r"llama\.cpp could not create a context"), None),
+    # edgeserve's engine refusing settings that do not fit the free memory (server/engine/memory_check.py)
+    (re.compile(r"does not fit: .* needed, .* free on "), None),
 )
 _POOL_PATTERN = re.compile(r"Not enough memory\. Please try to increase --mem-fraction-static")
 _LOAD_PATTERN = re.compile(r"(?i)failed to load model")

@@ -82,7 +82,8 @@ def finish(plan: LaunchPlan) -> LaunchPlan:
 
 def render(plan: LaunchPlan) -> tuple[str, ...]:
     """argv for `plan`: `edgeserve serve` with the gateway's address and the engine's settings."""
-    args = [*plan.program, "--backend", NAME, "--host", plan.host, "--port", str(plan.port)]
+    args = [*plan.program, "--backend", NAME, "--host", plan.host, "--port", str(plan.port),
+            "--shutdown-grace-s", f"{plan.shutdown_grace_s:g}"]
     args += serve_options(engine_config(plan))
     if plan.api_key:
         args += ["--api-key", plan.api_key]

@@ -122,6 +122,8 @@ class LaunchPlan(BaseModel):
     schedule_policy: str | None = None
     enable_metrics: bool = True
     backend_sampling: bool | None = None
+    force: bool = False
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     enforce_eager: bool = False
     prefix_cache: bool = True
     api_key: str | None = Field(default=None, repr=False)

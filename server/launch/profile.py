@@ -99,6 +99,9 @@ class Profile(BaseSettings):
         default=None, description="llama.cpp: one KV pool shared by the sequences (default: on a GPU)"
     )
     enable_metrics: bool = True
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, seconds for requests in flight before streams end"
+    )
     backend_sampling: bool | None = Field(
         default=None, description="llama.cpp: sampling inside the decode graph (default: where faster)"
     )

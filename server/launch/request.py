@@ -25,6 +25,13 @@ class LaunchRequest(BaseModel):
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535)
     api_key: str | None = Field(default=None, repr=False)
+    force: bool = Field(default=False, description="start even where the memory check says it does not fit")
+    gateway: bool = Field(
+        default=True, description="put edgeserve's gateway in front of llama-server or SGLang (on --port)"
+    )
+    backend_port: int | None = Field(
+        default=None, ge=1, le=65535, description="the backend's own port behind the gateway"
+    )
 
     n_ctx: int | None = Field(default=None, description="context of ONE sequence, tokens")
     n_parallel: int | None = None
@@ -37,6 +44,7 @@ class LaunchRequest(BaseModel):
     n_threads: int | None = None
     n_gpu_layers: int | None = None
     mem_fraction: float | None = None
+    shutdown_grace_s: float | None = None
 
     def profile_overrides(self) -> dict[str, Any]:
         """The flags that override profile keys (only those given): the names are the same. (`card` picks the

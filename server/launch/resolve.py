@@ -263,4 +263,6 @@ def plan_identity(ctx: BuildContext, port: int, health_path: str) -> dict[str, A
         "host": ctx.request.host,
         "port": port,
         "health_url": health_url(ctx.request.host, port, health_path),
+        "force": ctx.request.force,
+        "shutdown_grace_s": float(ctx.setting("shutdown_grace_s")[0]),
     }

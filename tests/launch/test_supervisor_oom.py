@@ -21,8 +21,10 @@ from server.launch.supervisor import Supervisor, SupervisorConfig
 from server.launch.toolchain import Toolchain
 
 CAP_BYTES = 3 * GIB
-# 2M tokens of SmolLM2-135M's f16 KV cache (30 layers x 3 KV heads x 128 x 2 bytes per token) is ~45 GiB.
-IMPOSSIBLE_CTX = 1 << 21
+# 64 sequences of SmolLM2-135M's whole 8192-token training context (the engine caps n_ctx there): 512k tokens
+# of f16 KV cache (30 layers x 3 KV heads x 128 x 2 bytes per token), ~11 GiB.
+IMPOSSIBLE_CTX = 8192
+N_PARALLEL = 64
 
 
 @pytest.fixture
@@ -42,12 +44,12 @@ def test_ladder_steps_context_down_until_the_backend_serves(edgeserve_cmd: tuple
         card="cpu",
         model_path=str(smollm2_path()),
         n_ctx=IMPOSSIBLE_CTX,
-        n_parallel=1,
+        n_parallel=N_PARALLEL,
         port=free_port(),
     )
     plan = make_plan(request, toolchain=toolchain, target=CpuTarget(ram_bytes=16 * GIB))
     assert plan.n_ctx == IMPOSSIBLE_CTX
-    assert plan.memory is not None and plan.memory.total_bytes > 10 * CAP_BYTES
+    assert plan.memory is not None and plan.memory.total_bytes > 3 * CAP_BYTES
 
     config = SupervisorConfig(
         memory_limit_bytes=CAP_BYTES,
@@ -65,7 +67,7 @@ def test_ladder_steps_context_down_until_the_backend_serves(edgeserve_cmd: tuple
         assert {s.rung for s in steps} == {"context"}
         assert steps[0].old == IMPOSSIBLE_CTX
         news = [s.new for s in steps]
-        assert news == sorted(news, reverse=True) and news[-1] < IMPOSSIBLE_CTX // 8
+        assert news == sorted(news, reverse=True) and news[-1] <= IMPOSSIBLE_CTX // 4
         exits = [e for e in sup.events if e.kind == "exit"]
         assert len(exits) == len(steps)
         assert all(e.failure["kind"] == "oom" for e in exits)  # type: ignore[index]

@@ -10,10 +10,14 @@ from server.gateway.state import StateDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is alive and answering (200 even while the model loads)."""
-    return {"status": "ok"}
+@router.get("/health", response_model=None)
+async def health(state: StateDep) -> JSONResponse:
+    """Alive and of use: 200 while the model loads and while draining; 503 once the model failed to load
+    (nothing in this process will load it later)."""
+    if state.load_error is not None:
+        return JSONResponse({"status": "error", "reason": f"model failed to load: {state.load_error}"},
+                            status_code=503)
+    return JSONResponse({"status": "draining" if state.draining else "ok"})
 
 
 @router.get("/ready", response_model=None)
@@ -29,7 +33,11 @@ async def ready(state: StateDep) -> JSONResponse:
         "max_queue": snap.max_queue,
     }
     if state.load_error is not None:
+        # Permanent: no Retry-After, since waiting cannot help.
         body.update(status="error", reason=f"model failed to load: {state.load_error}")
+        return JSONResponse(body, status_code=503)
+    if state.draining:
+        body.update(status="draining", reason="the server is shutting down")
     elif not state.is_loaded:
         body.update(status="loading", reason="model is loading")
     elif not state.backend.is_ready():

@@ -48,7 +48,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 
 @router.get("/models")
 async def models(state: StateDep) -> ModelList:
-    """The one model this gateway serves."""
+    """The one model this gateway serves (none once it failed to load)."""
+    if state.load_error is not None:
+        state.require_ready()
     n_ctx = state.backend.n_ctx if state.is_ready() else None
     return ModelList(data=[ModelCard(id=state.model_id, created=state.created, max_model_len=n_ctx,
                                      sampling_defaults=state.sampling_defaults.as_dict())])
