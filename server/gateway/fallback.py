@@ -250,6 +250,11 @@ class FallbackBackend:
         raise BackendError("every backend of the chain is busy and its queue is full; retry later",
                            status_code=429, code="queue_full", retryable=False)
 
+    def member_states(self) -> dict[str, str]:
+        """Each member's state for /ready: up, down, or out for good with the reason it did not start."""
+        return {m.name: (f"out: {m.start_error}" if m.start_error else "up" if m.is_available() else "down")
+                for m in self.members}
+
     def _describe(self, exclude: set[str]) -> str:
         parts = []
         for m in self.members:

@@ -309,7 +309,9 @@ class Supervisor:
                     return
                 failures_in_row += 1
                 if failures_in_row > self.config.max_restarts:
-                    self._emit("give_up", f"{failures_in_row - 1} restarts in a row failed")
+                    # Said with the failure that kept coming back: a restart of the same plan cannot help.
+                    self._emit("give_up", f"{failures_in_row - 1} restarts in a row failed, the last with "
+                               f"{failure.kind} (exit {code}): {failure.evidence or 'no reason in its log'}")
                     self._set_state("failed")
                     return
                 delay = self.config.backoff_s(failures_in_row)

@@ -14,6 +14,7 @@ import pytest
 
 from loadtest.servers import ServerProcess, free_port, metric_value, start_llama_cpp_server
 from quantize.bundled import smollm2_path
+from quantize.model.units import GIB
 from server.engine.config import EngineConfig
 from server.engine.types import SamplingParams
 from server.gateway.backends.base import BackendError, ContextLengthExceededError, Delta, GenerationJob
@@ -22,6 +23,7 @@ from server.gateway.backends.openai_upstream import OpenAIUpstreamBackend
 from server.gateway.chain_config import MemberConfig
 from server.gateway.fallback import FallbackBackend
 from server.gateway.resume import StreamProgress
+from server.hardware.available import available_ram
 
 T = TypeVar("T")
 FALLBACK_CTX = 512  # tokens per sequence: a pool of 2048 cells for the fallback's four
@@ -222,18 +224,24 @@ def test_long_prompt_goes_to_the_backend_whose_context_fits(loop: LoopThread, pr
         stop_chain(loop, chain)
 
 
-def test_backend_out_of_memory_at_start_is_left_out(loop: LoopThread, embedded: EmbeddedBackend,
-                                                    impossible_allocation_fails: None) -> None:
-    # A KV cache of 100M tokens (about 2 TB for this model) cannot be allocated: llama.cpp fails at start.
-    config = EngineConfig(model_path=str(smollm2_path()), n_ctx=100_000_000, n_parallel=1)
+def test_backend_that_cannot_fit_is_left_out_with_the_reason(loop: LoopThread,
+                                                             embedded: EmbeddedBackend) -> None:
+    # 256 sequences of SmolLM2's whole 8192-token context: a KV cache of about 45 GiB, refused before
+    # anything is allocated.
+    config = EngineConfig(model_path=str(smollm2_path()), n_ctx=8192, n_parallel=256, n_threads=1)
+    ram = available_ram()
+    if ram is None or ram.free_bytes > 40 * GIB:
+        pytest.skip("free RAM unknown, or enough for a 45 GiB KV cache")
     impossible = EmbeddedBackend(config)
     impossible.name = "primary"
-    members = [(MemberConfig(name="primary", kind="embedded", n_ctx=100_000_000, n_parallel=1), impossible),
+    members = [(MemberConfig(name="primary", kind="embedded", n_ctx=8192, n_parallel=256), impossible),
                (MemberConfig(name="fallback", kind="embedded", n_ctx=FALLBACK_CTX), embedded)]
     chain = FallbackBackend(members)
     loop.run(chain.start())
     primary_member = chain.members[0]
     assert not primary_member.is_started and primary_member.start_error
+    assert "does not fit" in primary_member.start_error
+    assert chain.member_states()["primary"].startswith("out: does not fit")
     assert primary_member.breaker.state == "open"
     assert chain.is_ready()
     deltas, progress = loop.run(drain(chain, completion("Hello, my name is", 6)))

@@ -32,6 +32,9 @@ async def ready(state: StateDep) -> JSONResponse:
         "slots": snap.limit,
         "max_queue": snap.max_queue,
     }
+    member_states = getattr(state.backend, "member_states", None)
+    if member_states is not None:  # a fallback chain: which members serve, and why one is out
+        body["backends"] = member_states()
     if state.load_error is not None:
         # Permanent: no Retry-After, since waiting cannot help.
         body.update(status="error", reason=f"model failed to load: {state.load_error}")
