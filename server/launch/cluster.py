@@ -40,7 +40,7 @@ class ClusterSpec(BaseModel):
 
     backend: ClusterBackend
     card: str
-    gpus_per_node: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=1, ge=0, description="0 with card cpu: llama.cpp RPC over CPUs")
     model_path: str | None = Field(default=None, validation_alias=AliasChoices("model_path", "model"))
     dist_init_addr: str | None = Field(default=None, description="sglang: host:port of node 0's rendezvous")
     rpc_port: int = Field(default=DEFAULT_RPC_PORT, ge=1, le=65535)
@@ -51,6 +51,10 @@ class ClusterSpec(BaseModel):
         hosts = [n.host for n in self.nodes]
         if len(set(hosts)) != len(hosts):
             raise ValueError(f"node hosts repeat: {hosts}")
+        if (self.card == "cpu") != (self.gpus_per_node == 0):
+            raise ValueError("card cpu goes with gpus_per_node 0, a GPU card with 1 or more")
+        if self.card == "cpu" and self.backend == "sglang":
+            raise ValueError("SGLang needs GPUs: a CPU cluster runs llama-server with rpc-server nodes")
         return self
 
     @property
@@ -139,6 +143,8 @@ def cluster_commands(
         update={
             "gpus": spec.gpus_per_node,
             "rpc_servers": tuple(f"{n.host}:{spec.rpc_port}" for n in workers),
+            # The remote devices take layers only as offloaded ones: all of them, over every device.
+            "n_gpu_layers": plan.n_layer + 1 if plan.n_layer else plan.n_gpu_layers,
         }
     )
     head = backend.finish(head)
@@ -157,7 +163,8 @@ def cluster_commands(
                 rank=rank,
                 host=node.host,
                 role="llama.cpp rpc-server",
-                argv=("rpc-server", "-H", "0.0.0.0", "-p", str(spec.rpc_port)),
+                # Bound to the node's own address, not every interface: rpc-server has no authentication.
+                argv=("rpc-server", "-H", node.host, "-p", str(spec.rpc_port)),
                 env={
                     "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                     "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(spec.gpus_per_node)),

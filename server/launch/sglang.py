@@ -99,7 +99,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
     fit = memory.fit_sglang(ctx, n_ctx=n_ctx, n_parallel=n_parallel, kv_type=kv_type, tp_size=tp, log=log)
     plan = LaunchPlan(
         backend=NAME,
-        program=(ctx.toolchain.python, "-m", MODULE),
+        program=(ctx.toolchain.sglang_python or ctx.toolchain.python, "-m", MODULE),
         **plan_identity(ctx, port, HEALTH_PATH),
         n_ctx=fit.n_ctx,
         n_parallel=fit.n_parallel,

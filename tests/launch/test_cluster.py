@@ -65,7 +65,9 @@ def test_llama_rpc_head_and_workers(maker) -> None:
     assert head.argv[0].endswith("llama-server")
     rpc = head.argv[head.argv.index("--rpc") + 1]
     assert rpc == "b:50052,c:50052"
-    assert [w.argv for w in workers] == [("rpc-server", "-H", "0.0.0.0", "-p", "50052")] * 2
+    # each worker binds its own address (rpc-server has no authentication): not every interface
+    assert [w.argv for w in workers] == [("rpc-server", "-H", "b", "-p", "50052"),
+                                         ("rpc-server", "-H", "c", "-p", "50052")]
 
 
 def test_bad_cluster_file(tmp_path: Path) -> None:
