@@ -30,9 +30,9 @@ from server.engine.errors import (
     PromptTooLongError,
 )
 from server.engine.llama_context import LlamaRuntime
-from server.engine.memory_check import check_memory, gpu_offload_wanted
+from server.engine.preflight import check_memory, gpu_offload_wanted, warn_if_gpu_unused
 from server.engine.sequence import EventSink, Sequence
-from server.engine.types import SamplingParams, StreamEvent
+from server.engine.types import Placement, SamplingParams, StreamEvent
 from server.engine.worker import DecodeLoop, StepObserver
 
 __all__ = [
@@ -107,8 +107,10 @@ class Engine:
             return
         self._ready.set()
         self._done_loading.set()
-        log.info("engine ready: %s, %d slots, %d KV cells, %d tokens per sequence",
-                 self.config.model_file().name, runtime.n_seq_max, runtime.kv_cells, runtime.n_ctx)
+        log.info("engine ready: %s on %s, %d slots, %d KV cells, %d tokens per sequence",
+                 self.config.model_file().name, runtime.placement.describe(), runtime.n_seq_max,
+                 runtime.kv_cells, runtime.n_ctx)
+        warn_if_gpu_unused(runtime.placement, self.config)
         try:
             self._loop.run()
         finally:
@@ -161,6 +163,11 @@ class Engine:
                 raise EngineNotReadyError("the model is still loading")
             raise EngineNotReadyError("the engine has stopped")
         return self._runtime
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the engine runs (None until loaded)."""
+        return self._runtime.placement if self._runtime is not None else None
 
     # --- model facts ----------------------------------------------------------------------------------------
 

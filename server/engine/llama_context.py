@@ -16,6 +16,7 @@ import numpy as np
 
 from server.engine.config import EngineConfig, cap_n_ctx
 from server.engine.errors import ModelLoadError
+from server.engine.types import Placement
 from server.llama import loader
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ class LlamaRuntime:
             raise ModelLoadError(str(exc)) from None
         self.model: int = model
         self.ctx: int = ctx
+        n_layer = lc.llama_model_n_layer(model)
+        supported = bool(lc.llama_supports_gpu_offload())
+        wanted = n_layer + 1 if config.n_gpu_layers < 0 else min(config.n_gpu_layers, n_layer + 1)
+        self.placement = Placement(devices=loader.devices(), gpu_offload_supported=supported, n_layer=n_layer,
+                                   n_gpu_layers=wanted if supported else 0, output_on_gpu=self.output_on_gpu,
+                                   kv_unified=self.kv_unified)
         self.mem: int = lc.llama_get_memory(ctx)
         self.vocab: int = lc.llama_model_get_vocab(model)
         self.n_vocab: int = lc.llama_vocab_n_tokens(self.vocab)

@@ -59,3 +59,25 @@ class StreamEvent:
     logprobs: tuple[float, ...] = field(default=())
     # With SamplingParams.logprobs = n > 0: per token of this event, the n most likely (token id, logprob).
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the engine really runs: what llama.cpp's build can use and what the loaded model got."""
+
+    devices: tuple[str, ...]  # what this llama.cpp build computes on
+    gpu_offload_supported: bool
+    n_layer: int
+    n_gpu_layers: int  # layers offloaded, the output layer counted as llama.cpp counts it (n_layer + 1 = all)
+    output_on_gpu: bool
+    kv_unified: bool
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.n_gpu_layers > 0
+
+    def describe(self) -> str:
+        if not self.on_gpu:
+            why = "" if self.gpu_offload_supported else " (this llama.cpp build has no GPU support)"
+            return f"the CPU{why}"
+        return f"{self.n_gpu_layers} of {self.n_layer + 1} layers on the GPU ({', '.join(self.devices)})"

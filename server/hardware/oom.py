@@ -79,7 +79,7 @@ _ALLOC_PATTERNS: tuple[tuple[re.Pattern[str], str | None], ...] = (
     (re.compile(r"(?i)failed to create (?:llama_)?context"), None),
     # edgeserve's engine (server/engine) when llama_init_from_model returns NULL
     (re.compile(r"llama\.cpp could not create a context"), None),
-    # edgeserve's engine refusing settings that do not fit the free memory (server/engine/memory_check.py)
+    # edgeserve's engine refusing settings that do not fit the free memory (server/engine/preflight.py)
     (re.compile(r"does not fit: .* needed, .* free on "), None),
 )
 _POOL_PATTERN = re.compile(r"Not enough memory\. Please try to increase --mem-fraction-static")

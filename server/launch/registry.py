@@ -8,9 +8,11 @@ fields (the OOM ladder calls it after changing a setting), the ladder rungs it c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.hardware.target import cpu_target
 from server.launch import embedded, llama_server, sglang
 from server.launch.backend_speed import engine_verdict
 from server.launch.context import BuildContext
@@ -173,6 +175,14 @@ def _llama_cpp_backend(ctx: BuildContext) -> tuple[str, str]:
 def build_plan(ctx: BuildContext) -> LaunchPlan:
     """Choose the backend and build its plan; the backend choice is the plan's first reason."""
     spec, reason = choose_backend(ctx)
+    on_this_machine = ctx.request.card == "auto"  # a named card may be another machine's, with its own build
+    if spec.name == embedded.NAME and ctx.gpus and on_this_machine and not ctx.toolchain.engine_gpu_offload:
+        # Never silent: a GPU plan for an engine whose llama.cpp cannot use the GPU would be budgeted for
+        # the card and run on the CPU. It is planned for the CPU, and the plan says why and what to do.
+        ctx = dataclasses.replace(ctx, target=cpu_target())  # this host's RAM (a read, like detection)
+        why = (f"{reason.why}; ON THE CPU: the embedded engine's llama.cpp has no GPU support (rebuild it "
+               "with CUDA: phase1_foundation/setup_env.sh on a host with the CUDA toolkit)")
+        reason = reason.model_copy(update={"why": why})
     plan = spec.build(ctx)
     rest = tuple(r for r in plan.reasons if r.setting != "backend")
     return plan.model_copy(update={"reasons": (reason, *rest)})

@@ -104,6 +104,25 @@ def load_model(
     return int(model)
 
 
+def devices() -> tuple[str, ...]:
+    """The devices this llama.cpp build can compute on, as "<name> (<description>)" (ggml's registry)."""
+    lib = ctypes.CDLL(str(Path(lc._base_path) / "libggml.so"))
+    base = ctypes.CDLL(str(Path(lc._base_path) / "libggml-base.so"))
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+        fn.restype = ctypes.c_char_p
+        fn.argtypes = [ctypes.c_void_p]
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        name = (base.ggml_backend_dev_name(dev) or b"?").decode(errors="replace")
+        desc = (base.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
+        out.append(f"{name} ({desc})" if desc and desc != name else name)
+    return tuple(out)
+
+
 def output_on_gpu(model: int, n_gpu_layers: int) -> bool:
     """Whether the output layer of a model loaded with `n_gpu_layers` sits on a GPU (-ngl counts it as layer
     n_layer + 1, so only a full offload puts it there)."""

@@ -25,6 +25,7 @@ FULL = Toolchain(
     llama_server="/opt/llama/bin/llama-server",
     edgeserve=("edgeserve",),
     cpu_threads=8,
+    engine_gpu_offload=True,
 )
 # A machine with neither SGLang nor llama-server.
 BARE = Toolchain(

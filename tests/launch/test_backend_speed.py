@@ -3,7 +3,10 @@ measurements in backend_speed.yaml decide them; every choice says in the plan wh
 
 from __future__ import annotations
 
+from server.hardware.cards import GpuSet, get_card
 from server.launch.backend_speed import SpeedRecord, Verdict, backend_sampling_wins, engine_verdict, records
+from server.launch.planner import make_plan
+from server.launch.request import LaunchRequest
 from server.launch.toolchain import Toolchain
 
 # Everything installed, and a llama-cpp-python built with CUDA.
@@ -71,3 +74,13 @@ def test_llama_server_on_the_cpu_or_told_otherwise_samples_on_the_host(plan_for)
     off = plan_for("rtx-4090", backend="llama-server", backend_sampling=False)
     assert off.backend_sampling is False and "--backend-sampling" not in off.argv
     assert off.reason("backend_sampling").source == "cli"
+
+
+def test_an_engine_without_gpu_support_is_planned_for_the_cpu_and_says_so(full_toolchain) -> None:
+    # This machine's GPU (detected: --card auto) with an engine whose llama.cpp has no GPU support.
+    cpu_engine = full_toolchain.model_copy(update={"engine_gpu_offload": False})
+    request = LaunchRequest(backend="embedded", card="auto")
+    plan = make_plan(request, toolchain=cpu_engine, target=GpuSet.of(get_card("rtx-4090"), 1))
+    assert plan.gpus == 0 and plan.n_gpu_layers == 0  # budgeted and run where it will really run
+    why = plan.reason("backend").why
+    assert "ON THE CPU" in why and "setup_env.sh" in why

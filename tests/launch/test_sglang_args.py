@@ -115,8 +115,9 @@ def test_p4_auto_picks_llama_cpp(
     assert plan_for("tesla-p4").backend == "llama-server"  # the P4 profile prefers it
     monkeypatch.setenv("EDGESERVE_PREFERRED_BACKEND", "auto")  # the auto rule alone
     plan = plan_for("tesla-p4", toolchain=full_toolchain)
-    assert plan.backend == "llama-server"
+    assert plan.backend == "embedded"  # llama.cpp, in the engine that measured faster than llama-server
     assert "cannot run SGLang" in plan.reasons[0].why and plan.reasons[0].source == "derived"
+    assert "measured" in plan.reasons[0].why
     bare = plan_for("tesla-p4", toolchain=bare_toolchain)
     assert bare.backend == "embedded"
     assert "not on PATH" in bare.reasons[0].why

@@ -150,6 +150,13 @@ class EmbeddedBackend:
         return Delta(text=event.text, finish_reason=finish, prompt_tokens=event.prompt_tokens,
                      completion_tokens=event.completion_tokens, logprobs=logprobs)
 
+    def placement(self) -> dict[str, object] | None:
+        """Where the engine runs: devices, layers offloaded, this llama.cpp build's GPU support."""
+        placement = self._engine.placement if self._engine is not None else None
+        if placement is None:
+            return None
+        return {**dataclasses.asdict(placement), "summary": placement.describe()}
+
     # --- metrics --------------------------------------------------------------------------------------------
 
     def _on_step(self, step_tokens: int, n_seqs: int) -> None:

@@ -19,9 +19,11 @@ async def gpu_info(state: StateDep) -> dict[str, Any]:
     # NVML calls block for milliseconds each: keep them off the event loop.
     detection = await asyncio.to_thread(detect)
     samples = await asyncio.to_thread(sample_gpu_metrics) if not detection.is_cpu_only else ()
+    placement = getattr(state.backend, "placement", None)
     return {
         "backend": state.backend.name,
         "model": state.model_id,
+        "runs_on": placement() if placement is not None else None,
         **detection.model_dump(mode="json"),
         "samples": [s.model_dump(mode="json") for s in samples],
     }

@@ -32,6 +32,9 @@ async def ready(state: StateDep) -> JSONResponse:
         "slots": snap.limit,
         "max_queue": snap.max_queue,
     }
+    placement = getattr(state.backend, "placement", None)
+    if placement is not None:  # the embedded engine: what it really runs on
+        body["runs_on"] = placement()
     member_states = getattr(state.backend, "member_states", None)
     if member_states is not None:  # a fallback chain: which members serve, and why one is out
         body["backends"] = member_states()

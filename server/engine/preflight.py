@@ -1,4 +1,5 @@
-"""Before the engine allocates: do its settings fit the memory free right now? (the budget as a gate)
+"""Before the engine allocates: do its settings fit the memory free right now (the budget as a gate), and
+will the GPU it is asked for really be used?
 
 llama.cpp asked for more than there is either fails late and vaguely ("could not create a context") or, on a
 machine that overcommits, gets the memory and is killed by the kernel once it touches it. The engine asks the
@@ -8,6 +9,7 @@ run on, and refuses with what the settings need, what is free and what would fit
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from quantize.budget import estimate
@@ -17,8 +19,11 @@ from quantize.model.reader import read_spec
 from quantize.model.spec import ModelSpec
 from server.engine.config import EngineConfig, cap_n_ctx
 from server.engine.errors import DoesNotFitError
+from server.engine.types import Placement
 from server.hardware.available import available_ram, available_vram
 from server.hardware.target import CpuTarget, Target
+
+log = logging.getLogger(__name__)
 
 
 def gpu_offload_wanted(config: EngineConfig) -> bool:
@@ -76,3 +81,16 @@ def check_memory(config: EngineConfig, path: Path, *, on_gpu: bool) -> None:
         return check_fit(trial, free).fits
 
     raise DoesNotFitError(budget_refusal(budget, check, nearest_fit(fits, budget.n_ctx, budget.n_parallel)))
+
+
+def warn_if_gpu_unused(placement: Placement, config: EngineConfig) -> None:
+    """Never silent: layers asked for on a GPU that this llama.cpp build cannot use, with a GPU present."""
+    if config.n_gpu_layers == 0 or placement.gpu_offload_supported:
+        return
+    from server.hardware.detect import detect
+
+    gpus = detect().gpus
+    if gpus:
+        log.warning("an NVIDIA GPU is here (%s) but this llama.cpp build has no GPU support: the model "
+                    "runs on the CPU. Rebuild it with CUDA: phase1_foundation/setup_env.sh on a host with "
+                    "the CUDA toolkit (12.x for Pascal and Volta cards)", gpus[0].name)
