@@ -24,6 +24,8 @@ MAX_SEQUENCES = 256
 MIN_N_CTX = 16
 
 FlashAttn = Literal["on", "off", "auto"]
+# llama.cpp's pooling for /v1/embeddings; none: no embeddings (OpenAI's answer is one vector per input).
+Pooling = Literal["mean", "cls", "last", "none"]
 NCtx = Annotated[
     int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
 ]
@@ -93,6 +95,10 @@ class EngineConfig(BaseModel):
         default=None,
         description="make one step's events while the next step computes (default: where the output is on "
         "a GPU)",
+    )
+    pooling: Pooling = Field(
+        default="mean",
+        description="how /v1/embeddings pools token vectors: mean, cls, last, or none (no embeddings)",
     )
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr")
 

@@ -16,6 +16,9 @@ from server.engine.config import EngineConfig
 from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS, sampling_defaults
 
 BackendKind = Literal["embedded", "openai"]
+ToolPrompt = Literal["model", "generic"]
+# What many clients send as the model name whatever the server: the README's examples use it.
+DEFAULT_ALIAS = "edgeserve"
 
 
 class GatewaySettings(BaseSettings):
@@ -33,6 +36,16 @@ class GatewaySettings(BaseSettings):
         "upstream at once and n_ctx (when given) the upstream's context per sequence if it reports none",
     )
     model_name: str | None = Field(default=None, description="id served at /v1/models; default: file stem")
+    served_model_names: list[str] | None = Field(
+        default=None,
+        description="model names requests may ask for (others: 404 model_not_found); default: the model id "
+        f"and {DEFAULT_ALIAS!r}",
+    )
+    tool_prompt: ToolPrompt = Field(
+        default="model",
+        description="tool_choice auto on a model whose chat template cannot render tools: model (a 400) or "
+        "generic (edgeserve's own tool prompt)",
+    )
     upstream_url: str | None = Field(default=None, description="base URL of a remote OpenAI server")
     upstream_api_key: str | None = None
 
