@@ -48,6 +48,11 @@ class GatewaySettings(BaseSettings):
     )
     upstream_url: str | None = Field(default=None, description="base URL of a remote OpenAI server")
     upstream_api_key: str | None = None
+    upstream_dialect: str = Field(
+        default="auto",
+        description="the upstream's dialect: auto (from its /v1/models), edgeserve, llama-server, sglang, "
+        "llama-cpp-python or openai",
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -76,6 +81,15 @@ class GatewaySettings(BaseSettings):
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     metrics_require_api_key: bool = Field(default=False, description="/metrics needs the API key too")
+
+    @field_validator("upstream_dialect")
+    @classmethod
+    def _check_dialect(cls, value: str) -> str:
+        if value != "auto":
+            from server.gateway.backends.dialects import dialect
+
+            dialect(value)
+        return value
 
     @field_validator("sampling_defaults")
     @classmethod

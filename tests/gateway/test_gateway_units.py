@@ -23,6 +23,7 @@ from server.gateway.backends.base import (
     GenerationJob,
 )
 from server.gateway.backends.upstream_errors import is_error_payload, map_error
+from server.gateway.backends.dialects import DIALECTS
 from server.gateway.backends.upstream_protocol import EmptyStreamError, request_body, stream_deltas
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -111,7 +112,7 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "unknown_field": 1,
+            "user": "ignored on purpose",
         }
     )
     assert req.effective_max_tokens == 9
@@ -123,7 +124,13 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        {"n": 2},
+        {"n": 17},
+        {"unknown_field": 1},
+        {"max_tokens": "8"},
+        {"max_tokens": True},
+        {"stream": "yes"},
+        {"model": None},
+        {"temperature": "0.5"},
         {"temperature": 2.5},
         {"top_p": 0},
         {"max_tokens": 0},
@@ -135,15 +142,18 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
 )
 def test_chat_request_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
-        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **bad})
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                              **bad})
 
 
 def test_completion_request_single_prompt_only() -> None:
-    assert CompletionRequest.model_validate({"prompt": ["one"]}).prompt_text() == "one"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["one"]}).prompt_text() == "one"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[5, 6]]}).prompt_tokens() == (5, 6)
     with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": ["one", "two"]})
+        CompletionRequest.model_validate({"model": "m", "prompt": ["one", "two"]})
     with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": "x", "best_of": 2})
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 2})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 2, "n": 2}).n == 2
 
 
 def test_settings_need_an_upstream_for_the_openai_backend() -> None:
@@ -248,7 +258,7 @@ def test_upstream_request_body_carries_both_extras_spellings() -> None:
         continuation="Hel",
         extra={"max_tokens_explicit": False},
     )
-    body = request_body(job, "m")
+    body = request_body(job, "m", dialect=DIALECTS["llama-server"])
     assert body["messages"][-1] == {"role": "assistant", "content": "Hel"}
     assert "max_tokens" not in body
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.2
