@@ -64,7 +64,8 @@ def metrics(gateway: ServerProcess) -> str:
 
 async def stream_one(client: httpx.AsyncClient, i: int, marks: list[list[float]], out: list[dict[str, Any]]
                      ) -> None:
-    body = {"model": "edgeserve", "messages": [{"role": "user", "content": f"Tell story {i} about a brave cat."}],
+    body = {"model": "edgeserve",
+            "messages": [{"role": "user", "content": f"Tell story {i} about a brave cat."}],
             "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     result: dict[str, Any] = {"finish": [], "usage": None, "error": None}
@@ -147,7 +148,8 @@ def return_scenario(gateway: ServerProcess, restart: Any, health: str) -> dict[s
     t_healthy = time.monotonic()
     back = None
     while healthy and time.monotonic() - t0 < 120:
-        httpx.post(gateway.url + "/v1/completions", json={"model": "edgeserve", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+        httpx.post(gateway.url + "/v1/completions",
+                   json={"model": "edgeserve", "prompt": "Hi", "max_tokens": 2}, timeout=60)
         if metric_value(metrics(gateway), "edgeserve_backend_attempts_total", backend="primary") > before:
             back = time.monotonic()
             break

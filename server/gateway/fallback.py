@@ -119,9 +119,9 @@ class FallbackBackend:
     async def embed(self, inputs: list[EmbeddingInput]) -> EmbeddingResult:
         """On the first available member that embeds."""
         for m in self.members:
-            embeds = EMBEDDINGS in supported_features(m.backend) and isinstance(m.backend, Embeds)
-            if m.is_available() and embeds:
-                return await m.backend.embed(inputs)
+            backend = m.backend
+            if m.is_available() and EMBEDDINGS in supported_features(backend) and isinstance(backend, Embeds):
+                return await backend.embed(inputs)
         raise BackendUnavailableError("no available backend of the chain embeds: " + self._describe(set()))
 
     async def start(self) -> None:

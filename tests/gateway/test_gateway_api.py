@@ -261,7 +261,8 @@ def test_metrics_expose_the_serving_figures(server: ServerProcess, client: opena
     client.chat.completions.create(
         model=_model(client), messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True
     ).close()
-    httpx.post(server.url + "/v1/chat/completions", json={"model": "edgeserve", "messages": [], "max_tokens": 3})
+    httpx.post(server.url + "/v1/chat/completions",
+               json={"model": "edgeserve", "messages": [], "max_tokens": 3})
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "edgeserve_requests_total",

@@ -88,7 +88,8 @@ def test_readme_request_without_max_tokens_ends_on_its_own(server: ServerProcess
 
 @pytest.mark.slow
 def test_sse_escapes_unicode_line_separators(server: ServerProcess) -> None:
-    body = {"model": "edgeserve", "prompt": LINE_SEPARATED, "max_tokens": 12, "temperature": 0, "stream": True}
+    body = {"model": "edgeserve", "prompt": LINE_SEPARATED, "max_tokens": 12, "temperature": 0,
+            "stream": True}
     texts = []
     with httpx.Client(timeout=120) as client, client.stream("POST", server.url + "/v1/completions",
                                                              json=body) as response:
@@ -104,7 +105,8 @@ def test_sse_escapes_unicode_line_separators(server: ServerProcess) -> None:
 @pytest.mark.slow
 def test_logit_bias_out_of_vocabulary_is_a_400(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/completions",
-                   json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999": 5}},
+                   json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2,
+                         "logit_bias": {"99999999": 5}},
                    timeout=60)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "logit_bias"

@@ -22,8 +22,8 @@ from server.gateway.backends.base import (
     Delta,
     GenerationJob,
 )
-from server.gateway.backends.upstream_errors import is_error_payload, map_error
 from server.gateway.backends.dialects import DIALECTS
+from server.gateway.backends.upstream_errors import is_error_payload, map_error
 from server.gateway.backends.upstream_protocol import EmptyStreamError, request_body, stream_deltas
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest

@@ -90,7 +90,8 @@ def test_unreachable_upstream_is_503_with_retry_after(edgeserve) -> None:
     try:
         ready = httpx.get(gateway.url + "/ready")
         assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
-        answer = httpx.post(gateway.url + "/v1/completions", json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
+        answer = httpx.post(gateway.url + "/v1/completions",
+                            json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["error"]["code"] == "model_not_ready"
         with pytest.raises(openai.APIStatusError) as info:
@@ -127,7 +128,8 @@ def test_request_timeout(upstream: ServerProcess, edgeserve) -> None:
 
 
 async def _hold_stream(url: str, started: asyncio.Event) -> None:
-    body = {"model": "edgeserve", "prompt": "Tell a long story.", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    body = {"model": "edgeserve", "prompt": "Tell a long story.", "max_tokens": 1000, "stream": True,
+            "ignore_eos": True}
     async with (
         httpx.AsyncClient(timeout=600) as client,
         client.stream("POST", url + "/v1/completions", json=body) as response,
@@ -148,7 +150,8 @@ def test_full_queue_is_429_with_retry_after(proxy: ServerProcess, upstream: Serv
         while metric_values(proxy.url).get("edgeserve_queue_depth") != 1.0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         async with httpx.AsyncClient(timeout=60) as client:
-            refused = await client.post(proxy.url + "/v1/completions", json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
+            refused = await client.post(proxy.url + "/v1/completions",
+                                        json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
         for task in (first, second):
             task.cancel()
             with contextlib.suppress(BaseException):
