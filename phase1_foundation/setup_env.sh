@@ -60,6 +60,8 @@ if [ "$mode" = "test" ]; then
   $pip install -q --no-deps "triton==3.9.0"
   $pip install -q numpy orjson psutil pybase64 requests packaging pillow starlette pydantic pyzmq tqdm ipython \
     aiohttp msgspec pyyaml schemathesis
+  # An OpenAI-compatibility checker nobody here wrote, run against `edgeserve serve` (tests/gateway, bench/).
+  $pip install -q "llm-comply==0.5.0"
 else
   $pip install -q -e .
 fi

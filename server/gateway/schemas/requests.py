@@ -39,7 +39,7 @@ class SamplingFields(Request):
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int | None, Field(ge=-(2**63), lt=2**63)] = None  # OpenAI's: a 64-bit integer
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     # OpenAI: token id (as a string) -> bias in [-100, 100]; -100 bans the token, +100 forces it.
