@@ -43,8 +43,8 @@ def server(shared_embedded_server: ServerProcess) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+def client(embedded_client: openai.OpenAI) -> openai.OpenAI:
+    return embedded_client
 
 
 def _post(server: ServerProcess, path: str, body: dict[str, object]) -> httpx.Response:

@@ -36,14 +36,19 @@ class CompletionChoice(Wire):
     finish_reason: str | None = None
 
 
-class CompletionResponse(Wire):
+class _Answer(Wire):
+    """What every completion answer carries besides its object name and choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str
+
+
+class CompletionResponse(_Answer):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TokenLogprobEntry(Wire):
@@ -92,14 +97,9 @@ class ChatChoice(Wire):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(Wire):
-    id: str
+class ChatCompletionResponse(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str
     service_tier: str = "default"
 
 
