@@ -23,6 +23,8 @@ from server.gateway.backends.base import (
     GenerationJob,
 )
 from server.gateway.backends.dialects import DIALECTS
+from server.gateway.backends.fanout import merged_choices
+from server.gateway.backends.features import OutputConstraint
 from server.gateway.backends.upstream_errors import is_error_payload, map_error
 from server.gateway.backends.upstream_protocol import EmptyStreamError, request_body, stream_deltas
 from server.gateway.metrics import GatewayMetrics
@@ -393,3 +395,51 @@ def test_serve_refuses_bad_input_with_one_line(args: list[str], message: str) ->
     )
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+# --- upstream dialects --------------------------------------------------------------------------------------
+
+
+def _constrained_job(kind: str, constraint: OutputConstraint, **extra: object) -> GenerationJob:
+    params = SamplingParams(max_tokens=4, top_k=0, min_p=0.0, logit_bias=((7, float("-inf")),))
+    return GenerationJob(kind=kind, params=params,  # type: ignore[arg-type]
+                         messages=({"role": "user", "content": "x"},), prompt="x", constraint=constraint,
+                         **extra)  # type: ignore[arg-type]
+
+
+def test_each_dialect_gets_constraints_and_top_k_in_its_own_words() -> None:
+    schema = OutputConstraint(kind="json_schema", grammar="root ::= \"{}\"", schema={"type": "object"},
+                              name="thing", strict=True)
+    grammar = OutputConstraint(kind="grammar", grammar='root ::= "a"')
+    llama = request_body(_constrained_job("chat", schema), "m", dialect=DIALECTS["llama-server"])
+    assert llama["json_schema"] == {"type": "object"} and llama["top_k"] == 0 and llama["min_p"] == 0.0
+    assert llama["logit_bias"] == {"7": -100.0} and "response_format" not in llama
+    sglang = request_body(_constrained_job("completion", schema), "m", dialect=DIALECTS["sglang"])
+    assert sglang["top_k"] == -1 and "min_p" not in sglang
+    assert sglang["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "thing", "schema": {"type": "object"}, "strict": True}}
+    sglang_chat = request_body(_constrained_job("chat", grammar), "m", dialect=DIALECTS["sglang"])
+    assert sglang_chat["ebnf"] == 'root ::= "a"'
+    with pytest.raises(BackendError) as info:
+        request_body(_constrained_job("completion", schema), "m", dialect=DIALECTS["openai"])
+    assert info.value.status_code == 400
+    plain = request_body(_constrained_job("chat", grammar, n=3), "m", dialect=DIALECTS["edgeserve"])
+    assert plain["n"] == 3 and plain["grammar"] == 'root ::= "a"'
+
+
+def test_choices_from_a_server_without_n_come_merged_by_index() -> None:
+    seen: list[int | None] = []
+
+    async def one(job: GenerationJob) -> AsyncIterator[Delta]:
+        seen.append(job.params.seed)
+        yield Delta(text=f"s{job.params.seed}")
+        yield Delta(text="", finish_reason="stop", completion_tokens=1)
+
+    async def run() -> list[Delta]:
+        job = GenerationJob(kind="completion", params=SamplingParams(max_tokens=2, seed=10), prompt="x", n=3)
+        return [d async for d in merged_choices(job, one)]
+
+    deltas = asyncio.run(run())
+    assert sorted(seen) == [10, 11, 12]  # type: ignore[type-var]
+    assert {d.index: d.text for d in deltas if d.text} == {0: "s10", 1: "s11", 2: "s12"}
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]
