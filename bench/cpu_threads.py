@@ -79,8 +79,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = p.parse_args()
     rows = []
-    grid = itertools.product([int(h) for h in args.hogs.split(",")], args.policies.split(","),
-                             [int(t) for t in args.threads.split(",")], [int(s) for s in args.streams.split(",")])
+    ints = [[int(x) for x in getattr(args, k).split(",")] for k in ("hogs", "threads", "streams")]
+    grid = itertools.product(ints[0], args.policies.split(","), ints[1], ints[2])
     for hogs, policy, threads, streams in grid:
         hog_procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
         try:
@@ -90,8 +90,10 @@ def main() -> None:
             for h in hog_procs:
                 h.kill()
                 h.wait()
-        rows.append({"hogs": hogs, "policy": policy, "threads": threads, "streams": streams, "tokens_per_s": tps})
-        shown = f"{tps:.1f}" if tps is not None else f"< {args.tokens * streams / args.timeout_s:.2f} (timeout)"
+        rows.append({"hogs": hogs, "policy": policy, "threads": threads, "streams": streams,
+                     "tokens_per_s": tps})
+        floor = args.tokens * streams / args.timeout_s
+        shown = f"{tps:.1f}" if tps is not None else f"< {floor:.2f} (timeout)"
         print(f"hogs {hogs}  OMP_WAIT_POLICY {policy:8s}  threads {threads}  streams {streams}: {shown} t/s",
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

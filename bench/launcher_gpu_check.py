@@ -164,7 +164,8 @@ def ladder_run(model: Path, cap_gib: float, ctx: int, card: str) -> dict[str, An
 
             base = sup.plan.health_url.rsplit("/", 1)[0]
             reply = httpx.post(
-                f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=60
+                f"{base}/v1/completions", json={"model": "edgeserve", "prompt": "Hello", "max_tokens": 8},
+                timeout=60
             )
             result["completion_status"] = reply.status_code
             result["completion_tokens"] = reply.json().get("usage", {}).get("completion_tokens")

@@ -64,7 +64,8 @@ def metrics(gateway: ServerProcess) -> str:
 
 async def stream_one(client: httpx.AsyncClient, i: int, marks: list[list[float]], out: list[dict[str, Any]]
                      ) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": f"Tell story {i} about a brave cat."}],
+    body = {"model": "edgeserve",
+            "messages": [{"role": "user", "content": f"Tell story {i} about a brave cat."}],
             "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     result: dict[str, Any] = {"finish": [], "usage": None, "error": None}
@@ -147,7 +148,8 @@ def return_scenario(gateway: ServerProcess, restart: Any, health: str) -> dict[s
     t_healthy = time.monotonic()
     back = None
     while healthy and time.monotonic() - t0 < 120:
-        httpx.post(gateway.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        httpx.post(gateway.url + "/v1/completions",
+                   json={"model": "edgeserve", "prompt": "Hi", "max_tokens": 2}, timeout=60)
         if metric_value(metrics(gateway), "edgeserve_backend_attempts_total", backend="primary") > before:
             back = time.monotonic()
             break
@@ -183,7 +185,7 @@ def burst_scenario(gateway: ServerProcess, capacity: int, factor: int) -> dict[s
 
     async def run() -> list[httpx.Response | BaseException]:
         limits = httpx.Limits(max_connections=burst, max_keepalive_connections=0)
-        body = {"prompt": "One, two, three,", "max_tokens": 8, "temperature": 0}
+        body = {"model": "edgeserve", "prompt": "One, two, three,", "max_tokens": 8, "temperature": 0}
         async with httpx.AsyncClient(base_url=gateway.url, timeout=300, limits=limits) as client:
             posts = (client.post("/v1/completions", json=body) for _ in range(burst))
             return list(await asyncio.gather(*posts, return_exceptions=True))

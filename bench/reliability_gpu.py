@@ -78,7 +78,8 @@ def gpu_oom_run(args: argparse.Namespace) -> dict[str, Any]:
             before = _served_by(httpx.get(gateway.url + "/metrics", timeout=30).text)
             started = time.monotonic()
             reply = httpx.post(gateway.url + "/v1/completions", timeout=300,
-                               json={"prompt": "Hello", "max_tokens": 8, "ignore_eos": True})
+                               json={"model": "edgeserve", "prompt": "Hello", "max_tokens": 8,
+                                     "ignore_eos": True})
             after = _served_by(httpx.get(gateway.url + "/metrics", timeout=30).text)
             by = [name for name in after if after[name] > before[name]]
             requests.append({"at_s": round(started - t0, 1), "status": reply.status_code, "served_by": by,

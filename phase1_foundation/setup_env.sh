@@ -151,6 +151,8 @@ if [ "$mode" = "test" ]; then
   $pip install -q -e ".[test,loadtest]"
   $pip install -q schemathesis
   "$root/phase1_foundation/setup_sglang.sh" parser
+  # An OpenAI-compatibility checker nobody here wrote, run against `edgeserve serve` (tests/gateway, bench/).
+  $pip install -q "llm-comply==0.5.0"
 else
   $pip install -q -e .
   if [ "${EDGESERVE_WITH_SGLANG:-0}" = 1 ]; then

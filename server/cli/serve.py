@@ -77,6 +77,21 @@ def _gateway_options(
         int | None, typer.Option(help="requests queued behind busy slots (then 429)")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="model id to serve (default: file name)")] = None,
+    served_model_names: Annotated[
+        list[str] | None,
+        typer.Option("--served-model-name", help="a model name requests may ask for (repeat it; default: the "
+                     "model id and 'edgeserve'); others get 404 model_not_found"),
+    ] = None,
+    tool_prompt: Annotated[
+        str | None,
+        typer.Option(help="tool_choice auto on a model whose chat template cannot render tools: model "
+                     "(a 400) or generic (edgeserve's own tool prompt)"),
+    ] = None,
+    upstream_dialect: Annotated[
+        str | None,
+        typer.Option(help="--backend openai: auto, edgeserve, llama-server, sglang, llama-cpp-python or "
+                     "openai"),
+    ] = None,
     chain_config: Annotated[
         Path | None,
         typer.Option(

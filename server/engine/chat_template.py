@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -78,6 +79,12 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
+# A function no template writes by itself: it shows in the output only if the template renders `tools`.
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "edgeserve_probe_tool", "description": "probe",
+    "parameters": {"type": "object", "properties": {}}}}
+
+
 class ChatTemplate:
     """A compiled chat template. `is_fallback` when the model had none and ChatML stands in."""
 
@@ -90,6 +97,15 @@ class ChatTemplate:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from exc
+
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the template renders the `tools` it is given (as llama.cpp's minja probes it)."""
+        try:
+            text = self.render([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL])
+        except ChatTemplateError:
+            return False
+        return "edgeserve_probe_tool" in text
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                **extra: Any) -> str:

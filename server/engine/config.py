@@ -24,6 +24,8 @@ MAX_SEQUENCES = 256
 MIN_N_CTX = 16
 
 FlashAttn = Literal["on", "off", "auto"]
+# llama.cpp's pooling for /v1/embeddings; none: no embeddings (OpenAI's answer is one vector per input).
+Pooling = Literal["mean", "cls", "last", "none"]
 NCtx = Annotated[
     int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
 ]
@@ -96,6 +98,10 @@ class EngineConfig(BaseModel):
     )
     force: bool = Field(
         default=False, description="start even where the memory check says the settings do not fit"
+    )
+    pooling: Pooling = Field(
+        default="mean",
+        description="how /v1/embeddings pools token vectors: mean, cls, last, or none (no embeddings)",
     )
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr")
 

@@ -23,7 +23,7 @@ Item = tuple[Sequence, Any]  # an event (StreamEvent) or an exception to raise i
 def _deliver(items: list[Item]) -> None:
     for seq, item in items:
         if seq.sink is not None:
-            seq.sink.queue.put_nowait(item)
+            seq.sink.put(seq, item)
 
 
 class EventPump:

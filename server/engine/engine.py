@@ -22,6 +22,7 @@ from typing import Any
 
 from server.engine.chat_template import ChatTemplate, ChatTemplateError
 from server.engine.config import EngineConfig, EngineStats
+from server.engine.embedder import Embedder, Embeddings
 from server.engine.errors import (
     EmptyPromptError,
     EngineNotReadyError,
@@ -31,6 +32,7 @@ from server.engine.errors import (
 )
 from server.engine.llama_context import LlamaRuntime
 from server.engine.preflight import check_memory, gpu_offload_wanted, warn_if_gpu_unused
+from server.engine.sampling import check_grammar
 from server.engine.sequence import EventSink, Sequence
 from server.engine.types import Placement, SamplingParams, StreamEvent
 from server.engine.worker import DecodeLoop, StepObserver
@@ -62,6 +64,7 @@ class Engine:
         self._runtime: LlamaRuntime | None = None
         self._loop: DecodeLoop | None = None
         self._template: ChatTemplate | None = None
+        self._embedder: Embedder | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._done_loading = threading.Event()
@@ -97,6 +100,8 @@ class Engine:
             runtime = LlamaRuntime(self.config)
             self._template = self._load_template(runtime)
             self._loop = DecodeLoop(runtime, self.config, self._on_step)
+            if self.config.pooling != "none":
+                self._embedder = Embedder(runtime.model, self.config, runtime.n_vocab)
             self._runtime = runtime
         except BaseException as exc:
             self.load_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
@@ -135,6 +140,9 @@ class Engine:
             self._loop.stop()
         thread.join()
         self._ready.clear()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None
@@ -211,47 +219,95 @@ class Engine:
         """Render OpenAI-style messages with the model's template (ChatML when it has none)."""
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
+    # --- embeddings -----------------------------------------------------------------------------------------
+
+    @property
+    def can_embed(self) -> bool:
+        return self.config.pooling != "none"
+
+    def embed(self, inputs: Seq[str | Seq[int]]) -> Embeddings:
+        """Pooled, L2-normalised embeddings of texts (tokenized with BOS as the model wants) or token ids.
+        Blocking, on the embedding context's own lock: run it off the event loop."""
+        runtime = self._rt()
+        if self._embedder is None:
+            raise EngineNotReadyError("embeddings are off: pooling is none")
+        tokens = [runtime.tokenize(x) if isinstance(x, str) else [int(t) for t in x] for x in inputs]
+        return self._embedder.embed(tokens)
+
     # --- generation -----------------------------------------------------------------------------------------
 
     def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
         """Stream a completion of `prompt` (text, tokenized with BOS as the model wants, or token ids).
 
-        Checks run now, before anything is queued: EngineNotReadyError, EmptyPromptError and
-        PromptTooLongError (prompt tokens + max_tokens over n_ctx) raise from this call.
-        The request is queued when iteration starts.
+        Checks run now, before anything is queued: EngineNotReadyError, EmptyPromptError,
+        PromptTooLongError (prompt tokens + max_tokens over n_ctx), InvalidTokenError and
+        InvalidGrammarError raise from this call. The request is queued when iteration starts.
         """
+        tokens = self._check(prompt, [params])
+        return self._stream(tokens, params)
+
+    def generate_choices(self, prompt: str | Seq[int],
+                         params: Seq[SamplingParams]) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Several completions of one prompt, one per SamplingParams, as (choice index, event) pairs in the
+        order they come. The prompt is computed once: the other choices copy its KV from the first."""
+        tokens = self._check(prompt, params)
+        return self._stream_choices(tokens, list(params))
+
+    def _check(self, prompt: str | Seq[int], params: Seq[SamplingParams]) -> list[int]:
         runtime = self._rt()
         tokens = runtime.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise EmptyPromptError()
         limit = runtime.n_ctx
-        if len(tokens) + params.max_tokens > limit:
-            raise PromptTooLongError(len(tokens), params.max_tokens, limit)
+        longest = max(p.max_tokens for p in params)
+        if len(tokens) + longest > limit:
+            raise PromptTooLongError(len(tokens), longest, limit)
         if any(t < 0 or t >= runtime.n_vocab for t in tokens):
             raise InvalidTokenError("prompt", runtime.n_vocab)
-        if any(t < 0 or t >= runtime.n_vocab for t, _ in params.logit_bias):
-            raise InvalidTokenError("logit_bias", runtime.n_vocab)
-        return self._stream(tokens, params)
+        for p in params:
+            if any(t < 0 or t >= runtime.n_vocab for t, _ in p.logit_bias):
+                raise InvalidTokenError("logit_bias", runtime.n_vocab)
+        for grammar in {p.grammar for p in params if p.grammar is not None}:
+            # Parsed here, on the caller's thread: a bad grammar is the caller's error, not the decode loop's.
+            check_grammar(runtime.vocab, grammar)
+        return tokens
 
     async def _stream(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        async for _, event in self._run([tokens], [params], shared=False):
+            yield event
+
+    async def _stream_choices(self, tokens: list[int],
+                              params: list[SamplingParams]) -> AsyncIterator[tuple[int, StreamEvent]]:
+        async for item in self._run([tokens] * len(params), params, shared=True):
+            yield item
+
+    async def _run(self, prompts: list[list[int]], params: list[SamplingParams],
+                   shared: bool) -> AsyncIterator[tuple[int, StreamEvent]]:
         loop = self._loop
         runtime = self._runtime
         if loop is None or runtime is None or not self._ready.is_set():
             raise EngineNotReadyError("the engine is not running")
-        sink = EventSink(asyncio.get_running_loop())
-        seq = Sequence(tokens, params, sink, runtime.piece)
-        loop.submit(seq)
+        sink = EventSink(asyncio.get_running_loop(), is_shared=shared)
+        seqs: list[Sequence] = []
+        for i, (tokens, p) in enumerate(zip(prompts, params, strict=True)):
+            leader = seqs[0] if seqs else None
+            seqs.append(Sequence(list(tokens), p, sink, runtime.piece, choice=i, leader=leader))
+        for seq in seqs:
+            loop.submit(seq)
+        open_choices = len(seqs)
         try:
-            while True:
+            while open_choices:
                 item = await sink.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                choice, event = item if shared else (0, item)
+                if isinstance(event, BaseException):
+                    raise event
+                yield choice, event
+                if event.finish_reason is not None:
+                    open_choices -= 1
         finally:
-            if not (seq.is_finished or seq.is_answered):
-                loop.cancel(seq)
+            for seq in seqs:
+                if not (seq.is_finished or seq.is_answered):
+                    loop.cancel(seq)
 
     # --- observability --------------------------------------------------------------------------------------
 

@@ -49,3 +49,7 @@ class InvalidTokenError(ValueError):
     def __init__(self, where: str, n_vocab: int) -> None:
         self.where = where
         super().__init__(f"{where}: token ids must be in [0, {n_vocab})")
+
+
+class InvalidGrammarError(ValueError):
+    """llama.cpp's grammar parser refused a request's grammar."""

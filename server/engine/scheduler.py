@@ -178,10 +178,38 @@ class Scheduler:
 
     # --- admission ------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _leader_pending(seq: Sequence) -> bool:
+        """A later choice of a request waits while the first one still computes the prompt they share."""
+        leader = seq.leader
+        if leader is None or leader.is_finished or leader.is_cancelled:
+            return False
+        return leader.n_cached < min(leader.n_prompt, len(seq.tokens)) - 1
+
+    @staticmethod
+    def _leader_reuse(seq: Sequence) -> int:
+        """Prompt tokens a later choice can take from its leader's KV."""
+        leader = seq.leader
+        if leader is None or leader.slot < 0 or leader.is_finished:
+            return 0
+        return max(0, min(leader.n_cached, leader.n_prompt, len(seq.tokens)) - 1)
+
+    def _copy_from_leader(self, seq: Sequence, target: Slot) -> int:
+        """With a KV cache per sequence: copy the leader's whole stream to `target` (llama.cpp copies only
+        whole streams between sequences), then cut it to the shared prompt. Returns the tokens reused."""
+        assert seq.leader is not None
+        reuse = self._leader_reuse(seq)
+        self._release_cells(target)
+        self.kv.seq_cp(seq.leader.slot, target.idx, -1, -1)
+        if not self.kv.seq_rm(target.idx, reuse, -1):
+            self._release_cells(target)
+            return 0
+        return reuse
+
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` a slot, reusing the longest cached prefix. False (nothing changed) if it must wait."""
         free = [sl for sl in self.slots if sl.seq is None]
-        if not free:
+        if not free or self._leader_pending(seq):
             return False
         limit = len(seq.tokens) - 1  # at least one token must be fed to get logits
         target = min(free, key=lambda sl: (len(sl.cached), sl.last_used))
@@ -219,6 +247,8 @@ class Scheduler:
             self._release_cells(target)
             self.kv.seq_cp(source.idx, target.idx, 0, reuse)
             seq.n_shared, seq.shared_from = reuse, source.idx
+        elif not self.unified and self._leader_reuse(seq) > reuse:
+            reuse = self._copy_from_leader(seq, target)
         elif reuse > 0:
             if not self.kv.seq_rm(target.idx, reuse, -1):
                 self._release_cells(target)

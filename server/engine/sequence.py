@@ -16,13 +16,18 @@ _arrivals = itertools.count()
 
 
 class EventSink:
-    """The asyncio side of a sequence: the loop that awaits its events and the queue they land in."""
+    """The asyncio side of a sequence: the loop that awaits its events and the queue they land in. The
+    sequences of one request with several choices share a sink, whose items then say their choice."""
 
-    __slots__ = ("loop", "queue")
+    __slots__ = ("is_shared", "loop", "queue")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, is_shared: bool = False) -> None:
         self.loop = loop
+        self.is_shared = is_shared
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, seq: Sequence, item: Any) -> None:
+        self.queue.put_nowait((seq.choice, item) if self.is_shared else item)
 
 
 class Sequence:
@@ -35,11 +40,13 @@ class Sequence:
 
     __slots__ = (
         "arrival",
+        "choice",
         "detok",
         "is_answered",
         "is_cancelled",
         "is_done",
         "is_finished",
+        "leader",
         "logprobs",
         "n_cached",
         "n_prompt",
@@ -55,8 +62,11 @@ class Sequence:
     )
 
     def __init__(self, tokens: list[int], params: SamplingParams, sink: EventSink | None,
-                 piece: Callable[[int], bytes]) -> None:
+                 piece: Callable[[int], bytes], *, choice: int = 0, leader: Sequence | None = None) -> None:
         self.arrival = next(_arrivals)
+        # Choices of one request: the first (the leader) computes the prompt, the others copy its KV.
+        self.choice = choice
+        self.leader = leader
         self.tokens = tokens
         self.n_prompt = len(tokens)
         self.params = params

@@ -26,6 +26,8 @@ class SamplingParams:
     logprobs: int | None = None
     # (token id, bias) pairs added to the logits before sampling; -inf bans a token.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # A GBNF grammar (root rule "root") the output must follow: llama.cpp's grammar sampler, on the host.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -38,6 +40,9 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if self.grammar is not None and self.ignore_eos:
+            # A finished grammar allows only the end-of-generation token, which ignore_eos bans.
+            raise ValueError("ignore_eos cannot be combined with a grammar")
 
     @property
     def is_greedy(self) -> bool:

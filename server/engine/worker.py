@@ -177,8 +177,16 @@ class DecodeLoop:
         return self.rt.output_on_gpu and sorts_vocabulary(params)
 
     def _start(self, seq: Sequence) -> None:
-        sampler = Sampler(seq.params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog,
-                          default_seed=self.config.seed, offload=self._offload(seq.params))
+        # Choices without a seed of their own must not share the engine's default one.
+        seed = None if self.config.seed is None else self.config.seed + seq.choice
+        try:
+            sampler = Sampler(seq.params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog, default_seed=seed,
+                              offload=self._offload(seq.params), vocab=self.rt.vocab)
+        except ValueError as exc:  # Engine.generate checked it: still, one request must not end the loop
+            self._post(seq, EngineError(str(exc)))
+            seq.is_finished = True
+            self._flush()
+            return
         sampler.accept_prompt(seq.tokens)
         seq.sampler = sampler
         self.prompt_tokens_total += seq.n_prompt

@@ -60,6 +60,10 @@ class MemberConfig(EngineConfig):
     url: str | None = Field(default=None, description="base URL of the OpenAI-compatible server")
     model: str | None = Field(default=None, description="model name sent upstream (default: reported)")
     api_key: str | None = Field(default=None, description="key the gateway sends upstream")
+    dialect: str = Field(default="auto", description="openai: the upstream's dialect (backends/dialects.py)")
+    capabilities: list[str] | None = Field(
+        default=None, description="openai: features the upstream supports, narrowing its dialect's "
+        "(grammar, json_schema, tools, n, logit_bias, token_prompt, embeddings)")
     queue_size: int = Field(default=16, ge=0, description="requests waiting for one of its slots")
     queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for a slot (then 408)")
     stall_timeout_s: float = Field(default=60.0, gt=0,
@@ -87,6 +91,19 @@ class MemberConfig(EngineConfig):
             raise ValueError(f"backend {self.name!r}: kind 'openai' needs url")
         if self.kind == "embedded" and self.url:
             raise ValueError(f"backend {self.name!r}: kind 'embedded' takes model_path, not url")
+        return self
+
+    @model_validator(mode="after")
+    def _check_features(self) -> MemberConfig:
+        from server.gateway.backends.dialects import dialect
+        from server.gateway.backends.features import ALL_FEATURES
+
+        if self.dialect != "auto":
+            dialect(self.dialect)
+        unknown = sorted(set(self.capabilities or ()) - ALL_FEATURES)
+        if unknown:
+            raise ValueError(f"backend {self.name!r}: unknown capabilities {', '.join(unknown)}; "
+                             f"supported: {', '.join(sorted(ALL_FEATURES))}")
         return self
 
     @property
@@ -158,7 +175,8 @@ def build_member_backend(member: MemberConfig) -> Backend:
             member.url, api_key=member.api_key, n_parallel=member.n_parallel, n_ctx=member.n_ctx_given,
             model=member.model,
             connect_timeout_s=member.connect_timeout_s, health_interval_s=member.health_interval_s,
-            health_url=member.health_url)
+            health_url=member.health_url, dialect_name=member.dialect,
+            capabilities=frozenset(member.capabilities) if member.capabilities is not None else None)
         upstream.name = member.name
         return upstream
 

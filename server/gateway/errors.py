@@ -52,7 +52,9 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    # A message may quote the client's own text: escape what would make the answer itself unencodable.
+    return {"error": {"message": printable(message), "type": type,
+                      "param": printable(param) if param is not None else None, "code": code}}
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -77,6 +79,33 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts)
 
 
+def printable(text: str) -> str:
+    """`text` as it can go into a JSON answer: what UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str | None]:
+    """A message a person can read, and the `param`, for one pydantic error."""
+    kind = error.get("type")
+    loc = tuple(error.get("loc", ()))
+    if kind == "json_invalid":
+        # loc is ("body", position): the position goes into the message, not into param.
+        position = loc[-1] if loc and isinstance(loc[-1], int) else None
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        where = f" at character {position}" if position is not None else ""
+        return f"the request body is not valid JSON: {reason}{where}", None
+    param = _param_from_loc(loc)
+    if kind == "model_attributes_type" and param is None:
+        return "the request body must be a JSON object", None
+    if kind == "extra_forbidden":
+        return (f"unknown field {param!r}: edgeserve does not implement it (the README's API section lists "
+                "what is supported)"), param
+    if kind == "missing":
+        return f"{param} is required", param
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return _json(exc)
@@ -93,11 +122,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     errors = list(exc.errors())
     if not errors:
         return _json(invalid_request("invalid request"))
-    first = errors[0]
-    param = _param_from_loc(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value"))
-    if param:
-        message = f"{param}: {message}"
+    message, param = _describe(errors[0])
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more)"
     return _json(invalid_request(message, param=param))
@@ -105,7 +130,10 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    api = APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+    detail = str(exc.detail)
+    if detail == "There was an error parsing the body":  # FastAPI's words for a body it cannot decode
+        detail = "the request body could not be read: send JSON in UTF-8"
+    api = APIError(exc.status_code, detail, headers=exc.headers)
     return _json(api)
 
 

@@ -25,9 +25,14 @@ from server.gateway.backends.base import (
     BackendUnavailableError,
     ContextLengthExceededError,
     Delta,
+    EmbeddingInput,
+    EmbeddingResult,
+    Embeds,
     GenerationJob,
     ReportsStats,
+    supported_features,
 )
+from server.gateway.backends.features import EMBEDDINGS
 from server.gateway.breaker import CircuitBreaker
 from server.gateway.chain_config import ChainConfig, MemberConfig, build_member_backend
 from server.gateway.chain_member import Member, StallError, failure_reason
@@ -41,6 +46,9 @@ from server.gateway.resume import (
 )
 
 log = logging.getLogger(__name__)
+
+# The end of a backend's stream of several choices (each choice has finished on its own before).
+_END = Delta(text="", finish_reason="stop")
 
 
 class FallbackBackend:
@@ -99,6 +107,22 @@ class FallbackBackend:
 
     def is_ready(self) -> bool:
         return any(m.is_available() for m in self.members)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What at least one member supports: a request is sent only to members that support all it asks."""
+        out: frozenset[str] = frozenset()
+        for m in self.members:
+            out |= supported_features(m.backend)
+        return out
+
+    async def embed(self, inputs: list[EmbeddingInput]) -> EmbeddingResult:
+        """On the first available member that embeds."""
+        for m in self.members:
+            backend = m.backend
+            if m.is_available() and EMBEDDINGS in supported_features(backend) and isinstance(backend, Embeds):
+                return await backend.embed(inputs)
+        raise BackendUnavailableError("no available backend of the chain embeds: " + self._describe(set()))
 
     async def start(self) -> None:
         """Start every backend; one that cannot start (e.g. out of memory) stays out with its breaker open."""
@@ -193,8 +217,9 @@ class FallbackBackend:
         full: list[tuple[Member, GenerationJob]] = []
         clamped: list[tuple[Member, GenerationJob]] = []
         too_long = False
+        needs = job.features
         for m in self.members:
-            if m.name in exclude or not m.is_available():
+            if m.name in exclude or not m.is_available() or not needs <= supported_features(m.backend):
                 continue
             n_ctx = m.n_ctx
             count = self._estimate_tokens(m, job) if n_ctx else None
@@ -214,6 +239,10 @@ class FallbackBackend:
                      is_resume: bool = False) -> tuple[Member, GenerationJob, Lease]:
         """Choose a backend for `job` and take one of its slots (waiting in its queue if need be)."""
         candidates, too_long = self._candidates(job, exclude)
+        missing = [m.name for m in self.members if not job.features <= supported_features(m.backend)]
+        if not candidates and len(missing) == len(self.members):
+            raise BackendError(f"no backend of the chain supports {', '.join(sorted(job.features))}",
+                               status_code=400, code="unsupported_feature", retryable=False)
         if not candidates:
             if too_long and not any(m.is_available() and m.name not in exclude and m.n_ctx == 0
                                     for m in self.members):
@@ -316,14 +345,18 @@ class FallbackBackend:
                     try:
                         delta = await asyncio.wait_for(anext(iterator), member.config.stall_timeout_s)
                     except StopAsyncIteration:
-                        delta = Delta(text="", finish_reason="stop")
+                        delta = _END if job.n > 1 else Delta(text="", finish_reason="stop")
                     except asyncio.TimeoutError:
                         raise StallError(f"backend {member.name} sent nothing for "
                                           f"{member.config.stall_timeout_s:g} s") from None
-                    finished = delta.finish_reason is not None
+                    # Several choices finish one by one: the request is done when the backend's stream is.
+                    finished = delta.finish_reason is not None and (job.n == 1 or delta is _END)
                     if finished:
                         member.breaker.record_success()
-                    yield progress.absorb(delta)
+                    if delta is not _END:
+                        counted = progress.absorb(delta)
+                        # Only a resumable job is re-counted across backends; the others go out as they came.
+                        yield counted if job.can_resume else delta
                     if finished:
                         return
             except BackendError as exc:
@@ -341,6 +374,12 @@ class FallbackBackend:
                 if error is None and member.breaker.state == "half_open":
                     member.breaker.release_probe()  # the client left during the probe: no verdict
             assert error is not None
+            if progress.has_output and not job.can_resume:
+                # Choices, tool calls and grammars cannot be carried on by another backend mid-answer.
+                self._account(member, error, progress)
+                raise BackendError(f"backend {member.name} failed mid-answer and this request cannot move "
+                                   f"to another backend: {error.message}", status_code=error.status_code,
+                                   code=error.code, retryable=False)
             if isinstance(error, ContextLengthExceededError):
                 context_error = error
             self._account(member, error, progress)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from server.gateway.admission import Lease, QueueFullError, QueueTimeoutError
 from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob
+from server.gateway.choices import Choices
 from server.gateway.errors import APIError, from_backend_error
 from server.gateway.schemas import Usage
 from server.gateway.state import GatewayState
@@ -113,28 +114,28 @@ class RunningJob:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     is_completed: bool = False
     is_answered: bool = False  # ended with an error the client was told about (not a disconnect)
+    choices: Choices = field(default_factory=lambda: Choices(1))
     _closed: bool = False
 
     def record(self, delta: Delta) -> None:
-        """Account for one delta: token counts, TTFT / inter-token latency."""
+        """Account for one delta: its choice, token counts, TTFT / inter-token latency. The job is finished
+        (`finish_reason` set) when every choice is."""
         now = time.monotonic()
         metrics = self.state.metrics
-        if delta.text or delta.completion_tokens > self.completion_tokens:
+        if self.choices.record(delta):
             if self.first_token_at is None:
                 self.first_token_at = now
                 metrics.ttft.labels(route=self.route).observe(now - self.started)
             elif self.last_token_at is not None:
                 metrics.itl.labels(route=self.route).observe(now - self.last_token_at)
             self.last_token_at = now
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-            if delta.completion_tokens or delta.prompt_tokens:
-                # The last delta carries the backend's final counts: they win over running estimates.
-                self.prompt_tokens = delta.prompt_tokens
-                self.completion_tokens = delta.completion_tokens
+        if delta.finish_reason is not None and delta.prompt_tokens:
+            # The last delta carries the backend's final counts: they win over running estimates.
+            self.prompt_tokens = delta.prompt_tokens
         else:
             self.prompt_tokens = max(self.prompt_tokens, delta.prompt_tokens)
-            self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
+        self.completion_tokens = self.choices.completion_tokens
+        self.finish_reason = self.choices.finish_reason
         self.logprobs.extend(delta.logprobs)
 
     @property
@@ -231,7 +232,7 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
             raise ending_error(state) from None
         raise
     running = RunningJob(route=route, state=state, job=job, lease=lease, iterator=iterator, first=first,
-                         started=started, deadline=deadline)
+                         started=started, deadline=deadline, choices=Choices(job.n))
     running.record(first)
     return running
 

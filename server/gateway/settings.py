@@ -16,6 +16,9 @@ from server.engine.config import EngineConfig
 from server.gateway.sampling_defaults import DEFAULT_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS, sampling_defaults
 
 BackendKind = Literal["embedded", "openai"]
+ToolPrompt = Literal["model", "generic"]
+# What many clients send as the model name whatever the server: the README's examples use it.
+DEFAULT_ALIAS = "edgeserve"
 
 
 class GatewaySettings(BaseSettings):
@@ -33,8 +36,23 @@ class GatewaySettings(BaseSettings):
         "upstream at once and n_ctx (when given) the upstream's context per sequence if it reports none",
     )
     model_name: str | None = Field(default=None, description="id served at /v1/models; default: file stem")
+    served_model_names: list[str] | None = Field(
+        default=None,
+        description="model names requests may ask for (others: 404 model_not_found); default: the model id "
+        f"and {DEFAULT_ALIAS!r}",
+    )
+    tool_prompt: ToolPrompt = Field(
+        default="model",
+        description="tool_choice auto on a model whose chat template cannot render tools: model (a 400) or "
+        "generic (edgeserve's own tool prompt)",
+    )
     upstream_url: str | None = Field(default=None, description="base URL of a remote OpenAI server")
     upstream_api_key: str | None = None
+    upstream_dialect: str = Field(
+        default="auto",
+        description="the upstream's dialect: auto (from its /v1/models), edgeserve, llama-server, sglang, "
+        "llama-cpp-python or openai",
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -68,6 +86,15 @@ class GatewaySettings(BaseSettings):
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     metrics_require_api_key: bool = Field(default=False, description="/metrics needs the API key too")
+
+    @field_validator("upstream_dialect")
+    @classmethod
+    def _check_dialect(cls, value: str) -> str:
+        if value != "auto":
+            from server.gateway.backends.dialects import dialect
+
+            dialect(value)
+        return value
 
     @field_validator("sampling_defaults")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.gateway.backends.base import BackendError
+from server.gateway.backends.base import BackendError, Delta
 from server.gateway.errors import error_body, error_type_for
 from server.gateway.formatting import Formatter
 from server.gateway.generation import RequestTimeoutError, RunningJob, ServerEndingError
@@ -45,14 +45,14 @@ async def _events(running: RunningJob, formatter: Formatter,
             yield sse(payload)
         delta = running.first
         while True:
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield sse(formatter.chunk(delta.text, delta.logprobs, delta.finish_reason))
+            if delta.text or delta.finish_reason is not None or delta.logprobs or delta.tool_calls:
+                yield sse(formatter.chunk(delta))
             if running.finish_reason is not None:
                 break
             next_delta = await running.next_delta()
             if next_delta is None:
                 # The backend ended without a reason: close the choice properly anyway.
-                yield sse(formatter.chunk("", (), "stop"))
+                yield sse(formatter.chunk(Delta(text="", finish_reason="stop")))
                 break
             running.record(next_delta)
             delta = next_delta

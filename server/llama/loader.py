@@ -29,6 +29,13 @@ _FLASH_ATTN = {
     "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
 }
 
+_POOLING = {
+    "none": lc.LLAMA_POOLING_TYPE_NONE,
+    "mean": lc.LLAMA_POOLING_TYPE_MEAN,
+    "cls": lc.LLAMA_POOLING_TYPE_CLS,
+    "last": lc.LLAMA_POOLING_TYPE_LAST,
+}
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -146,6 +153,8 @@ class ContextParams:
     kv_type: str = "f16"
     flash_attn: FlashAttn = "auto"
     n_outputs_max_per_seq: int = 0  # 0: llama.cpp's default (n_batch)
+    embeddings: bool = False  # a context that outputs pooled embeddings instead of logits
+    pooling: str = "mean"  # with embeddings: none, mean, cls, last
 
     def describe(self) -> str:
         return (
@@ -167,6 +176,9 @@ def new_context(model: int, params: ContextParams, *, path: str | Path, log: Log
     cparams.type_k = cparams.type_v = kv_ggml_type(params.kv_type)
     cparams.flash_attn_type = _FLASH_ATTN[params.flash_attn]
     cparams.n_outputs_max_per_seq = params.n_outputs_max_per_seq
+    if params.embeddings:
+        cparams.embeddings = True
+        cparams.pooling_type = _POOLING[params.pooling]
     cparams.no_perf = True
     ctx = lc.llama_init_from_model(model, cparams)
     if not ctx:

@@ -21,6 +21,7 @@ import pytest
 
 from quantize.bundled import smollm2_path
 from server.engine.engine import Engine, EngineConfig
+from server.engine.errors import InvalidGrammarError
 from server.engine.sampling import PENALTY_LAST_N, sorts_vocabulary
 from server.engine.types import SamplingParams
 
@@ -275,3 +276,59 @@ def test_sorts_vocabulary_picks_top_p_without_top_k() -> None:
     assert not sorts_vocabulary(SamplingParams(temperature=0.7, top_p=0.95, top_k=40))
     assert not sorts_vocabulary(SamplingParams(temperature=0.0, top_p=0.95))
     assert not sorts_vocabulary(SamplingParams(temperature=0.7))
+
+
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_choices_compute_the_prompt_once(kv_unified: bool) -> None:
+    # The later choices copy the first one's prompt KV (a whole stream per sequence, or shared cells in a
+    # unified pool) and feed only the prompt's last token: greedy choices come out the same as one alone.
+    engine = Engine(EngineConfig(n_ctx=256, n_parallel=3, n_threads=1, kv_unified=kv_unified))
+    engine.start()
+    try:
+        prompt = engine.tokenize("Once upon a time, in a small village by the sea, there lived")
+        params = SamplingParams(max_tokens=8, temperature=0)
+
+        async def run() -> tuple[dict[int, list[int]], list[int]]:
+            out: dict[int, list[int]] = {}
+            async for index, event in engine.generate_choices(prompt, [params] * 3):
+                out.setdefault(index, []).extend(event.token_ids)
+            alone = [t async for e in engine.generate(prompt, params) for t in e.token_ids]
+            return out, alone
+
+        before = engine.stats().prefix_reused_tokens_total
+        choices, alone = asyncio.run(run())
+        assert choices[0] == choices[1] == choices[2] == alone
+        assert engine.stats().prefix_reused_tokens_total - before >= 2 * (len(prompt) - 1)
+    finally:
+        engine.stop()
+
+
+def test_grammar_constrains_sampling_and_bans_stay_finite_behind_it() -> None:
+    engine = Engine(EngineConfig(n_ctx=256, n_parallel=1, n_threads=1))
+    engine.start()
+    try:
+        prompt = engine.tokenize("Is the sky blue? Answer:")
+        grammar = 'root ::= " yes" | " no"'
+        yes = engine.tokenize(" yes", add_special=False)[0]
+
+        async def text(params: SamplingParams) -> tuple[str, str | None]:
+            parts, finish = [], None
+            async for event in engine.generate(prompt, params):
+                parts.append(event.text)
+                finish = event.finish_reason
+            return "".join(parts), finish
+
+        for seed in range(3):
+            params = SamplingParams(max_tokens=6, temperature=1.0, seed=seed, grammar=grammar)
+            out, finish = asyncio.run(text(params))
+            assert out in (" yes", " no") and finish == "stop"
+        # Banning the grammar's one way to say yes leaves "no" (behind a grammar a ban is a finite bias).
+        out, _ = asyncio.run(text(SamplingParams(max_tokens=6, temperature=0, grammar=grammar,
+                                                 logit_bias=((yes, float("-inf")),))))
+        assert out != " yes"
+        with pytest.raises(InvalidGrammarError):
+            engine.generate(prompt, SamplingParams(grammar="root ::= missing"))
+        with pytest.raises(ValueError):
+            SamplingParams(grammar=grammar, ignore_eos=True)
+    finally:
+        engine.stop()

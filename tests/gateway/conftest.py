@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from loadtest.servers import ServerProcess, start_edgeserve
@@ -27,6 +28,13 @@ def shared_embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     server = start_edgeserve(args, tmp_path_factory.mktemp("embedded") / "serve.log").wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_client(shared_embedded_server: ServerProcess) -> openai.OpenAI:
+    """The official openai client on the shared embedded server."""
+    return openai.OpenAI(base_url=shared_embedded_server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=600)
 
 
 @pytest.fixture(scope="module")

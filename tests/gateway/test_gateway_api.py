@@ -39,8 +39,8 @@ def server(shared_embedded_server: ServerProcess) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+def client(embedded_client: openai.OpenAI) -> openai.OpenAI:
+    return embedded_client
 
 
 def _model(client: openai.OpenAI) -> str:
@@ -52,7 +52,8 @@ def test_health_ready_and_models(server: ServerProcess, client: openai.OpenAI) -
     ready = httpx.get(server.url + "/ready").json()
     assert ready["status"] == "ready" and ready["slots"] == 8
     models = client.models.list().data
-    assert len(models) == 1 and "SmolLM2" in models[0].id
+    # The model's own id first, then the alias the README's examples send.
+    assert [m.id for m in models][1:] == ["edgeserve"] and "SmolLM2" in models[0].id
 
 
 def test_chat_names_three_colors(client: openai.OpenAI) -> None:
@@ -150,29 +151,30 @@ def test_context_length_exceeded(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        {"n": 2},
+        {"n": 17},
         {"temperature": 7},
         {"top_p": 0},
         {"max_tokens": 0},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"messages": []},
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"tool_choice": "required"},
+        {"functions": [{"name": "f", "parameters": {}}]},
     ],
 )
 def test_bad_parameters_are_400(server: ServerProcess, bad: dict[str, object]) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **bad}
+    body = {"model": "edgeserve", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **bad}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == next(iter(bad))
+    assert error["param"] == (None if "tool_choice" in bad else next(iter(bad)))
 
 
 def test_bad_parameters_through_openai_client(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model=_model(client), messages=[{"role": "user", "content": "hi"}], n=3
+            model=_model(client), messages=[{"role": "user", "content": "hi"}], n=17
         )
     assert info.value.param == "n"
 
@@ -259,7 +261,8 @@ def test_metrics_expose_the_serving_figures(server: ServerProcess, client: opena
     client.chat.completions.create(
         model=_model(client), messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True
     ).close()
-    httpx.post(server.url + "/v1/chat/completions", json={"messages": [], "max_tokens": 3})
+    httpx.post(server.url + "/v1/chat/completions",
+               json={"model": "edgeserve", "messages": [], "max_tokens": 3})
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "edgeserve_requests_total",

@@ -10,6 +10,7 @@ import pytest
 
 from loadtest.servers import ServerProcess
 from server.engine.types import SamplingParams
+from server.gateway.backends.features import ALL_FEATURES
 from server.gateway.jobs import chat_job
 from server.gateway.sampling_defaults import SAMPLING_DEFAULTS
 from server.gateway.schemas import ChatCompletionRequest
@@ -25,13 +26,15 @@ class _Backend:
 
     name = "test"
     n_ctx = 4096
+    features = ALL_FEATURES
 
     def count_prompt_tokens(self, job: object) -> None:
         return None
 
 
 def _params(body: dict[str, object], defaults: str) -> SamplingParams:
-    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **body})
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                **body})
     return chat_job(req, _Backend(), "m", SAMPLING_DEFAULTS[defaults]).params  # type: ignore[arg-type]
 
 
@@ -85,7 +88,8 @@ def test_readme_request_without_max_tokens_ends_on_its_own(server: ServerProcess
 
 @pytest.mark.slow
 def test_sse_escapes_unicode_line_separators(server: ServerProcess) -> None:
-    body = {"prompt": LINE_SEPARATED, "max_tokens": 12, "temperature": 0, "stream": True}
+    body = {"model": "edgeserve", "prompt": LINE_SEPARATED, "max_tokens": 12, "temperature": 0,
+            "stream": True}
     texts = []
     with httpx.Client(timeout=120) as client, client.stream("POST", server.url + "/v1/completions",
                                                              json=body) as response:
@@ -101,11 +105,14 @@ def test_sse_escapes_unicode_line_separators(server: ServerProcess) -> None:
 @pytest.mark.slow
 def test_logit_bias_out_of_vocabulary_is_a_400(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/completions",
-                   json={"prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999": 5}}, timeout=60)
+                   json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2,
+                         "logit_bias": {"99999999": 5}},
+                   timeout=60)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "logit_bias"
     r = httpx.post(server.url + "/v1/completions",
-                   json={"prompt": "hi", "max_tokens": 2, "logit_bias": {"red": 5}}, timeout=60)
+                   json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2, "logit_bias": {"red": 5}},
+                   timeout=60)
     assert r.status_code == 400
 
 

@@ -22,6 +22,9 @@ from server.gateway.backends.base import (
     Delta,
     GenerationJob,
 )
+from server.gateway.backends.dialects import DIALECTS
+from server.gateway.backends.fanout import merged_choices
+from server.gateway.backends.features import OutputConstraint
 from server.gateway.backends.upstream_errors import is_error_payload, map_error
 from server.gateway.backends.upstream_protocol import EmptyStreamError, request_body, stream_deltas
 from server.gateway.metrics import GatewayMetrics
@@ -111,7 +114,7 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "unknown_field": 1,
+            "user": "ignored on purpose",
         }
     )
     assert req.effective_max_tokens == 9
@@ -123,7 +126,13 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        {"n": 2},
+        {"n": 17},
+        {"unknown_field": 1},
+        {"max_tokens": "8"},
+        {"max_tokens": True},
+        {"stream": "yes"},
+        {"model": None},
+        {"temperature": "0.5"},
         {"temperature": 2.5},
         {"top_p": 0},
         {"max_tokens": 0},
@@ -135,15 +144,18 @@ def test_chat_request_accepts_openai_and_llama_cpp_fields() -> None:
 )
 def test_chat_request_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
-        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **bad})
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                              **bad})
 
 
 def test_completion_request_single_prompt_only() -> None:
-    assert CompletionRequest.model_validate({"prompt": ["one"]}).prompt_text() == "one"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["one"]}).prompt_text() == "one"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[5, 6]]}).prompt_tokens() == (5, 6)
     with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": ["one", "two"]})
+        CompletionRequest.model_validate({"model": "m", "prompt": ["one", "two"]})
     with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": "x", "best_of": 2})
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 2})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 2, "n": 2}).n == 2
 
 
 def test_settings_need_an_upstream_for_the_openai_backend() -> None:
@@ -248,7 +260,7 @@ def test_upstream_request_body_carries_both_extras_spellings() -> None:
         continuation="Hel",
         extra={"max_tokens_explicit": False},
     )
-    body = request_body(job, "m")
+    body = request_body(job, "m", dialect=DIALECTS["llama-server"])
     assert body["messages"][-1] == {"role": "assistant", "content": "Hel"}
     assert "max_tokens" not in body
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.2
@@ -383,3 +395,51 @@ def test_serve_refuses_bad_input_with_one_line(args: list[str], message: str) ->
     )
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+# --- upstream dialects --------------------------------------------------------------------------------------
+
+
+def _constrained_job(kind: str, constraint: OutputConstraint, **extra: object) -> GenerationJob:
+    params = SamplingParams(max_tokens=4, top_k=0, min_p=0.0, logit_bias=((7, float("-inf")),))
+    return GenerationJob(kind=kind, params=params,  # type: ignore[arg-type]
+                         messages=({"role": "user", "content": "x"},), prompt="x", constraint=constraint,
+                         **extra)  # type: ignore[arg-type]
+
+
+def test_each_dialect_gets_constraints_and_top_k_in_its_own_words() -> None:
+    schema = OutputConstraint(kind="json_schema", grammar="root ::= \"{}\"", schema={"type": "object"},
+                              name="thing", strict=True)
+    grammar = OutputConstraint(kind="grammar", grammar='root ::= "a"')
+    llama = request_body(_constrained_job("chat", schema), "m", dialect=DIALECTS["llama-server"])
+    assert llama["json_schema"] == {"type": "object"} and llama["top_k"] == 0 and llama["min_p"] == 0.0
+    assert llama["logit_bias"] == {"7": -100.0} and "response_format" not in llama
+    sglang = request_body(_constrained_job("completion", schema), "m", dialect=DIALECTS["sglang"])
+    assert sglang["top_k"] == -1 and "min_p" not in sglang
+    assert sglang["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "thing", "schema": {"type": "object"}, "strict": True}}
+    sglang_chat = request_body(_constrained_job("chat", grammar), "m", dialect=DIALECTS["sglang"])
+    assert sglang_chat["ebnf"] == 'root ::= "a"'
+    with pytest.raises(BackendError) as info:
+        request_body(_constrained_job("completion", schema), "m", dialect=DIALECTS["openai"])
+    assert info.value.status_code == 400
+    plain = request_body(_constrained_job("chat", grammar, n=3), "m", dialect=DIALECTS["edgeserve"])
+    assert plain["n"] == 3 and plain["grammar"] == 'root ::= "a"'
+
+
+def test_choices_from_a_server_without_n_come_merged_by_index() -> None:
+    seen: list[int | None] = []
+
+    async def one(job: GenerationJob) -> AsyncIterator[Delta]:
+        seen.append(job.params.seed)
+        yield Delta(text=f"s{job.params.seed}")
+        yield Delta(text="", finish_reason="stop", completion_tokens=1)
+
+    async def run() -> list[Delta]:
+        job = GenerationJob(kind="completion", params=SamplingParams(max_tokens=2, seed=10), prompt="x", n=3)
+        return [d async for d in merged_choices(job, one)]
+
+    deltas = asyncio.run(run())
+    assert sorted(seen) == [10, 11, 12]  # type: ignore[type-var]
+    assert {d.index: d.text for d in deltas if d.text} == {0: "s10", 1: "s11", 2: "s12"}
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]

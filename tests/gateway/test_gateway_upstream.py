@@ -47,16 +47,16 @@ def test_proxy_reports_the_upstream_model(proxy: ServerProcess, upstream: Server
 def test_proxy_answers_like_the_upstream(proxy: ServerProcess, upstream: ServerProcess) -> None:
     messages = [{"role": "user", "content": "Name three colors."}]
     direct = _client(upstream).chat.completions.create(
-        model="m", messages=messages, temperature=0, max_tokens=20
+        model="edgeserve", messages=messages, temperature=0, max_tokens=20
     )
     proxied = _client(proxy).chat.completions.create(
-        model="m", messages=messages, temperature=0, max_tokens=20
+        model="edgeserve", messages=messages, temperature=0, max_tokens=20
     )
     assert proxied.choices[0].message.content == direct.choices[0].message.content
     assert proxied.usage == direct.usage
     chunks = list(
         _client(proxy).chat.completions.create(
-            model="m",
+            model="edgeserve",
             messages=messages,
             temperature=0,
             max_tokens=20,
@@ -70,7 +70,7 @@ def test_proxy_answers_like_the_upstream(proxy: ServerProcess, upstream: ServerP
     )
     assert chunks[-1].usage == direct.usage
     text = _client(proxy).completions.create(
-        model="m", prompt="One, two,", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        model="edgeserve", prompt="One, two,", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
     )
     assert text.choices[0].finish_reason == "length" and text.usage and text.usage.completion_tokens == 6
 
@@ -78,7 +78,7 @@ def test_proxy_answers_like_the_upstream(proxy: ServerProcess, upstream: ServerP
 def test_proxy_maps_upstream_context_errors(proxy: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         _client(proxy).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "word " * 6000}], max_tokens=4
+            model="edgeserve", messages=[{"role": "user", "content": "word " * 6000}], max_tokens=4
         )
     assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
 
@@ -90,12 +90,13 @@ def test_unreachable_upstream_is_503_with_retry_after(edgeserve) -> None:
     try:
         ready = httpx.get(gateway.url + "/ready")
         assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
-        answer = httpx.post(gateway.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        answer = httpx.post(gateway.url + "/v1/completions",
+                            json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["error"]["code"] == "model_not_ready"
         with pytest.raises(openai.APIStatusError) as info:
             openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0).completions.create(
-                model="m", prompt="hi", max_tokens=2
+                model="edgeserve", prompt="hi", max_tokens=2
             )
         assert info.value.status_code == 503
     finally:
@@ -107,7 +108,7 @@ def test_request_timeout(upstream: ServerProcess, edgeserve) -> None:
     gateway = edgeserve(
         "--backend", "openai", "--upstream", upstream.url, env={"EDGESERVE_REQUEST_TIMEOUT_S": "1"}
     )
-    body = {"prompt": "Tell a long story.", "max_tokens": 1000, "ignore_eos": True}
+    body = {"model": "edgeserve", "prompt": "Tell a long story.", "max_tokens": 1000, "ignore_eos": True}
     try:
         late = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
         assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
@@ -127,7 +128,8 @@ def test_request_timeout(upstream: ServerProcess, edgeserve) -> None:
 
 
 async def _hold_stream(url: str, started: asyncio.Event) -> None:
-    body = {"prompt": "Tell a long story.", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    body = {"model": "edgeserve", "prompt": "Tell a long story.", "max_tokens": 1000, "stream": True,
+            "ignore_eos": True}
     async with (
         httpx.AsyncClient(timeout=600) as client,
         client.stream("POST", url + "/v1/completions", json=body) as response,
@@ -148,7 +150,8 @@ def test_full_queue_is_429_with_retry_after(proxy: ServerProcess, upstream: Serv
         while metric_values(proxy.url).get("edgeserve_queue_depth") != 1.0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         async with httpx.AsyncClient(timeout=60) as client:
-            refused = await client.post(proxy.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            refused = await client.post(proxy.url + "/v1/completions",
+                                        json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
         for task in (first, second):
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -183,7 +186,7 @@ def test_queue_wait_timeout_is_408_with_retry_after(upstream: ServerProcess, edg
         holder = asyncio.create_task(_hold_stream(gateway.url, started))
         await asyncio.wait_for(started.wait(), 120)
         async with httpx.AsyncClient(timeout=60) as client:
-            body = {"prompt": "hi", "max_tokens": 2}
+            body = {"model": "edgeserve", "prompt": "hi", "max_tokens": 2}
             waited = await client.post(gateway.url + "/v1/completions", json=body)
         holder.cancel()
         with contextlib.suppress(BaseException):
@@ -219,21 +222,21 @@ def test_proxy_in_front_of_llama_cpp_python_server(llama_cpp_server: ServerProce
     try:
         messages = [{"role": "user", "content": "Name three colors."}]
         direct = _client(llama_cpp_server).chat.completions.create(
-            model="m", messages=messages, temperature=0, max_tokens=16
+            model="edgeserve", messages=messages, temperature=0, max_tokens=16
         )
         proxied = _client(gateway).chat.completions.create(
-            model="m", messages=messages, temperature=0, max_tokens=16
+            model="edgeserve", messages=messages, temperature=0, max_tokens=16
         )
         assert proxied.choices[0].message.content == direct.choices[0].message.content
         streamed = list(
             _client(gateway).completions.create(
-                model="m", prompt="The sky is", temperature=0, max_tokens=8, stream=True
+                model="edgeserve", prompt="The sky is", temperature=0, max_tokens=8, stream=True
             )
         )
         assert "".join(c.choices[0].text for c in streamed if c.choices)
         with pytest.raises(openai.BadRequestError) as info:
             _client(gateway).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "a " * 3000}], max_tokens=8
+                model="edgeserve", messages=[{"role": "user", "content": "a " * 3000}], max_tokens=8
             )
         assert info.value.code == "context_length_exceeded"
     finally:

@@ -18,7 +18,7 @@ from server.gateway.settings import GatewaySettings
 
 KEY = "sk-edgeserve-test-key"
 LIMIT = 4096
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CHAT = {"model": "edgeserve", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 def client_for(**settings: object) -> TestClient:
@@ -52,7 +52,7 @@ def assert_openai_error(reply: object, status: int, code: str) -> dict[str, obje
 ])
 def test_v1_without_the_right_key_is_401(client: TestClient, headers: dict[str, str]) -> None:
     for reply in (client.post("/v1/chat/completions", json=CHAT, headers=headers),
-                  client.post("/v1/completions", json={"prompt": "x"}, headers=headers),
+                  client.post("/v1/completions", json={"model": "edgeserve", "prompt": "x"}, headers=headers),
                   client.get("/v1/models", headers=headers)):
         error = assert_openai_error(reply, 401, "invalid_api_key")
         assert error["type"] == "authentication_error"
@@ -93,7 +93,7 @@ def test_declared_body_over_the_limit_is_413(client: TestClient) -> None:
 
 def test_chunked_body_over_the_limit_is_413(client: TestClient) -> None:
     def chunks() -> Iterator[bytes]:
-        yield b'{"model": "m", "prompt": "'
+        yield b'{"model": "edgeserve", "prompt": "'
         for _ in range(LIMIT // 512 + 2):
             yield b"y" * 512
         yield b'"}'
@@ -105,7 +105,7 @@ def test_chunked_body_over_the_limit_is_413(client: TestClient) -> None:
 
 
 def test_body_under_the_limit_reaches_validation(client: TestClient) -> None:
-    reply = client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+    reply = client.post("/v1/chat/completions", json={"model": "edgeserve", "messages": []},
                         headers={"Authorization": f"Bearer {KEY}"})
     assert reply.status_code == 400
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}

@@ -109,7 +109,8 @@ def gateway_metrics_page() -> str:
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, client.get("/ready").json()
             time.sleep(0.1)
-        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True}
+        body = {"model": "edgeserve", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+                "stream": True}
         with client.stream("POST", "/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
             assert any("[DONE]" in line for line in resp.iter_lines())

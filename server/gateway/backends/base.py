@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from server.engine.types import SamplingParams
+from server.gateway.backends.features import LOGIT_BIAS, TOKEN_PROMPT, TOOLS, N, OutputConstraint, ToolSpec
 
 JobKind = Literal["chat", "completion"]
 
@@ -15,9 +16,11 @@ JobKind = Literal["chat", "completion"]
 class GenerationJob:
     """One request as the gateway hands it to a backend.
 
-    `chat` jobs carry `messages` (OpenAI dicts); `completion` jobs carry `prompt`. `continuation` is text the
-    client has already received from another backend: the backend must generate as if that text were already
-    its own output (for chat: the assistant turn is pre-filled with it) and not send it again.
+    `chat` jobs carry `messages` (OpenAI dicts); `completion` jobs carry `prompt` (or `prompt_tokens`).
+    `continuation` is text the client has already received from another backend: the backend must generate
+    as if that text were already its own output (for chat: the assistant turn is pre-filled with it) and not
+    send it again. `n` choices share the prompt (their seeds: seed, seed + 1, ...); `constraint` and `tools`
+    are the request's structured output and tool calling.
     """
 
     kind: JobKind
@@ -27,6 +30,33 @@ class GenerationJob:
     prompt: str = ""
     continuation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    n: int = 1
+    constraint: OutputConstraint | None = None
+    tools: ToolSpec | None = None
+    prompt_tokens: tuple[int, ...] | None = None
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What this job needs of a backend beyond plain sampling (backends/features.py)."""
+        needs = set()
+        if self.constraint is not None:
+            needs.add(self.constraint.feature)
+        if self.tools is not None and self.tools.mode != "none":
+            needs.add(TOOLS)
+        if self.n > 1:
+            needs.add(N)
+        if self.params.logit_bias:
+            needs.add(LOGIT_BIAS)
+        if self.prompt_tokens is not None:
+            needs.add(TOKEN_PROMPT)
+        return frozenset(needs)
+
+    @property
+    def can_resume(self) -> bool:
+        """Whether another backend can carry on from text already sent: not for several choices, tool calls,
+        constrained output (a grammar cannot restart in the middle) or a prompt of token ids."""
+        return (self.n == 1 and self.constraint is None and self.prompt_tokens is None
+                and (self.tools is None or self.tools.mode == "none"))
 
 
 @dataclass(frozen=True)
@@ -40,8 +70,19 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call: its first piece has `id` and `name`, the rest `arguments` text to append."""
+
+    index: int  # the call's place among its choice's calls
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Delta:
-    """A piece of generated text. The last delta has `finish_reason`; counts are cumulative for the job.
+    """A piece of generated text of choice `index`. The last delta of a choice has `finish_reason`; counts
+    are cumulative for the choice.
 
     `logprobs` holds the tokens behind `text` when the job asked for log-probabilities (else empty).
     """
@@ -51,6 +92,8 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +120,30 @@ class BackendStats:
         if self.kv_used_cells is None or not self.kv_total_cells:
             return None
         return self.kv_used_cells / self.kv_total_cells
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One vector per input, in order, and the tokens the inputs took."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+EmbeddingInput = str | tuple[int, ...]
+
+
+@runtime_checkable
+class Embeds(Protocol):
+    """Optional: a backend that can embed (/v1/embeddings)."""
+
+    async def embed(self, inputs: list[EmbeddingInput]) -> EmbeddingResult: ...
+
+
+def supported_features(backend: object) -> frozenset[str]:
+    """The features a backend declares (its `features` attribute); none for one that declares nothing."""
+    declared = getattr(backend, "features", None)
+    return frozenset(declared) if declared is not None else frozenset()
 
 
 @runtime_checkable

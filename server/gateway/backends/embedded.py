@@ -14,20 +14,26 @@ from server.engine.errors import (
     EngineError,
     EngineNotReadyError,
     EngineStoppedError,
+    InvalidGrammarError,
     InvalidTokenError,
     PromptTooLongError,
 )
-from server.engine.types import StreamEvent
+from server.engine.types import SamplingParams, StreamEvent
 from server.gateway.backends.base import (
     BackendError,
     BackendStats,
     BackendUnavailableError,
     ContextLengthExceededError,
     Delta,
+    EmbeddingInput,
+    EmbeddingResult,
     GenerationJob,
     TokenLogprob,
 )
+from server.gateway.backends.features import ALL_FEATURES, EMBEDDINGS
 from server.gateway.settings import GatewaySettings
+from server.gateway.tool_parser import route, with_tool_calls
+from server.gateway.tool_prompt import call_grammar, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,13 @@ class EmbeddedBackend:
 
     name = "embedded"
 
-    def __init__(self, config: EngineConfig, model_id: str | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_id: str | None = None, *,
+                 generic_tool_prompt: bool = False) -> None:
         self.config = config
         self.model_id = model_id or config.model_file().stem
+        # tool_choice auto on a model whose template cannot render tools: edgeserve's prompt, or a 400.
+        self.generic_tool_prompt = generic_tool_prompt
+        self.features = ALL_FEATURES if config.pooling != "none" else ALL_FEATURES - {EMBEDDINGS}
         self._engine: Engine | None = None
         self._batch_size_steps: dict[int, int] = {}
         self._step_tokens_steps: dict[int, int] = {}
@@ -47,7 +57,8 @@ class EmbeddedBackend:
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> EmbeddedBackend:
         """The engine exactly as the settings describe it: its config is taken whole, not rebuilt."""
-        return cls(settings.engine, model_id=settings.model_name)
+        return cls(settings.engine, model_id=settings.model_name,
+                   generic_tool_prompt=settings.tool_prompt == "generic")
 
     # --- Backend protocol -----------------------------------------------------------------------------------
 
@@ -76,13 +87,35 @@ class EmbeddedBackend:
     def _render(self, job: GenerationJob) -> str:
         assert self._engine is not None
         if job.kind == "chat":
-            return self._engine.apply_chat_template(list(job.messages)) + job.continuation
+            prompt = render_chat(self._engine.chat_template, job.messages, job.tools,
+                                 generic_for_auto=self.generic_tool_prompt)
+            return prompt + job.continuation
         return job.prompt + job.continuation
+
+    def _tokens(self, job: GenerationJob) -> list[int]:
+        assert self._engine is not None
+        if job.prompt_tokens is not None:
+            return list(job.prompt_tokens)
+        return self._engine.tokenize(self._render(job))
 
     def count_prompt_tokens(self, job: GenerationJob) -> int | None:
         if self._engine is None:
             return None
-        return len(self._engine.tokenize(self._render(job)))
+        return len(self._tokens(job))
+
+    @staticmethod
+    def _choice_params(job: GenerationJob) -> list[SamplingParams]:
+        """One SamplingParams per choice: the grammar of the constraint or of a forced tool call, and seeds
+        seed, seed + 1, ... so that the choices differ yet repeat."""
+        params = job.params
+        grammar = job.constraint.grammar if job.constraint is not None else None
+        if grammar is None and job.tools is not None:
+            grammar = call_grammar(job.tools)
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
+        if job.n == 1 or params.seed is None:
+            return [params] * job.n
+        return [dataclasses.replace(params, seed=params.seed + i) for i in range(job.n)]
 
     def generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
         return self._generate(job)
@@ -98,24 +131,28 @@ class EmbeddedBackend:
             raise BackendError(f"cannot render the chat template: {exc}", status_code=400,
                                code="invalid_request_error", retryable=False, param="messages") from exc
         want_logprobs = job.params.logprobs is not None
-        stream: AsyncIterator[StreamEvent] | None = None
+        stream: AsyncIterator[tuple[int, StreamEvent]] | None = None
+        tool_streams = with_tool_calls(job.tools)
         try:
-            params = job.params
-            tokens = engine.tokenize(prompt)
+            tokens = self._tokens(job) if job.prompt_tokens is not None else engine.tokenize(prompt)
+            choices = self._choice_params(job)
             if job.extra.get("max_tokens_explicit") is False:
                 # No limit was asked for: generate up to the end of this engine's context window.
                 room = engine.n_ctx - len(tokens)
-                if room >= 1 and params.max_tokens > room:
-                    params = dataclasses.replace(params, max_tokens=room)
+                if room >= 1 and choices[0].max_tokens > room:
+                    choices = [dataclasses.replace(p, max_tokens=room) for p in choices]
             # The engine checks the prompt length when the stream is created, before anything is queued.
-            stream = engine.generate(tokens, params)
-            async for event in stream:
-                yield self._delta(event, want_logprobs)
+            stream = engine.generate_choices(tokens, choices)
+            async for index, event in stream:
+                yield route(tool_streams, job.tools, self._delta(event, want_logprobs, index))
         except PromptTooLongError as exc:
             raise ContextLengthExceededError(str(exc), param=param) from exc
         except InvalidTokenError as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param=exc.where if exc.where == "logit_bias" else param) from exc
+        except InvalidGrammarError as exc:
+            raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
+                               param="grammar") from exc
         except EmptyPromptError as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param=param) from exc
@@ -126,12 +163,12 @@ class EmbeddedBackend:
         except EngineError as exc:
             raise BackendError(str(exc), status_code=500, code="engine_error", retryable=True) from exc
         finally:
-            # Closing the engine's stream cancels the sequence and frees its KV within one step.
+            # Closing the engine's stream cancels the sequences and frees their KV within one step.
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
 
-    def _delta(self, event: StreamEvent, want_logprobs: bool) -> Delta:
+    def _delta(self, event: StreamEvent, want_logprobs: bool, index: int = 0) -> Delta:
         if event.finish_reason == "error":
             raise BackendError(event.text or "the engine failed on this request", status_code=500,
                                code="engine_error", retryable=True)
@@ -148,7 +185,29 @@ class EmbeddedBackend:
         finish = event.finish_reason if event.finish_reason in ("stop", "length") else (
             "stop" if event.finish_reason is not None else None)
         return Delta(text=event.text, finish_reason=finish, prompt_tokens=event.prompt_tokens,
-                     completion_tokens=event.completion_tokens, logprobs=logprobs)
+                     completion_tokens=event.completion_tokens, logprobs=logprobs, index=index)
+
+    # --- embeddings -----------------------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[EmbeddingInput]) -> EmbeddingResult:
+        engine = self._engine
+        if engine is None or not engine.is_ready:
+            raise BackendUnavailableError("the embedded engine is not loaded")
+        if not engine.can_embed:
+            raise BackendError("embeddings are off on this server (pooling none)", status_code=400,
+                               code="unsupported_feature", retryable=False, param="model")
+        try:
+            # On a worker thread: the embedding context has its own lock and never blocks the decode loop.
+            result = await asyncio.to_thread(engine.embed, inputs)
+        except PromptTooLongError as exc:
+            raise ContextLengthExceededError(f"an input is too long: {exc}", param="input") from exc
+        except (InvalidTokenError, EmptyPromptError) as exc:
+            raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
+                               param="input") from exc
+        except EngineError as exc:
+            raise BackendError(str(exc), status_code=500, code="engine_error") from exc
+        vectors = tuple(tuple(float(x) for x in v) for v in result.vectors)
+        return EmbeddingResult(vectors, result.prompt_tokens)
 
     def placement(self) -> dict[str, object] | None:
         """Where the engine runs: devices, layers offloaded, this llama.cpp build's GPU support."""

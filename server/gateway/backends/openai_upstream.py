@@ -14,7 +14,16 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from server.gateway.backends.base import BackendError, BackendUnavailableError, Delta, GenerationJob
+from server.gateway.backends.base import (
+    BackendError,
+    BackendUnavailableError,
+    Delta,
+    EmbeddingInput,
+    EmbeddingResult,
+    GenerationJob,
+)
+from server.gateway.backends.dialects import DEFAULT_DIALECT, OWNERS, Dialect, dialect
+from server.gateway.backends.fanout import merged_choices
 from server.gateway.backends.upstream_errors import map_error, parse_json
 from server.gateway.backends.upstream_protocol import (
     EmptyStreamError,
@@ -35,7 +44,8 @@ class OpenAIUpstreamBackend:
 
     def __init__(self, base_url: str, *, api_key: str | None = None, n_parallel: int = 4,
                  n_ctx: int | None = None, model: str | None = None, connect_timeout_s: float = 5.0,
-                 health_interval_s: float = 2.0, health_url: str | None = None) -> None:
+                 health_interval_s: float = 2.0, health_url: str | None = None, dialect_name: str = "auto",
+                 capabilities: frozenset[str] | None = None) -> None:
         root = base_url.rstrip("/")
         self.base_url = root[: -len("/v1")] if root.endswith("/v1") else root
         self._api_key = api_key
@@ -51,6 +61,19 @@ class OpenAIUpstreamBackend:
         self._client: httpx.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
         self._is_healthy = False
+        # "auto": found out from /v1/models' owned_by once the upstream answers.
+        self._dialect: Dialect | None = None if dialect_name == "auto" else dialect(dialect_name)
+        self._capabilities = capabilities
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect or dialect(DEFAULT_DIALECT)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What the upstream's dialect supports, narrowed by the configured capabilities."""
+        found = self.dialect.features
+        return found & self._capabilities if self._capabilities is not None else found
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> OpenAIUpstreamBackend:
@@ -59,7 +82,8 @@ class OpenAIUpstreamBackend:
         return cls(settings.upstream_url, api_key=settings.upstream_api_key,
                    n_parallel=settings.engine.n_parallel, n_ctx=settings.upstream_n_ctx,
                    connect_timeout_s=settings.upstream_connect_timeout_s,
-                   health_interval_s=settings.upstream_health_interval_s)
+                   health_interval_s=settings.upstream_health_interval_s,
+                   dialect_name=settings.upstream_dialect)
 
     @property
     def n_ctx(self) -> int:
@@ -124,7 +148,7 @@ class OpenAIUpstreamBackend:
         if healthy != self._is_healthy:
             log.info("upstream %s is %s", self.base_url, "up" if healthy else "down")
         self._is_healthy = healthy
-        if healthy and (self._n_ctx_seen is None or self.model_id is None):
+        if healthy and (self._n_ctx_seen is None or self.model_id is None or self._dialect is None):
             await self._discover()
 
     async def _discover(self) -> None:
@@ -132,6 +156,9 @@ class OpenAIUpstreamBackend:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             models = (await self._client.get("/v1/models", timeout=self._connect_timeout_s)).json()
             card = models["data"][0]
+            if self._dialect is None:
+                self._dialect = dialect(OWNERS.get(str(card.get("owned_by")), DEFAULT_DIALECT))
+                log.info("upstream %s speaks the %s dialect", self.base_url, self._dialect.name)
             if not self._model_fixed and card.get("id"):
                 self.model_id = str(card["id"])
             # vLLM, SGLang and edgeserve report max_model_len.
@@ -145,7 +172,31 @@ class OpenAIUpstreamBackend:
                 self._n_ctx_seen = int(props.json()["default_generation_settings"]["n_ctx"])
 
     def generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
+        if job.n > 1 and not self.dialect.native_n:
+            # A server without `n`: one request per choice (seeds seed, seed + 1, ...), merged by index.
+            return merged_choices(job, self._generate)
         return self._generate(job)
+
+    async def embed(self, inputs: list[EmbeddingInput]) -> EmbeddingResult:
+        if self._client is None:
+            raise BackendUnavailableError("the upstream backend is not started")
+        body = {"model": self.model_id or "", "input": [x if isinstance(x, str) else list(x) for x in inputs]}
+        try:
+            response = await self._client.post("/v1/embeddings", json=body)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailableError(f"upstream {self.base_url} failed: {exc!r}") from exc
+        raw = response.text
+        if response.status_code != 200:
+            raise map_error(response.status_code, parse_json(raw), "completion", text=raw[:500])
+        try:
+            answer = response.json()
+            data = sorted(answer["data"], key=lambda d: int(d.get("index", 0)))
+            vectors = tuple(tuple(float(x) for x in d["embedding"]) for d in data)
+            tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"upstream {self.base_url} sent no embeddings: {exc!r}", status_code=502,
+                               code="upstream_error") from exc
+        return EmbeddingResult(vectors, tokens)
 
     async def _send(self, path: str, body: dict[str, object]) -> httpx.Response:
         """POST with the response body left to stream; the caller closes the response."""
@@ -167,7 +218,7 @@ class OpenAIUpstreamBackend:
         path = "/v1/chat/completions" if job.kind == "chat" else "/v1/completions"
         model = self.model_id or job.model
         try:
-            response = await self._send(path, request_body(job, model))
+            response = await self._send(path, request_body(job, model, dialect=self.dialect))
             try:
                 if response.status_code != 200:
                     raw = (await response.aread()).decode(errors="replace")
@@ -177,7 +228,8 @@ class OpenAIUpstreamBackend:
             except EmptyStreamError:
                 # Nothing reached the client yet: ask once more without streaming for the answer or the error.
                 await response.aclose()
-                response = await self._send(path, request_body(job, model, stream=False))
+                body = request_body(job, model, stream=False, dialect=self.dialect)
+                response = await self._send(path, body)
                 raw = (await response.aread()).decode(errors="replace")
                 if response.status_code != 200:
                     raise map_error(response.status_code, parse_json(raw), job.kind, text=raw[:500]) from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
-from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob
+from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob, ToolCallDelta
+from server.gateway.backends.dialects import DIALECTS, Dialect, extra_fields
 from server.gateway.backends.upstream_errors import is_error_payload, map_error, parse_json
 
 
@@ -25,8 +26,9 @@ class EmptyStreamError(BackendError):
     retryable = True
 
 
-def request_body(job: GenerationJob, model: str, *, stream: bool = True) -> dict[str, Any]:
-    """The upstream request for `job`: OpenAI fields plus the llama.cpp / SGLang extras that are set."""
+def request_body(job: GenerationJob, model: str, *, stream: bool = True,
+                 dialect: Dialect = DIALECTS["edgeserve"]) -> dict[str, Any]:
+    """The upstream request for `job`: OpenAI fields plus the extras that are set, in `dialect`."""
     p = job.params
     body: dict[str, Any] = {"model": model, "stream": stream}
     if stream:
@@ -44,10 +46,6 @@ def request_body(job: GenerationJob, model: str, *, stream: bool = True) -> dict
         body["max_tokens"] = p.max_tokens
     body["temperature"] = p.temperature
     body["top_p"] = p.top_p
-    if p.top_k:
-        body["top_k"] = p.top_k
-    if p.min_p:
-        body["min_p"] = p.min_p
     if p.repeat_penalty != 1.0:
         body["repeat_penalty"] = p.repeat_penalty  # llama-server's name
         body["repetition_penalty"] = p.repeat_penalty  # SGLang's and vLLM's
@@ -67,6 +65,7 @@ def request_body(job: GenerationJob, model: str, *, stream: bool = True) -> dict
             body["top_logprobs"] = p.logprobs
         else:
             body["logprobs"] = p.logprobs
+    body.update(extra_fields(job, dialect))
     return body
 
 
@@ -110,13 +109,27 @@ def _choice_text(choice: dict[str, Any], kind: str) -> str:
     return str(choice.get("text") or "")
 
 
+def _tool_calls(choice: dict[str, Any]) -> tuple[ToolCallDelta, ...]:
+    """OpenAI tool_calls (stream deltas or a whole message's calls) as ToolCallDeltas."""
+    body = choice.get("delta") or choice.get("message") or {}
+    out = []
+    for i, call in enumerate(body.get("tool_calls") or ()):
+        if not isinstance(call, dict):
+            continue
+        fn = call.get("function") or {}
+        out.append(ToolCallDelta(index=int(call.get("index", i)), id=call.get("id"), name=fn.get("name"),
+                                 arguments=str(fn.get("arguments") or "")))
+    return tuple(out)
+
+
 async def stream_deltas(lines: AsyncIterable[str], job: GenerationJob) -> AsyncIterator[Delta]:
-    """Deltas from an upstream SSE stream. The finish goes out last, with the counts of the usage chunk
-    (which follows the finish chunk). Errors in the stream raise mapped BackendErrors."""
+    """Deltas from an upstream SSE stream, each with its choice's index. The finishes go out last, with the
+    counts of the usage chunk (which follows the finish chunks). Errors in the stream raise mapped
+    BackendErrors."""
     prompt_tokens = 0
     reported_tokens: int | None = None
-    chunks_seen = 0
-    finish_reason: str | None = None
+    chunks_seen: dict[int, int] = {}
+    finish: dict[int, str] = {}
     saw_event = saw_done = False
     async for line in lines:
         if not line or line.startswith(":"):
@@ -144,36 +157,45 @@ async def stream_deltas(lines: AsyncIterable[str], job: GenerationJob) -> AsyncI
             if usage.get("completion_tokens") is not None:
                 reported_tokens = int(usage["completion_tokens"])
         for choice in chunk.get("choices") or ():
+            index = int(choice.get("index") or 0)
             text = _choice_text(choice, job.kind)
             logprobs = chunk_logprobs(choice, job.kind)
-            if text or logprobs:
+            calls = _tool_calls(choice) if job.kind == "chat" else ()
+            if text or logprobs or calls:
                 # Until usage arrives, count about one token per chunk (what streaming servers send).
-                chunks_seen += 1
-                yield Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=chunks_seen,
-                            logprobs=logprobs)
+                chunks_seen[index] = chunks_seen.get(index, 0) + 1
+                yield Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=chunks_seen[index],
+                            logprobs=logprobs, index=index, tool_calls=calls)
             if choice.get("finish_reason"):
-                finish_reason = str(choice["finish_reason"])
+                finish[index] = str(choice["finish_reason"])
     if not saw_event:
         raise EmptyStreamError("the upstream closed the stream without sending anything")
-    if finish_reason is None and not saw_done:
+    if len(finish) < job.n and not saw_done:
         raise BackendError("the upstream stream ended before the answer was complete", status_code=502,
                            code="upstream_truncated", retryable=False)
-    yield Delta(text="", finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
-                completion_tokens=reported_tokens if reported_tokens is not None else chunks_seen)
+    for index in range(max(job.n, len(finish))):
+        # With one choice the usage chunk's count is exact; with several it is their sum.
+        tokens = reported_tokens if reported_tokens is not None and job.n == 1 else chunks_seen.get(index, 0)
+        yield Delta(text="", finish_reason=finish.get(index, "stop"), prompt_tokens=prompt_tokens,
+                    completion_tokens=tokens, index=index)
 
 
 def answer_deltas(answer: Any, job: GenerationJob) -> list[Delta]:
-    """The deltas of a non-streamed upstream answer (one text delta and the finish)."""
+    """The deltas of a non-streamed upstream answer (per choice: its text and calls, then its finish)."""
     if not isinstance(answer, dict) or not answer.get("choices"):
         raise BackendError("the upstream answer has no choices", status_code=502, code="upstream_error")
-    choice = answer["choices"][0]
     usage = answer.get("usage") or {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
     completion_tokens = int(usage.get("completion_tokens") or 0)
-    text = _choice_text(choice, job.kind)
     deltas = []
-    if text:
-        deltas.append(Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
-    deltas.append(Delta(text="", finish_reason=str(choice.get("finish_reason") or "stop"),
-                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+    for choice in answer["choices"]:
+        index = int(choice.get("index") or 0)
+        text = _choice_text(choice, job.kind)
+        calls = _tool_calls(choice) if job.kind == "chat" else ()
+        tokens = completion_tokens if len(answer["choices"]) == 1 else 0
+        if text or calls:
+            deltas.append(Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=tokens, index=index,
+                                tool_calls=calls))
+        deltas.append(Delta(text="", finish_reason=str(choice.get("finish_reason") or "stop"),
+                            prompt_tokens=prompt_tokens, completion_tokens=tokens, index=index))
     return deltas

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.gateway.formatting import ChatFormatter, CompletionFormatter
-from server.gateway.generation import collect, start_job
+from server.gateway.formatting import ChatFormatter, CompletionFormatter, Formatter
+from server.gateway.generation import RunningJob, collect, start_job
 from server.gateway.jobs import chat_job, completion_job
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.gateway.served_models import check_model, served_names
 from server.gateway.state import StateDep, verify_api_key
 from server.gateway.streaming import JobStreamingResponse
 
@@ -18,39 +19,44 @@ CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 
 
+async def _answer(request: Request, running: RunningJob, formatter: Formatter, stream: bool,
+                  include_usage: bool) -> Response:
+    if stream:
+        return JobStreamingResponse(running, formatter, include_usage)
+    await collect(request, running)
+    return JSONResponse(formatter.response(running.choices.ordered(), running.usage))
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
     """Chat completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
+    check_model(state, body.model)
     job = chat_job(body, state.backend, state.model_id, state.sampling_defaults)
-    formatter = ChatFormatter(state.model_id, want_logprobs=body.logprobs)
+    formatter = ChatFormatter(state.model_id, want_logprobs=body.logprobs, n=body.n)
     running = await start_job(request, state, job, CHAT_ROUTE)
-    if body.stream:
-        return JobStreamingResponse(running, formatter, body.wants_usage_chunk)
-    text = await collect(request, running)
-    return JSONResponse(formatter.response(text, running.logprobs, running.finish_reason, running.usage))
+    return await _answer(request, running, formatter, body.stream, body.wants_usage_chunk)
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Response:
     """Text completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
+    check_model(state, body.model)
     job = completion_job(body, state.backend, state.model_id, state.settings.default_completion_max_tokens,
                          state.sampling_defaults)
     formatter = CompletionFormatter(state.model_id, want_logprobs=body.logprobs is not None,
-                                    echo_prompt=body.prompt_text() if body.echo else None)
+                                    echo_prompt=body.prompt_text() if body.echo else None, n=body.n)
     running = await start_job(request, state, job, COMPLETIONS_ROUTE)
-    if body.stream:
-        return JobStreamingResponse(running, formatter, body.wants_usage_chunk)
-    text = await collect(request, running)
-    return JSONResponse(formatter.response(text, running.logprobs, running.finish_reason, running.usage))
+    return await _answer(request, running, formatter, body.stream, body.wants_usage_chunk)
 
 
 @router.get("/models")
 async def models(state: StateDep) -> ModelList:
-    """The one model this gateway serves (none once it failed to load)."""
+    """The model this gateway serves, under each name it answers to."""
     if state.load_error is not None:
         state.require_ready()
     n_ctx = state.backend.n_ctx if state.is_ready() else None
-    return ModelList(data=[ModelCard(id=state.model_id, created=state.created, max_model_len=n_ctx,
-                                     sampling_defaults=state.sampling_defaults.as_dict())])
+    return ModelList(data=[ModelCard(id=name, created=state.created, max_model_len=n_ctx,
+                                     sampling_defaults=state.sampling_defaults.as_dict())
+                           for name in served_names(state)])
