@@ -22,6 +22,7 @@ from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import LaunchPlan
 from server.launch.resolve import (
     PlanError,
+    cpu_wait_env,
     gpu_env,
     pick_backend_sampling,
     pick_batches,
@@ -96,7 +97,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
         backend_sampling=backend_sampling,
         enable_metrics=bool(metrics),
         api_key=ctx.request.api_key,
-        env=gpu_env(ctx.gpus, ctx.card_id),
+        env=gpu_env(ctx.gpus, ctx.card_id) | cpu_wait_env(settings.n_threads, log),
         reasons=log.freeze(),
     )
     return plan.model_copy(update={"argv": render(plan)})

@@ -157,6 +157,16 @@ def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> int | 
     return int(value)
 
 
+def cpu_wait_env(n_threads: int | None, log: ReasonLog) -> dict[str, str]:
+    """With layers on the CPU: llama.cpp's OpenMP threads sleep while they wait instead of spinning (see
+    server/__init__.py: spinning threads on shared cores made a step take a scheduler slice per barrier)."""
+    if n_threads is None:
+        return {}
+    log.add("OMP_WAIT_POLICY", "PASSIVE", "derived",
+            "CPU threads sleep at barriers: a busy neighbour slows a step, it does not stall it")
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def pick_port(ctx: BuildContext, default: int, what: str, log: ReasonLog) -> int:
     if ctx.request.port is not None:
         log.add("port", ctx.request.port, "cli", "--port")

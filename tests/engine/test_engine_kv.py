@@ -171,8 +171,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 def _tiny_engine(path: str) -> Engine:
     # 256 tokens per sequence, 512 cells for the two
-    return Engine(EngineConfig(model_path=path, n_ctx=256, n_parallel=2, n_batch=64, n_ubatch=64,
-                               n_threads=1))
+    return Engine(EngineConfig(model_path=path, n_ctx=256, n_parallel=2, n_batch=64, n_ubatch=64))
 
 
 def test_model_without_chat_template_uses_chatml(tiny_model: str, drive) -> None:

@@ -41,7 +41,7 @@ CASES: dict[str, dict[str, object]] = {
 }
 
 
-def _engine(threads: int, backend_sampling: bool | None, **kw: object) -> Engine:
+def _engine(threads: int | None, backend_sampling: bool | None, **kw: object) -> Engine:
     config = dict(model_path=str(smollm2_path()), n_ctx=256, n_parallel=SLOTS, n_batch=512,
                   n_threads=threads, backend_sampling=backend_sampling)
     config.update(kw)
@@ -51,7 +51,7 @@ def _engine(threads: int, backend_sampling: bool | None, **kw: object) -> Engine
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["in_graph", "on_host"])
-def engine(request: pytest.FixtureRequest, engine_threads: int):
+def engine(request: pytest.FixtureRequest, engine_threads: int | None):
     # in the graph as on a GPU: with the events of a step sent while the next one runs
     eng = _engine(engine_threads, request.param, overlap=request.param)
     yield eng
@@ -233,7 +233,7 @@ def test_logprobs_and_in_graph_requests_share_a_step(engine: Engine, prompt_toke
 
 
 @pytest.mark.slow
-def test_in_graph_sampling_survives_preemption(drive, engine_threads: int) -> None:
+def test_in_graph_sampling_survives_preemption(drive, engine_threads: int | None) -> None:
     # Four sequences that each grow to ~100 tokens in a unified pool cut down to 256 cells after start-up (a
     # configuration never outgrows its pool: preemption is the safety net): they cannot all fit, so the
     # newest are preempted and recomputed; their chains leave the graph and come back as clones.
@@ -257,7 +257,7 @@ def test_in_graph_sampling_survives_preemption(drive, engine_threads: int) -> No
         eng.stop()
 
 
-def test_automatic_choice_keeps_sampling_on_the_host_without_a_gpu(drive, engine_threads: int) -> None:
+def test_automatic_choice_keeps_sampling_on_the_host_without_a_gpu(drive, engine_threads: int | None) -> None:
     if lc.llama_supports_gpu_offload():
         pytest.skip("this llama.cpp build offloads to a GPU")
     eng = _engine(engine_threads, None, n_ctx=256, n_parallel=1, n_gpu_layers=-1)
@@ -282,7 +282,7 @@ def test_sorts_vocabulary_picks_top_p_without_top_k() -> None:
 def test_choices_compute_the_prompt_once(kv_unified: bool) -> None:
     # The later choices copy the first one's prompt KV (a whole stream per sequence, or shared cells in a
     # unified pool) and feed only the prompt's last token: greedy choices come out the same as one alone.
-    engine = Engine(EngineConfig(n_ctx=256, n_parallel=3, n_threads=1, kv_unified=kv_unified))
+    engine = Engine(EngineConfig(n_ctx=256, n_parallel=3, kv_unified=kv_unified))
     engine.start()
     try:
         prompt = engine.tokenize("Once upon a time, in a small village by the sea, there lived")
@@ -304,7 +304,7 @@ def test_choices_compute_the_prompt_once(kv_unified: bool) -> None:
 
 
 def test_grammar_constrains_sampling_and_bans_stay_finite_behind_it() -> None:
-    engine = Engine(EngineConfig(n_ctx=256, n_parallel=1, n_threads=1))
+    engine = Engine(EngineConfig(n_ctx=256, n_parallel=1))
     engine.start()
     try:
         prompt = engine.tokenize("Is the sky blue? Answer:")

@@ -228,7 +228,7 @@ def test_backend_that_cannot_fit_is_left_out_with_the_reason(loop: LoopThread,
                                                              embedded: EmbeddedBackend) -> None:
     # 256 sequences of SmolLM2's whole 8192-token context: a KV cache of about 45 GiB, refused before
     # anything is allocated.
-    config = EngineConfig(model_path=str(smollm2_path()), n_ctx=8192, n_parallel=256, n_threads=1)
+    config = EngineConfig(model_path=str(smollm2_path()), n_ctx=8192, n_parallel=256)
     ram = available_ram()
     if ram is None or ram.free_bytes > 40 * GIB:
         pytest.skip("free RAM unknown, or enough for a 45 GiB KV cache")

@@ -64,7 +64,7 @@ def _refused_soon(url: str) -> bool:
 
 
 def test_sigterm_ends_every_stream_properly_and_the_server_exits(tmp_path: Path) -> None:
-    server = start_edgeserve(["--n-parallel", "2", "--n-ctx", "2048", "--n-threads", "1",
+    server = start_edgeserve(["--n-parallel", "2", "--n-ctx", "2048",
                               "--shutdown-grace-s", str(GRACE_S)], tmp_path / "serve.log").wait_ready()
     try:
         long: dict[str, object] = {}
@@ -108,7 +108,7 @@ def _fails_to_start(args: list[str], log: Path) -> tuple[int | None, str]:
 def test_a_damaged_model_makes_serve_exit_with_the_reason(tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(smollm2_path().read_bytes()[: 4 * 1024 * 1024])  # a truncated download
-    code, log = _fails_to_start(["--model-path", str(broken), "--n-threads", "1"], tmp_path / "serve.log")
+    code, log = _fails_to_start(["--model-path", str(broken)], tmp_path / "serve.log")
     assert code == FATAL_EXIT, log
     assert "failed to load" in log
 
@@ -120,7 +120,7 @@ def test_settings_that_cannot_fit_are_refused_with_what_would(tmp_path: Path) ->
     n_parallel = math.ceil(2 * ram.free_bytes / SMOLLM2_SEQ_KV_BYTES)
     if n_parallel > 256:
         pytest.skip(f"{ram.free_bytes} bytes free: no SmolLM2 setting of 256 sequences fails to fit")
-    code, log = _fails_to_start(["--n-parallel", str(n_parallel), "--n-ctx", "8192", "--n-threads", "1"],
+    code, log = _fails_to_start(["--n-parallel", str(n_parallel), "--n-ctx", "8192"],
                                 tmp_path / "serve.log")
     assert code == FATAL_EXIT, log
     assert "does not fit" in log and f"{n_parallel} x 8,192 tokens" in log
@@ -128,7 +128,7 @@ def test_settings_that_cannot_fit_are_refused_with_what_would(tmp_path: Path) ->
 
 
 def test_a_model_that_failed_to_load_is_reported_as_dead(tmp_path: Path) -> None:
-    settings = GatewaySettings(engine=EngineConfig(model_path=str(tmp_path / "missing.gguf"), n_threads=1),
+    settings = GatewaySettings(engine=EngineConfig(model_path=str(tmp_path / "missing.gguf")),
                                enable_gpu_metrics=False)
     with TestClient(create_app(settings)) as client:
         state = client.app.state.gateway  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path:
                        rpc_port=free_port(), nodes=({"host": "127.0.0.1"}, {"host": "127.0.0.2"},
                                                     {"host": "127.0.0.3"}))
     toolchain = Toolchain(python=sys.executable, llama_server=llama_server, cpu_threads=1)
-    request = LaunchRequest(port=free_port(), n_parallel=1, n_ctx=512, n_threads=1)
+    request = LaunchRequest(port=free_port(), n_parallel=1, n_ctx=512)
     commands = cluster_commands(
         spec, request, lambda r: make_plan(r, toolchain=toolchain, target=CpuTarget(ram_bytes=16 * GIB)))
     head, *workers = commands

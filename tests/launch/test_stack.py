@@ -29,7 +29,7 @@ EDGESERVE = (sys.executable, "-m", "server.cli.app")
 
 def test_the_gateway_in_front_serves_and_a_stop_drains_it_first() -> None:
     toolchain = Toolchain(python=sys.executable, edgeserve=EDGESERVE, cpu_threads=1)
-    request = LaunchRequest(backend="embedded", card="cpu", n_parallel=2, n_ctx=1024, n_threads=1,
+    request = LaunchRequest(backend="embedded", card="cpu", n_parallel=2, n_ctx=1024,
                             port=free_port(), shutdown_grace_s=2)
     backend = make_plan(request, toolchain=toolchain, target=CpuTarget(ram_bytes=16 * GIB))
     front = gateway_plan(backend, program=EDGESERVE, host="127.0.0.1", port=free_port(), api_key=None)

@@ -29,7 +29,7 @@ LEVELS = ("Q8_0", "Q6_K", "Q4_K_M")
 
 
 def run_cli(*args: str) -> Any:
-    return CliRunner().invoke(app, ["quantize", *args, "--threads", "1"])
+    return CliRunner().invoke(app, ["quantize", *args])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_q4_k_m_has_the_q4_k_q6_k_mix_llama_cpp_makes(
     assert (
         types["token_embd.weight"] == types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
     )
-    with LlamaSession(out, n_ctx=64, n_threads=1) as session:
+    with LlamaSession(out, n_ctx=64) as session:
         run = session.greedy("Once upon a time", 5, stop_at_eog=False)
     assert len(run.tokens) == 5
 
@@ -216,7 +216,7 @@ def test_llama_cpp_failure_midway_leaves_nothing(src: Path, tmp_path: Path) -> N
 
 
 def test_interrupt_leaves_nothing(src: Path, tmp_path: Path) -> None:
-    plan = prepare(src, resolve_level("Q6_K"), QuantizeOptions(out=tmp_path / "i.gguf", n_threads=1))
+    plan = prepare(src, resolve_level("Q6_K"), QuantizeOptions(out=tmp_path / "i.gguf"))
     seen: list[TensorProgress] = []
 
     def interrupt(p: TensorProgress) -> None:

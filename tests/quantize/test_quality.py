@@ -30,7 +30,7 @@ def test_perplexity_follows_llama_perplexity_windows_and_knows_english() -> None
     text = default_eval_text().read_text(encoding="utf-8")
     words = text.split()
     random.Random(0).shuffle(words)
-    with LlamaSession(smollm2_path(), n_ctx=EVAL_CTX, n_threads=1) as session:
+    with LlamaSession(smollm2_path(), n_ctx=EVAL_CTX) as session:
         real = perplexity(session, text, max_tokens=EVAL_TOKENS)
         shuffled = perplexity(session, " ".join(words), max_tokens=EVAL_TOKENS)
         with pytest.raises(EvalTextTooShortError):

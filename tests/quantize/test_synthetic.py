@@ -56,9 +56,9 @@ def test_every_tokenizer_key_is_copied_chat_template_included(tiny_f16: Path) ->
 
 def test_llama_cpp_loads_it_and_tokenizes_like_the_real_model(tiny_f16: Path) -> None:
     text = "Hello world, this is edgeserve: 12345 tokens!"
-    with LlamaSession(smollm2_path(), n_ctx=64, n_threads=1) as real:
+    with LlamaSession(smollm2_path(), n_ctx=64) as real:
         expected = real.tokenize(text)
-    with LlamaSession(tiny_f16, n_ctx=64, n_threads=1) as session:
+    with LlamaSession(tiny_f16, n_ctx=64) as session:
         assert session.tokenize(text) == expected
         logits = session.decode(session.tokenize(text), 0, 0)
         run = session.greedy("The quick brown fox", 6, stop_at_eog=False)
