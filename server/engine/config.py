@@ -20,6 +20,8 @@ from quantize.model.kv_types import LLAMA_KV_TYPES, is_quantized_kv, kv_ggml_typ
 
 # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
 MAX_SEQUENCES = 256
+# Over this many slots on a GPU the engine's defaults turn to one KV pool and host sampling (EngineConfig).
+MANY_STREAMS = 32
 # The one lower bound of a sequence's context, wherever an n_ctx enters (CLI, profile, chain, engine).
 MIN_N_CTX = 16
 
@@ -41,16 +43,19 @@ class EngineConfig(BaseModel):
 
     Without `kv_unified` (as llama-server with -np) every sequence owns its n_ctx cells and computes the same
     bits whatever else shares its step, so greedy output does not depend on the load; but llama.cpp cuts a
-    step that mixes decoding and prefilling sequences into pieces that take an equal share of each (on an
-    H200 with 64 streams and mixed prompt lengths, 3x slower). With `kv_unified` the sequences share one pool
-    of the same size: such a step goes in whole, a prefix can be shared between running sequences (and the
-    newest is preempted should they ever outgrow the pool together); but llama.cpp's attention kernels then
-    see the whole step, so the last bits of a logit (and rarely a near-tie greedy token) depend on what else
-    runs. Left None it is unified where the output layer is on a GPU and per sequence on the CPU.
-    `backend_sampling` runs sampler chains inside llama.cpp's decode graph instead of on the host after the
-    step; measured on an H200, a chain in the graph costs more decode time than a top-k-first chain costs on
-    the host, so None puts in the graph (on a GPU) only the chains that would sort the whole vocabulary on
-    the host: top-p without top-k. `overlap` turns a step's tokens into text and events while the device
+    step that mixes decoding and prefilling sequences into pieces that take an equal share of each, and with
+    many streams and mixed prompt lengths such steps come apart into many pieces. With `kv_unified` the
+    sequences share one pool of the same size: such a step goes in whole, a prefix can be shared between
+    running sequences (and the newest is preempted should they ever outgrow the pool together); but
+    llama.cpp's attention kernels then see the whole step, so the last bits of a logit (and rarely a near-tie
+    greedy token) depend on what else runs. `backend_sampling` runs sampler chains inside llama.cpp's decode
+    graph instead of on the host after the step. Left None, both follow what was measured through the
+    gateway on an H200 (docs/BENCHMARKS.md, issue 9): with up to MANY_STREAMS slots, a cache per sequence
+    and every chain in the graph (host sampling competes with the event loop for the GIL: 1.6x slower at
+    one sampled stream); beyond, one pool (a cache per sequence fell to 0.4x of llama-server at 64 mixed
+    streams) and chains on the host, except those that would sort the whole vocabulary (top-p without
+    top-k). On the CPU: a cache per sequence (greedy output independent of the load), sampling on the host.
+    `overlap` turns a step's tokens into text and events while the device
     computes the next; None: where the output layer is on a GPU (on the CPU it only delays each event by a
     step). `cpu_extra_bufts` None turns llama.cpp's CPU weight repacking off only where the CPU lists AMX and
     llama.cpp was built with AMX kernels (some virtual machines list AMX tiles they cannot run).
@@ -77,7 +82,7 @@ class EngineConfig(BaseModel):
     flash_attn: FlashAttn = Field(default="auto", description="flash attention (auto: llama.cpp decides)")
     kv_type: str = Field(default="f16", description=f"KV cache type: {', '.join(LLAMA_KV_TYPES)}")
     kv_unified: bool | None = Field(
-        default=None, description="one KV pool for all sequences (default: where the output is on a GPU)"
+        default=None, description="one KV pool for all sequences (default: on a GPU with over 32 slots)"
     )
     prefix_cache: bool = Field(default=True, description="reuse a finished sequence's prompt cells")
     seed: int | None = Field(
@@ -88,8 +93,8 @@ class EngineConfig(BaseModel):
     )
     backend_sampling: bool | None = Field(
         default=None,
-        description="sampler chains inside llama.cpp's decode graph (default: on a GPU, top-p-without-top-k "
-        "chains only)",
+        description="sampler chains inside llama.cpp's decode graph (default: on a GPU, all of them up to 32 "
+        "slots, beyond only top-p-without-top-k chains)",
     )
     overlap: bool | None = Field(
         default=None,
@@ -121,6 +126,12 @@ class EngineConfig(BaseModel):
         if is_quantized_kv(self.kv_type) and self.flash_attn == "off":
             raise ValueError(f"a {self.kv_type} V cache needs flash attention: flash_attn on or auto")
         return self
+
+    def unified_on(self, output_on_gpu: bool) -> bool:
+        """kv_unified as given, else what was measured fastest for this device and slot count."""
+        if self.kv_unified is not None:
+            return self.kv_unified
+        return output_on_gpu and self.n_parallel > MANY_STREAMS
 
     @property
     def n_ctx_total(self) -> int:

@@ -33,7 +33,7 @@ class LlamaRuntime:
                 path, n_gpu_layers=config.n_gpu_layers, use_extra_bufts=config.cpu_extra_bufts
             )
             self.output_on_gpu: bool = loader.output_on_gpu(model, config.n_gpu_layers)
-            self.kv_unified: bool = self.output_on_gpu if config.kv_unified is None else config.kv_unified
+            self.kv_unified: bool = config.unified_on(self.output_on_gpu)
             # A sequence never runs past the context the model was trained for (as llama-server's slots), so
             # no cell beyond it is allocated either.
             n_ctx = cap_n_ctx(config.n_ctx, lc.llama_model_n_ctx_train(model))

@@ -51,7 +51,7 @@ def engine_budget(config: EngineConfig, spec: ModelSpec, target: Target, *, on_g
                   n_ctx: int | None = None, n_parallel: int | None = None) -> Budget:
     """What the engine will allocate for `config` (n_ctx capped at the model's training context, as the
     engine caps it)."""
-    kv_unified = on_gpu if config.kv_unified is None else config.kv_unified
+    kv_unified = config.unified_on(on_gpu)
     return estimate(
         target, spec, backend="embedded",
         n_ctx=cap_n_ctx(n_ctx or config.n_ctx, spec.n_ctx_train), n_parallel=n_parallel or config.n_parallel,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from server.engine.batch import TokenBatch
-from server.engine.config import EngineConfig
+from server.engine.config import MANY_STREAMS, EngineConfig
 from server.engine.delivery import EventPump, Item
 from server.engine.emit import TopLogprobs, ends_on, token_event
 from server.engine.errors import EngineError, EngineStoppedError
@@ -169,12 +169,12 @@ class DecodeLoop:
         return True
 
     def _offload(self, params: SamplingParams) -> bool:
-        """Whether this request's chain runs inside the decode graph. Measured on an H200 (1B shape, 1 to 64
-        streams): a chain in the graph costs more llama_decode time than the same chain on the host with a
-        top-k in front costs there, so by default only chains that would sort the vocabulary go in."""
+        """Whether this request's chain runs inside the decode graph (EngineConfig says what was measured)."""
         if self._backend_sampling is not None:
             return self._backend_sampling
-        return self.rt.output_on_gpu and sorts_vocabulary(params)
+        if not self.rt.output_on_gpu:
+            return False
+        return self.config.n_parallel <= MANY_STREAMS or sorts_vocabulary(params)
 
     def _start(self, seq: Sequence) -> None:
         # Choices without a seed of their own must not share the engine's default one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
-from server.engine.config import cap_n_ctx
+from server.engine.config import MANY_STREAMS, cap_n_ctx
 from server.hardware.target import CPU_ID
 from server.launch.backend_speed import backend_sampling_wins
 from server.launch.context import BuildContext, ReasonLog
@@ -199,12 +199,13 @@ def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: 
     if n_parallel < 2:
         return False
     if value is None:
-        if not (ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1):
+        if not (ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1 and n_parallel > MANY_STREAMS):
             return False
         log.add("kv_unified", True, "derived",
-                "the model is on the GPU: with one pool llama.cpp runs a step that mixes decoding and "
-                "prefilling sequences whole, not cut per sequence (3x faster at 64 streams on an H200, "
-                "docs/BENCHMARKS.md); each slot still capped at n_ctx")
+                f"over {MANY_STREAMS} slots on the GPU: with one pool llama.cpp runs a step that mixes "
+                "decoding and prefilling sequences whole, not cut per sequence (a cache per sequence fell "
+                "to 0.4x of llama-server at 64 mixed streams on an H200, docs/BENCHMARKS.md); each slot "
+                "capped at n_ctx")
         return True
     if value:
         log.add("kv_unified", True, source, "one KV pool for all slots; each slot capped at n_ctx")

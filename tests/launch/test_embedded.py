@@ -53,11 +53,14 @@ def test_a_plans_values_arrive_in_the_engines_config(card: str, flags: dict[str,
 def test_the_plan_and_the_engine_use_one_kv_layout(plan_for) -> None:
     # Bug: the launcher kept ENGINE_DEFAULTS["kv_unified"] = True while the engine defaulted to False, so
     # embedded plans were budgeted for a layout the engine never used. Now the plan decides (a cache per
-    # sequence on the CPU, one pool where the whole model is on a GPU) and the engine is told.
+    # sequence on the CPU and for a few slots on a GPU, one pool for many slots on a GPU) and the engine is
+    # told.
     plan = plan_for("cpu", backend="embedded", n_parallel=4)
     assert plan.kv_unified is False
     assert _engine_of(plan).kv_unified is False
-    gpu = plan_for("rtx-4090", backend="embedded", n_parallel=4)
+    few = plan_for("rtx-4090", backend="embedded", n_parallel=8)
+    assert few.kv_unified is False and _engine_of(few).kv_unified is False
+    gpu = plan_for("rtx-4090", backend="embedded", n_parallel=48, n_ctx=1024)
     assert gpu.kv_unified is True and _engine_of(gpu).kv_unified is True
     reason = gpu.reason("kv_unified")
     assert reason is not None and reason.source == "derived" and "GPU" in reason.why
