@@ -32,8 +32,8 @@ SMOLLM2_SEQ_KV_BYTES = 8192 * 30 * 3 * 64 * 2 * 2
 
 def _stream(url: str, max_tokens: int, out: dict[str, object], first: threading.Event) -> None:
     """Read one streamed completion to its end; record its data lines and how the connection ended."""
-    body = {"prompt": "Tell me a long story about the sea.", "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {"model": "edgeserve", "prompt": "Tell me a long story about the sea.", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
     lines: list[str] = []
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
@@ -54,7 +54,8 @@ def _refused_soon(url: str) -> bool:
     """True once a new request is refused (no connection, or 503 with Retry-After); False if one is served."""
     for _ in range(100):
         try:
-            reply = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+            body = {"model": "edgeserve", "prompt": "hi", "max_tokens": 1}
+            reply = httpx.post(url + "/v1/completions", json=body, timeout=10)
         except httpx.HTTPError:
             return True
         if reply.status_code == 503:
@@ -138,7 +139,7 @@ def test_a_model_that_failed_to_load_is_reported_as_dead(tmp_path: Path) -> None
         assert health.status_code == 503 and health.json()["status"] == "error"
         ready = client.get("/ready")
         assert ready.status_code == 503 and "retry-after" not in ready.headers
-        reply = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        reply = client.post("/v1/completions", json={"model": "edgeserve", "prompt": "hi", "max_tokens": 2})
         assert reply.status_code == 503 and "retry-after" not in reply.headers
         assert reply.json()["error"]["code"] == "model_load_failed"
         assert client.get("/v1/models").status_code == 503

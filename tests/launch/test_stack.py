@@ -42,11 +42,12 @@ def test_the_gateway_in_front_serves_and_a_stop_drains_it_first() -> None:
     pids = [s.pid for s in stack.supervisors]
     lines: list[str] = []
     try:
-        reply = httpx.post(url + "/v1/completions", json={"prompt": "The capital of France is",
-                                                          "max_tokens": 4, "temperature": 0}, timeout=120)
+        first = {"model": "edgeserve", "prompt": "The capital of France is", "max_tokens": 4,
+                 "temperature": 0}
+        reply = httpx.post(url + "/v1/completions", json=first, timeout=120)
         assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
-        body = {"prompt": "Count to a thousand:", "max_tokens": 900, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = {"model": "edgeserve", "prompt": "Count to a thousand:", "max_tokens": 900, "temperature": 0,
+                "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
             stopper = None
             for line in response.iter_lines():
