@@ -22,7 +22,10 @@ def _opt(value: object, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
 
-def _yes(flag: bool) -> str:
+def _yes(flag: bool | None) -> str:
+    """yes / no, and '?' where the card table has no source either way."""
+    if flag is None:
+        return "[yellow]?[/]"
     return "[green]yes[/]" if flag else "[red]no[/]"
 
 
