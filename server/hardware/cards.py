@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantize.model.units import GIB, MIB
+from server.hardware.cuda_toolkit import CudaToolkitRange, cuda_toolkit_for
 
 # Read in this order; the second holds the cards people run small (Pascal/Volta bought used, GeForce, RTX A).
 CARD_TABLES: tuple[str, ...] = ("cards.yaml", "cards_small.yaml")
@@ -159,6 +160,14 @@ class Card(BaseModel):
     def has_fp8(self) -> bool:
         """Hardware FP8 tensor math: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)."""
         return self.compute_capability >= (8, 9)
+
+    @property
+    def cuda_toolkit(self) -> CudaToolkitRange | None:
+        """The CUDA toolkits llama.cpp can be built with for this card (CUDA 12.x only on Pascal and Volta,
+        12.8+ on Blackwell); None where the compute capability is unknown (an NVML row without one)."""
+        if self.compute_capability == (0, 0):
+            return None
+        return cuda_toolkit_for(self.compute_capability)
 
     # --- what the serving stack may use --------------------------------------------------------------------
 

@@ -72,8 +72,8 @@ class CudaToolkitRange(BaseModel):
         sm = f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
         if self.max_major is not None:
             return (
-                f"CUDA {self.max_major + 1} no longer compiles for {sm} (Maxwell, Pascal and Volta were "
-                f"dropped in 13.0): build llama.cpp with a CUDA {self.max_major}.x toolkit"
+                f"CUDA {self.max_major + 1} no longer compiles for {sm}: build llama.cpp with a CUDA "
+                f"{self.max_major}.x toolkit"
             )
         if self.min_version is not None:
             return f"{sm} needs CUDA {_version(self.min_version)} or newer to build llama.cpp"
