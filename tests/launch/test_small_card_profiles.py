@@ -3,6 +3,7 @@ n_parallel without stepping anything down, on the backend its comments give, wit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from importlib import resources
 
@@ -41,13 +42,10 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def llama8b_q4km(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+def llama8b_q4km(tmp_path_factory: pytest.TempPathFactory, llama31_8b_config: dict[str, object]) -> ModelSpec:
+    """Llama-3.1-8B's shapes (its config.json) at Q4_K_M: 4.58 GiB of weights, as llama-quantize makes it."""
     cfg = tmp_path_factory.mktemp("l8b") / "config.json"
-    cfg.write_text(
-        '{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,'
-        ' "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",'
-        ' "max_position_embeddings": 131072}'
-    )
+    cfg.write_text(json.dumps(llama31_8b_config))
     return spec_at_level(model_spec_from_hf_config(cfg), "Q4_K_M")
 
 
