@@ -22,8 +22,16 @@ def _opt(value: object, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
 
-def _yes(flag: bool) -> str:
+def _yes(flag: bool | None) -> str:
+    """yes / no, and '?' where the card table has no source either way."""
+    if flag is None:
+        return "[yellow]?[/]"
     return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+def _toolkit(card: Card) -> str:
+    toolkit = card.cuda_toolkit
+    return "-" if toolkit is None else toolkit.label
 
 
 def _pcie(g: GpuInfo) -> str:
@@ -78,6 +86,9 @@ def _card_summary(det: Detection) -> str:
         f"llama.cpp flash attention: {_yes(card.has_flash_attn_kernels)}   "
         f"FP8 KV (SGLang): {_yes(card.can_fp8_kv)}   INT8 dp4a: {_yes(card.has_int8_dp4a)}",
     ]
+    if card.cuda_toolkit is not None:
+        # The toolkit llama.cpp must be built with; the driver's CUDA version above only bounds what runs.
+        lines.append(f"CUDA toolkit for llama.cpp: {card.cuda_toolkit.label} - {card.cuda_toolkit.reason}")
     if gpu_set is not None:
         lines.append(
             f"usable for a plan: {_gib(gpu_set.memory_bytes_per_gpu)} GiB per GPU, "
@@ -105,7 +116,8 @@ def _cpu_panel(det: Detection) -> Panel:
 
 def _cards_table(cards: tuple[Card, ...]) -> Table:
     table = Table(title="Known cards", title_justify="left")
-    for col in ("id", "name", "arch", "CC", "SMs", "memory", "GB/s", "TDP W", "SGLang", "FP8 KV", "NVLink"):
+    cols = ("id", "name", "arch", "CC", "SMs", "memory", "GB/s", "TDP W", "SGLang", "FP8 KV", "CUDA")
+    for col in (*cols, "NVLink"):
         table.add_column(col, no_wrap=col == "id")
     for c in cards:
         table.add_row(
@@ -119,6 +131,7 @@ def _cards_table(cards: tuple[Card, ...]) -> Table:
             _opt(c.tdp_w),
             _yes(c.can_run_sglang),
             _yes(c.can_fp8_kv),
+            _toolkit(c),
             _yes(c.has_nvlink),
         )
     return table
@@ -137,7 +150,8 @@ def register(app: typer.Typer) -> None:
         if cards:
             rows = all_cards()
             if as_json:
-                typer.echo(json.dumps({"cards": [c.model_dump(mode="json") for c in rows]}, indent=2))
+                listing = [{**c.model_dump(mode="json"), "cuda_toolkit": _toolkit(c)} for c in rows]
+                typer.echo(json.dumps({"cards": listing}, indent=2))
             else:
                 console.print(_cards_table(rows))
             return

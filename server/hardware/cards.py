@@ -1,8 +1,8 @@
 """Card tables: what each supported NVIDIA card is, and what the serving stack may use on it.
 
-The rows are data, `cards.yaml` beside this module (package data, read with importlib.resources), every figure
-with the URL it comes from; this module holds the model, the capability rules and the name matching (an id, a
-marketing name, or whatever string NVML reports for the device).
+The rows are data, `cards.yaml` and `cards_small.yaml` beside this module (package data, read with
+importlib.resources), every figure with the URL it comes from; this module holds the model, the capability
+rules and the name matching (an id, a marketing name, or whatever string NVML reports for the device).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantize.model.units import GIB, MIB
+from server.hardware.cuda_toolkit import CudaToolkitRange, cuda_toolkit_for
 
-CARD_TABLE = "cards.yaml"
+# Read in this order; the second holds the cards people run small (Pascal/Volta bought used, GeForce, RTX A).
+CARD_TABLES: tuple[str, ...] = ("cards.yaml", "cards_small.yaml")
 # The table writes sizes in the unit of its source: `memory_gib: 8` is `memory_bytes` = 8 GiB.
 _UNIT_SUFFIXES = {"_gib": GIB, "_mib": MIB}
 SGLANG_MIN_CC = (8, 0)
@@ -83,12 +85,15 @@ class Card(BaseModel):
         default=None, gt=0, description="non-tensor FP16 throughput relative to FP32 (P4: 1/64)"
     )
     pcie_gen: int | None = Field(default=None, ge=1)
-    pcie_lanes: int = 16
-    has_nvlink: bool = False
+    pcie_lanes: int = Field(default=16, ge=1, description="lanes the card's connector uses (x8 on some)")
+    has_nvlink: bool | None = Field(default=False, description="None: no source says either way")
     variant: str = Field(
         default="", description="which form factor the figures describe, where several exist"
     )
     notes: str = ""
+    unsourced: tuple[str, ...] = Field(
+        default=(), description="figures left None because no source for them was found"
+    )
     is_from_table: bool = True
     sources: Mapping[str, str] = Field(default_factory=dict, description="field -> URL the figure comes from")
 
@@ -106,6 +111,14 @@ class Card(BaseModel):
         unknown = [k for k in self.sources if k not in type(self).model_fields]
         if unknown:
             raise ValueError(f"card {self.id}: sources name unknown fields {unknown}")
+        # An unsourced figure stays unknown; tensor_core_gen cannot be (None there means "no tensor cores").
+        bad = [
+            f
+            for f in self.unsourced
+            if f not in SOURCED_FIELDS or f == "tensor_core_gen" or getattr(self, f) is not None
+        ]
+        if bad:
+            raise ValueError(f"card {self.id}: unsourced lists {bad}, which are not unknown figures")
         return self
 
     def __hash__(self) -> int:  # `sources` is a mapping; the id identifies a row
@@ -147,6 +160,14 @@ class Card(BaseModel):
     def has_fp8(self) -> bool:
         """Hardware FP8 tensor math: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)."""
         return self.compute_capability >= (8, 9)
+
+    @property
+    def cuda_toolkit(self) -> CudaToolkitRange | None:
+        """The CUDA toolkits llama.cpp can be built with for this card (CUDA 12.x only on Pascal and Volta,
+        12.8+ on Blackwell); None where the compute capability is unknown (an NVML row without one)."""
+        if self.compute_capability == (0, 0):
+            return None
+        return cuda_toolkit_for(self.compute_capability)
 
     # --- what the serving stack may use --------------------------------------------------------------------
 
@@ -216,7 +237,7 @@ class GpuSet(BaseModel):
         NVLink defaults to off: bridges (RTX 3090, PCIe A100/H100) are optional, so assuming one would be
         optimistic; SXM parts pass has_nvlink=True.
         """
-        nvlink = bool(has_nvlink) and card.has_nvlink and count > 1
+        nvlink = bool(has_nvlink) and card.has_nvlink is True and count > 1
         return cls(card=card, count=count, link=Link(pcie_gen=card.pcie_gen, has_nvlink=nvlink))
 
     @property
@@ -261,10 +282,18 @@ def _tokens(key: str) -> list[str]:
     return [t for t in text.split() if t not in _NOISE_TOKENS]
 
 
-def _model_token(card: Card) -> str:
-    """The token that names the card's model: 'p4', '5090', 'a100', 'h100' (from its id)."""
-    head = card.id.split("-")
-    return head[1] if head[0] in {"tesla", "rtx"} else head[0]
+def _model_tokens(card: Card) -> tuple[str, ...]:
+    """The tokens that name the card's model, from its id: ('p4',), ('4060', 'ti'), ('a100',), ('l40s',).
+
+    The family prefix ('tesla', 'rtx') and a trailing memory size ('16gb') are not part of the model: memory
+    is told apart by the key's own size token or by NVML's total.
+    """
+    parts = card.id.split("-")
+    if parts[0] in {"tesla", "rtx"} and len(parts) > 1:
+        parts = parts[1:]
+    if len(parts) > 1 and _MEMORY_TOKEN.match(parts[-1]):
+        parts = parts[:-1]
+    return tuple(parts)
 
 
 def _memory_ok(card: Card, memory_bytes: int | None) -> bool:
@@ -294,8 +323,12 @@ def card_from_row(row: Mapping[str, Any]) -> Card:
 
 @cache
 def _table() -> tuple[Card, ...]:
-    text = resources.files(__package__).joinpath(CARD_TABLE).read_text(encoding="utf-8")
-    cards = tuple(card_from_row(row) for row in yaml.safe_load(text)["cards"])
+    package = resources.files(__package__)
+    cards = tuple(
+        card_from_row(row)
+        for name in CARD_TABLES
+        for row in yaml.safe_load(package.joinpath(name).read_text(encoding="utf-8"))["cards"]
+    )
     ids = [c.id for c in cards]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"duplicate card ids in the table: {ids}")
@@ -303,7 +336,7 @@ def _table() -> tuple[Card, ...]:
 
 
 def all_cards() -> tuple[Card, ...]:
-    """Every card row, in table order (oldest first)."""
+    """Every card row, in table order (cards.yaml, then cards_small.yaml)."""
     return _table()
 
 
@@ -313,13 +346,18 @@ def card_ids() -> tuple[str, ...]:
 
 
 def _fuzzy_candidates(key: str, cards: Iterable[Card]) -> list[Card]:
+    """Rows whose model tokens all appear in the key, where the key names no other variant (a 'Ti', 'D',
+    'Laptop' the row does not have) and no other memory size."""
     tokens = _tokens(key)
-    if not tokens or any(t in _VARIANT_TOKENS for t in tokens):
+    if not tokens:
         return []
     mem_tokens = [int(m.group(1)) for t in tokens if (m := _MEMORY_TOKEN.match(t))]
     found = []
     for card in cards:
-        if _model_token(card) not in tokens:
+        model = _model_tokens(card)
+        if not set(model) <= set(tokens):
+            continue
+        if any(t in _VARIANT_TOKENS and t not in model for t in tokens):
             continue
         if mem_tokens and round(card.memory_gib) not in mem_tokens:
             continue

@@ -29,7 +29,7 @@ REQUIRED_IDS = (
     "a100-80gb",
     "h100-80gb",
     "h200",
-)
+)  # and the cards people run small: tests/hardware/test_cards_small.py
 
 
 def test_every_required_id_is_in_the_table() -> None:
@@ -95,6 +95,17 @@ def test_tesla_p4_is_pascal_and_cannot_run_sglang() -> None:
         ("h100-80gb", True, True, True, True),
         ("h200", True, True, True, True),
         ("rtx-5090", True, True, True, False),
+        ("tesla-p40", False, False, False, False),
+        ("tesla-p100-16gb", False, False, False, False),
+        ("tesla-v100-16gb", False, False, False, False),  # SM70: below edgeserve's SGLang floor
+        ("tesla-v100-32gb", False, False, False, False),
+        ("rtx-3060-12gb", True, False, True, False),
+        ("rtx-a4000", True, False, True, False),
+        ("rtx-a5000", True, False, True, False),
+        ("rtx-4060-ti-16gb", True, True, True, False),
+        ("l40s", True, True, True, False),
+        ("rtx-5060-ti-16gb", True, True, True, False),
+        ("rtx-5080", True, True, True, False),
     ],
 )
 def test_serving_capabilities(card_id: str, sglang: bool, fp8: bool, fa2: bool, fa3: bool) -> None:
@@ -115,14 +126,20 @@ def test_every_figure_has_a_source() -> None:
                 continue
             url = card.sources.get(field)
             assert url and url.startswith("https://"), f"{card.id}.{field} has no source"
-        for field, value in (
-            ("sm_count", card.sm_count),
-            ("cuda_cores", card.cuda_cores),
-            ("bandwidth_gbps", card.bandwidth_gbps),
-            ("tdp_w", card.tdp_w),
-            ("pcie_gen", card.pcie_gen),
-        ):
-            assert value is not None, f"{card.id}.{field} missing"
+        # The figures a plan leans on are there, or the row says no source for them was found.
+        for field in ("sm_count", "cuda_cores", "bandwidth_gbps", "tdp_w", "pcie_gen", "has_nvlink"):
+            value = getattr(card, field)
+            assert value is not None or field in card.unsourced, f"{card.id}.{field} missing"
+            assert value is None or field not in card.unsourced, f"{card.id}.{field} set yet unsourced"
+
+
+def test_an_unsourced_figure_must_be_unknown() -> None:
+    data = get_card("rtx-a5000").model_dump()
+    assert data["unsourced"] == ("pcie_gen", "has_nvlink")
+    with pytest.raises(ValidationError, match="unsourced lists"):
+        Card(**{**data, "pcie_gen": 4, "sources": {**data["sources"], "pcie_gen": "https://example.org"}})
+    with pytest.raises(ValidationError, match="unsourced lists"):
+        Card(**{**data, "unsourced": ("tensor_core_gen",)})  # None there claims no tensor cores
 
 
 def test_usable_memory_is_a_little_below_nominal() -> None:
@@ -185,9 +202,14 @@ def test_get_card_accepts_ids_and_names(key: str, expected: str) -> None:
         "NVIDIA GeForce RTX 4090 D",
         "NVIDIA GeForce RTX 5090 Laptop GPU",
         "NVIDIA H100 NVL",
-        "NVIDIA L40S",
-        "Tesla P40",
+        "NVIDIA L40",  # not the L40S
         "NVIDIA A10G",
+        "NVIDIA GeForce RTX 3060 Ti",
+        "NVIDIA GeForce RTX 4060",  # not the 4060 Ti
+        "NVIDIA GeForce RTX 5080 Laptop GPU",
+        "NVIDIA RTX A4000 Laptop GPU",
+        "Tesla P100-PCIE-12GB",
+        "Tesla V100S-PCIE-32GB",
         "",
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantize.model.units import GIB, MIB
-from server.hardware.cards import CARD_TABLE, GpuSet, UnknownCardError, all_cards, card_from_row
+from server.hardware.cards import CARD_TABLES, GpuSet, UnknownCardError, all_cards, card_from_row
 from server.hardware.target import CPU_ID, CpuTarget, TargetError, resolve_target
 
 
@@ -35,8 +35,12 @@ def test_contradictions_are_one_line_errors() -> None:
 
 
 def test_the_card_table_is_data_with_units_in_its_keys() -> None:
-    text = resources.files("server.hardware").joinpath(CARD_TABLE).read_text(encoding="utf-8")
-    rows = yaml.safe_load(text)["cards"]
+    package = resources.files("server.hardware")
+    rows = [
+        row
+        for name in CARD_TABLES
+        for row in yaml.safe_load(package.joinpath(name).read_text(encoding="utf-8"))["cards"]
+    ]
     assert [r["id"] for r in rows] == [c.id for c in all_cards()]
     p4 = next(r for r in rows if r["id"] == "tesla-p4")
     assert p4["memory_gib"] == 8 and "memory_gib" in p4["sources"]
