@@ -51,7 +51,8 @@ def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path:
     head, *workers = commands
     assert [w.argv[0] for w in workers] == ["ggml-rpc-server", "ggml-rpc-server"]
     assert "--rpc" in head.argv
-    env = {**os.environ, "PATH": SEARCH_PATH}
+    # Verbosity 4 lets llama-server print where the loader put each buffer (the default hides it).
+    env = {**os.environ, "PATH": SEARCH_PATH, "LLAMA_ARG_LOG_VERBOSITY": "4"}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
@@ -80,9 +81,9 @@ def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path:
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 6
     finally:
-        for proc in procs:
+        # The head first: llama-server asks its rpc-servers for memory figures as it exits.
+        for proc in reversed(procs):
             proc.terminate()
-        for proc in procs:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -92,4 +93,4 @@ def test_llama_server_serves_over_rpc_servers_as_the_cluster_plan_says(tmp_path:
     head_log = (tmp_path / "node0.log").read_text(errors="replace")
     # llama.cpp names each remote device after its endpoint; the model's layers went to them.
     for worker in workers:
-        assert f"{worker.host}:{spec.rpc_port}" in head_log, head_log[-3000:]
+        assert f"[{worker.host}:{spec.rpc_port}] model buffer size" in head_log, head_log[-3000:]
