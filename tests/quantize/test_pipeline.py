@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from quantize.budget.auto_level import choose_level
 from quantize.imatrix import ImatrixError, load_imatrix
-from quantize.llama_session import LlamaSession
+from quantize.llama_session import LlamaSession, default_threads
 from quantize.manifest import manifest_path
 from quantize.model.gguf_file import read_model_spec
 from quantize.model.levels import get_level
@@ -90,7 +90,7 @@ def test_each_level_end_to_end(
     assert manifest["source"]["file_type"] == "F16"
     assert manifest["llama"]["llama_cpp_python"] == "0.3.36"
     assert manifest["llama"]["system_info"]
-    assert manifest["n_threads"] == 1
+    assert manifest["n_threads"] == default_threads()  # no --threads: every usable CPU
     assert manifest["budget"] is None
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
 
