@@ -39,7 +39,7 @@ def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-def _show_plan(plan: LaunchPlan) -> None:
+def show_plan(plan: LaunchPlan) -> None:
     out.print(
         f"[bold]{plan.backend}[/bold] on [bold]{plan.card}[/bold]"
         f"{f' x{plan.gpus}' if plan.gpus > 1 else ''}: {plan.model_path}",
@@ -111,6 +111,9 @@ def launch(
         int | None, typer.Option(min=1, max=65535, help="backend port (default: its usual one)")
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="require this API key")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="model id served at /v1/models (default: the backend's, the file name)")
+    ] = None,
     cluster: Annotated[Path | None, typer.Option(help="cluster YAML: one command per node")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, start nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -141,6 +144,7 @@ def launch(
             host=host,
             port=port,
             api_key=api_key,
+            model_name=model_name,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -172,14 +176,14 @@ def launch(
         if as_json:
             _echo_json(plan.to_json_dict())
         else:
-            _show_plan(plan)
+            show_plan(plan)
         return
 
     _check_runnable(plan)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not every health poll
     if not as_json:
-        _show_plan(plan)
+        show_plan(plan)
     config = SupervisorConfig(use_ladder=not no_ladder, available_bytes=_available_bytes(plan))
     supervisor = Supervisor(plan, config, status_path=status_file)
     code = supervisor.run()

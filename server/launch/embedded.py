@@ -86,4 +86,6 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
     args += serve_options(engine_config(plan))
     if plan.api_key:
         args += ["--api-key", plan.api_key]
+    if plan.model_name:
+        args += ["--model-name", plan.model_name]
     return tuple(args)

@@ -25,6 +25,7 @@ class LaunchRequest(BaseModel):
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535)
     api_key: str | None = Field(default=None, repr=False)
+    model_name: str | None = Field(default=None, description="model id served at /v1/models (default: file)")
 
     n_ctx: int | None = Field(default=None, description="context of ONE sequence, tokens")
     n_parallel: int | None = None

@@ -242,4 +242,5 @@ def plan_identity(ctx: BuildContext, port: int, health_path: str) -> dict[str, A
         "host": ctx.request.host,
         "port": port,
         "health_url": health_url(ctx.request.host, port, health_path),
+        "model_name": ctx.request.model_name,
     }
