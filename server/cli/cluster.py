@@ -107,8 +107,13 @@ def up_cmd(
     ready_timeout_s: Annotated[float, typer.Option(min=1, help="longest wait for a box or the router")] = 600,
 ) -> None:
     """Start the boxes (this machine's; remote ones with --ssh), then the router; Ctrl-C stops them all."""
+    import importlib.util
+
     from server.launch.cluster_runner import ClusterRunner, ClusterStartError
 
+    if importlib.util.find_spec("sglang_router") is None:
+        raise _fail("sglang-router is not installed in this Python: pip install 'edgeserve[cluster]' "
+                    "(sglang-router 0.3.2)")
     plan = build(cluster_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
