@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving_load import SHAPES, Run, Sample, Shape, make_prompt, request, words_per_token  # noqa: E402
+from serving_load import SHAPES, Run, Sample, Shape, load_prompts, make_prompt, words_per_token  # noqa: E402
 
 from loadtest.servers import ServerProcess, free_port, metric_value, spawn, start_edgeserve  # noqa: E402
 from server.launch.planner import make_plan  # noqa: E402
@@ -72,24 +72,10 @@ def replicas_slots(replicas: list[ServerProcess]) -> int:
     return int(httpx.get(replicas[0].url + "/server_info", timeout=10).json()["max_running_requests"])
 
 
-async def run_load(urls: list[str], shape: Shape, c: int, gen: int, prompts: list[list[str]]) -> Run:
-    """C streams; stream k sends its prompts back to back to urls[k % len(urls)]."""
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        t0 = time.perf_counter()
-
-        async def stream(k: int) -> list[Sample | BaseException]:
-            out: list[Sample | BaseException] = []
-            url = urls[k % len(urls)]
-            for r, prompt in enumerate(prompts[k]):
-                try:
-                    out.append(await request(client, url, shape, prompt, gen, MODEL, k, r, t0))
-                except (httpx.HTTPError, KeyError, ValueError) as exc:
-                    out.append(exc)
-            return out
-
-        results = [x for per in await asyncio.gather(*(stream(k) for k in range(c))) for x in per]
-        wall = time.perf_counter() - t0
+def run_load(urls: list[str], shape: Shape, c: int, gen: int, prompts: list[list[str]]) -> Run:
+    """C streams (one per list of prompts); stream k to urls[k % len(urls)]."""
+    assert len(prompts) == c
+    wall, results = asyncio.run(load_prompts(urls, MODEL, shape, prompts, gen))
     samples = [x for x in results if isinstance(x, Sample)]
     return Run(
         server="",
@@ -175,12 +161,12 @@ def main() -> None:
             for n in range(1, args.replicas + 1):
                 prompts = distinct_prompts(args.concurrency, args.rounds, n_words, seed=1000 * n)
                 urls = [r.url for r in replicas[:n]]
-                direct = asyncio.run(run_load(urls, CHAT, args.concurrency, args.gen, prompts))
+                direct = run_load(urls, CHAT, args.concurrency, args.gen, prompts)
                 rows.append(summary(f"{n} replica(s) directly", direct, replicas=n, via="direct"))
                 router = start_router(replicas[:n], None, args.logs, f"router{n}")
                 started.append(router)
                 prompts = distinct_prompts(args.concurrency, args.rounds, n_words, seed=1000 * n + 500)
-                routed = asyncio.run(run_load([router.url], CHAT, args.concurrency, args.gen, prompts))
+                routed = run_load([router.url], CHAT, args.concurrency, args.gen, prompts)
                 rows.append(summary(f"router over {n} replica(s)", routed, replicas=n, via="router"))
                 router.stop()
             report["scaling"] = rows
@@ -196,7 +182,7 @@ def main() -> None:
                 started.append(router)
                 before = reused_tokens(replicas)
                 prompts = prefix_prompts(args.concurrency, args.rounds, prefixes, seed)
-                run = asyncio.run(run_load([router.url], CHAT, args.concurrency, args.gen, prompts))
+                run = run_load([router.url], CHAT, args.concurrency, args.gen, prompts)
                 reused = reused_tokens(replicas) - before
                 prompt_tokens = sum(s.prompt_tokens or 0 for s in run.samples)
                 rows.append(

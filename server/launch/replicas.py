@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.launch.cluster import NodeCommand
+from server.launch.cluster import NodeCommand, load_cluster_file
+from server.launch.embedded import option_args
 from server.launch.plan import FlashAttn, LaunchPlan
 from server.launch.request import LaunchRequest
 from server.launch.resolve import PlanError
@@ -130,17 +130,7 @@ class ClusterPlan(BaseModel):
 
 
 def load_replica_cluster(path: Path) -> ReplicaCluster:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read cluster file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return ReplicaCluster.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise PlanError(f"{path}: {problems}") from None
+    return load_cluster_file(path, ReplicaCluster)
 
 
 PlanMaker = Callable[[LaunchRequest], LaunchPlan]
@@ -164,13 +154,8 @@ def _launch_argv(edgeserve: tuple[str, ...], plan: LaunchPlan, box: Box, setting
     if box.gpus is not None:
         args += ["--gpus", str(box.gpus)]
     for name, value in settings.items():
-        if name == "model_path":
-            continue
-        option = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(option if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [option, str(value)]
+        if name != "model_path":
+            args += option_args(name, value)
     return tuple(args)
 
 
