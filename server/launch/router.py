@@ -137,7 +137,7 @@ def router_plan(settings: RouterSettings, boxes: tuple[LaunchPlan, ...], worker_
                why="every box's edgeserve gateway, in the cluster file's order"),
         Reason(setting="backend", value="sglang", source="default",
                why="the router's HTTP mode: its policies, retries, breakers and health checks apply (its "
-               "openai mode proxies to the least loaded worker only)"),
+               "openai mode is a proxy to one endpoint, without load balancing)"),
     ]
     args = [python, "-m", ROUTER_MODULE, "--worker-urls", *worker_urls,
             "--host", settings.host, "--port", str(settings.port),
