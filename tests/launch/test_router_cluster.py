@@ -101,6 +101,9 @@ def test_openai_client_gets_answers_through_the_router(cluster: Cluster) -> None
     workers = httpx.get(cluster.url + "/workers", timeout=10).json()["workers"]
     assert sorted(w["url"] for w in workers) == sorted(b.worker_url for b in cluster.plan.boxes)
     assert all(w["model_id"] == MODEL and w["is_healthy"] for w in workers)
+    # The router reads every box's /get_load (-1 would mean it could not parse it).
+    loads = httpx.get(cluster.url + "/get_loads", timeout=10).json()["workers"]
+    assert len(loads) == BOXES and all(w["load"] >= 0 for w in loads)
 
 
 def _async_client(cluster: Cluster) -> openai.AsyncOpenAI:
