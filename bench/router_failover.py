@@ -88,23 +88,41 @@ async def load(plan: ClusterPlan, runner: ClusterRunner, args: argparse.Namespac
     async with client:
         tasks = [asyncio.create_task(one(i)) for i in range(args.requests)]
         streams = [asyncio.create_task(stream(i)) for i in range(args.streams)]
-        victim = plan.boxes[1]
-        while (
-            metric_value(
-                httpx.get(victim.worker_url + "/metrics", timeout=10).text, "edgeserve_requests_in_flight"
-            )
-            < 2
-        ):
+        # The busiest box, once it has a full batch running (or after 20 s, whatever it has).
+        box, busiest, waited = 0, 0.0, time.monotonic()
+        while time.monotonic() - waited < 20:
+            in_flight = [
+                metric_value(
+                    httpx.get(b.worker_url + "/metrics", timeout=10).text, "edgeserve_requests_in_flight"
+                )
+                for b in plan.boxes
+            ]
+            box, busiest = max(enumerate(in_flight), key=lambda x: x[1])
+            if busiest >= plan.boxes[box].plan.n_parallel:
+                break
             await asyncio.sleep(0.05)
-        supervisor = runner.started[1].process.pid
+        victim = plan.boxes[box]
+        outcome["victim"] = {"box": box, "in_flight_at_kill": busiest}
+        supervisor = runner.started[box].process.pid
         assert supervisor is not None
         (pid,) = children(supervisor)
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         url = victim.worker_url
-        while router_metric(plan, "smg_worker_health", worker=url) != 0 and time.monotonic() - killed < 60:
+        # Until the box is up again: when the router marked it unhealthy (if it did before the restart).
+        unhealthy = ready = None
+        while ready is None and time.monotonic() - killed < 120:
+            now = round(time.monotonic() - killed, 1)
+            if unhealthy is None and router_metric(plan, "smg_worker_health", worker=url) == 0:
+                unhealthy = now
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    ready = now
+            except httpx.HTTPError:
+                pass
             await asyncio.sleep(0.2)
-        outcome["unhealthy_after_s"] = round(time.monotonic() - killed, 1)
+        outcome["router_marked_unhealthy_after_s"] = unhealthy
+        outcome["box_ready_again_after_s"] = ready
         answers = await asyncio.gather(*tasks)
         stream_outcomes = await asyncio.gather(*streams)
     outcome["killed_at"] = killed
@@ -157,7 +175,8 @@ def main() -> None:
         retries = router_metric(plan, "smg_worker_retries_total")
         outcome = asyncio.run(load(plan, runner, args))
         killed = outcome.pop("killed_at")
-        url = plan.boxes[1].worker_url
+        box = outcome["victim"]["box"]
+        url = plan.boxes[box].worker_url
         outcome["router_retries"] = router_metric(plan, "smg_worker_retries_total") - retries
         outcome["breaker_opened"] = router_metric(
             plan, "smg_worker_cb_transitions_total", worker=url, to="open"
@@ -173,7 +192,7 @@ def main() -> None:
                 messages=[{"role": "user", "content": f"{uuid.uuid4().hex} ping"}],
             )
             try:
-                if served(plan, 1) >= 1:
+                if served(plan, box) >= 1:
                     back = time.monotonic() - killed
             except httpx.HTTPError:
                 pass

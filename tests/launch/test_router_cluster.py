@@ -148,16 +148,15 @@ def test_a_prefix_goes_back_to_the_box_that_holds_it(cluster: Cluster) -> None:
         assert reused >= 2 * 150, (topic, reused)  # the 2nd and 3rd took the system prompt from its cache
 
 
-Outcomes = tuple[list[object], list[object]]
+Outcomes = tuple[int, list[object], list[object]]
 
 
-async def _load(cluster: Cluster, victim: int, requests: int, streams: int) -> Outcomes:
+async def _load(cluster: Cluster, requests: int, streams: int) -> Outcomes:
     async with _async_client(cluster) as client:
-        return await _load_with(client, cluster, victim, requests, streams)
+        return await _load_with(client, cluster, requests, streams)
 
 
-async def _load_with(client: openai.AsyncOpenAI, cluster: Cluster, victim: int, requests: int,
-                     streams: int) -> Outcomes:
+async def _load_with(client: openai.AsyncOpenAI, cluster: Cluster, requests: int, streams: int) -> Outcomes:
     async def one(i: int) -> object:
         try:
             r = await client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
@@ -180,20 +179,23 @@ async def _load_with(client: openai.AsyncOpenAI, cluster: Cluster, victim: int, 
 
     tasks = [asyncio.create_task(one(i)) for i in range(requests)]
     stream_tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
-    # Kill once the victim is busy: its slots hold running requests and the rest wait in its queue.
+    # Kill the busiest box once it has a full batch running (its slots) and maybe more in its queue.
+    victim, busiest = 0, 0.0
     for _ in range(200):
         await asyncio.sleep(0.1)
-        if cluster.box_metric(victim, "edgeserve_requests_in_flight") >= 2:
+        in_flight = [cluster.box_metric(b, "edgeserve_requests_in_flight") for b in range(BOXES)]
+        victim, busiest = max(enumerate(in_flight), key=lambda x: x[1])
+        if busiest >= 2:
             break
+    assert busiest >= 1, "no box had a request in flight"
     os.kill(cluster.gateway_pid(victim), signal.SIGKILL)
-    return list(await asyncio.gather(*tasks)), list(await asyncio.gather(*stream_tasks))
+    return victim, list(await asyncio.gather(*tasks)), list(await asyncio.gather(*stream_tasks))
 
 
 def test_kill9_of_a_box_under_load(cluster: Cluster) -> None:
-    victim = 1
-    url = cluster.plan.boxes[victim].worker_url
     retries_before = cluster.router_metric("smg_worker_retries_total")
-    answers, streams = asyncio.run(_load(cluster, victim, requests=5 * BOXES, streams=BOXES))
+    victim, answers, streams = asyncio.run(_load(cluster, requests=5 * BOXES, streams=BOXES))
+    url = cluster.plan.boxes[victim].worker_url
 
     # Every non-streamed request was answered: those on the killed box were retried on the others.
     assert all(a in ("length", "stop") for a in answers), answers
