@@ -183,8 +183,8 @@ def main() -> None:
         )
         # Back: one fresh prompt (no shared prefix, so cache_aware picks the box with least cached) at a time.
         client = openai.OpenAI(base_url=plan.router.url + "/v1", api_key="none", max_retries=0, timeout=900)
-        back = None
-        while back is None and time.monotonic() - killed < 300:
+        back, pinging = None, time.monotonic()
+        while back is None and time.monotonic() - pinging < 180:
             client.chat.completions.create(
                 model=MODEL,
                 max_tokens=2,
