@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quantize.bundled import BundledModelMissingError, resolve_model_path
 from server.launch.cluster import NodeCommand, load_cluster_file
 from server.launch.embedded import option_args
 from server.launch.plan import FlashAttn, LaunchPlan
@@ -144,11 +145,11 @@ def _settings(cluster: ReplicaCluster, box: Box) -> dict[str, Any]:
     return shared | own | {"model_path": model_path}
 
 
-def _launch_argv(edgeserve: tuple[str, ...], plan: LaunchPlan, box: Box, settings: dict[str, Any],
-                 host: str, port: int, model_name: str) -> tuple[str, ...]:
+def _launch_argv(edgeserve: tuple[str, ...], plan: LaunchPlan, box: Box,
+                 settings: dict[str, Any]) -> tuple[str, ...]:
     """`edgeserve launch` with the inputs the plan was made from: the box plans the same way."""
     args = [*edgeserve, "launch", "--backend", plan.backend, "--card", box.card,
-            "--host", host, "--port", str(port), "--model-name", model_name]
+            "--host", plan.host, "--port", str(plan.port), "--model-name", str(plan.model_name)]
     if settings.get("model_path"):  # none: the box's own bundled model
         args += ["--model-path", settings["model_path"]]
     if box.gpus is not None:
@@ -160,16 +161,15 @@ def _launch_argv(edgeserve: tuple[str, ...], plan: LaunchPlan, box: Box, setting
 
 
 def _box_commands(edgeserve: tuple[str, ...], plan: LaunchPlan, box: Box, settings: dict[str, Any],
-                  model_name: str, rank: int) -> tuple[NodeCommand, ...]:
+                  rank: int) -> tuple[NodeCommand, ...]:
+    launch = _launch_argv(edgeserve, plan, box, settings)
     if plan.backend == "embedded":
-        argv = _launch_argv(edgeserve, plan, box, settings, box.bind, box.port, model_name)
         return (NodeCommand(rank=rank, host=box.host, role="edgeserve gateway, embedded engine (worker)",
-                            argv=argv),)
-    backend = _launch_argv(edgeserve, plan, box, settings, "127.0.0.1", box.backend_port, model_name)
-    gateway = (*edgeserve, "serve", "--backend", "openai", "--upstream-url",
-               f"http://127.0.0.1:{box.backend_port}", "--host", box.bind, "--port", str(box.port),
-               "--model-name", model_name, "--n-parallel", str(plan.n_parallel), "--n-ctx", str(plan.n_ctx))
-    return (NodeCommand(rank=rank, host=box.host, role=f"{plan.backend} (box loopback)", argv=backend),
+                            argv=launch),)
+    gateway = (*edgeserve, "serve", "--backend", "openai", "--upstream-url", f"http://{plan.host}:{plan.port}",
+               "--host", box.bind, "--port", str(box.port), "--model-name", str(plan.model_name),
+               "--n-parallel", str(plan.n_parallel), "--n-ctx", str(plan.n_ctx))
+    return (NodeCommand(rank=rank, host=box.host, role=f"{plan.backend} (box loopback)", argv=launch),
             NodeCommand(rank=rank, host=box.host, role=f"edgeserve gateway over {plan.backend} (worker)",
                         argv=gateway))
 
@@ -179,27 +179,33 @@ def plan_replica_cluster(cluster: ReplicaCluster, make_plan: PlanMaker, *, edges
     """Plan every box with the calculator, then the router over their gateways (pure given `make_plan`).
 
     `edgeserve` is the command prefix on boxes on this machine; remote boxes run `edgeserve` from PATH."""
-    plans: list[tuple[Box, LaunchPlan, dict[str, Any]]] = []
-    for box in cluster.boxes:
+    first = _settings(cluster, cluster.boxes[0])["model_path"]
+    try:
+        model_name = cluster.model_name or resolve_model_path(first).stem
+    except BundledModelMissingError as exc:
+        raise PlanError(str(exc)) from None
+    boxes = []
+    for rank, box in enumerate(cluster.boxes):
         settings = _settings(cluster, box)
-        request = LaunchRequest(backend=box.backend, card=box.card, gpus=box.gpus, host=box.bind,
-                                port=box.port, model_name=cluster.model_name, **settings)
-        try:
-            plan = make_plan(request)
-        except ValueError as exc:
-            raise PlanError(f"box {box.host} ({box.card}): {exc}") from None
-        plans.append((box, plan, settings))
-    model_name = cluster.model_name or Path(plans[0][1].model_path).stem
-    boxes = tuple(
-        BoxPlan(host=box.host, worker_url=box.worker_url, is_local=box.is_local, ssh=box.ssh or box.host,
-                plan=plan.model_copy(update={"model_name": model_name}),
-                commands=_box_commands(edgeserve if box.is_local else ("edgeserve",), plan, box, settings,
-                                       model_name, rank))
-        for rank, (box, plan, settings) in enumerate(plans)
-    )
+
+        def plan_at(host: str, port: int, backend: str, box: Box = box,
+                    settings: dict[str, Any] = settings) -> LaunchPlan:
+            request = LaunchRequest(backend=backend, card=box.card, gpus=box.gpus, host=host, port=port,
+                                    model_name=model_name, **settings)
+            try:
+                return make_plan(request)
+            except ValueError as exc:
+                raise PlanError(f"box {box.host} ({box.card}): {exc}") from None
+
+        plan = plan_at(box.bind, box.port, box.backend)
+        if plan.backend != "embedded":  # the backend listens on the box's loopback, its gateway in front
+            plan = plan_at("127.0.0.1", box.backend_port, plan.backend)
+        commands = _box_commands(edgeserve if box.is_local else ("edgeserve",), plan, box, settings, rank)
+        boxes.append(BoxPlan(host=box.host, worker_url=box.worker_url, is_local=box.is_local,
+                             ssh=box.ssh or box.host, plan=plan, commands=commands))
     router = router_plan(cluster.router, tuple(b.plan for b in boxes), tuple(b.worker_url for b in boxes),
                          python)
-    return ClusterPlan(model_name=model_name, boxes=boxes, router=router)
+    return ClusterPlan(model_name=model_name, boxes=tuple(boxes), router=router)
 
 
 def ssh_argv(destination: str, command: NodeCommand) -> tuple[str, ...]:

@@ -137,7 +137,8 @@ def test_llama_server_box_has_a_gateway_in_front(plan_cluster, clean_env) -> Non
     backend, gateway = box.commands
     assert backend.argv[:5] == ("edgeserve", "launch", "--backend", "llama-server", "--card")
     assert backend.argv[backend.argv.index("--host") + 1] == "127.0.0.1"  # only its own gateway reaches it
-    assert box.plan.argv[-2:] == ("--alias", "m")
+    # The printed plan is the backend's own: loopback, backend_port, the cluster's model id.
+    assert (box.plan.host, box.plan.port, box.plan.argv[-2:]) == ("127.0.0.1", 8081, ("--alias", "m"))
     settings = settings_from_argv(list(gateway.argv[2:]))
     assert (settings.backend, settings.upstream_url, settings.model_name) == ("openai", "http://127.0.0.1:8081",
                                                                               "m")
@@ -153,6 +154,9 @@ def test_sglang_box_serves_the_cluster_id(plan_cluster, hf_model_dir, sglang_par
 
 def test_remote_boxes_start_over_ssh_only_when_asked(plan_cluster) -> None:  # type: ignore[no-untyped-def]
     plan = plan_cluster({"boxes": [{"host": "127.0.0.1"}, {"host": "10.0.0.2", "ssh": "ops@box2"}]})
+    # No model_name given: every box serves the model file's name, and says so on its command line.
+    assert plan.model_name == smollm2_path().stem
+    assert all(b.plan.argv[-2:] == ("--model-name", plan.model_name) for b in plan.boxes)
     assert [b.host for b in remote_boxes_refused(plan, use_ssh=False)] == ["10.0.0.2"]
     assert remote_boxes_refused(plan, use_ssh=True) == []
     argv = ssh_argv(plan.boxes[1].ssh, plan.boxes[1].commands[0])
