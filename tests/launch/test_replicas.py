@@ -181,3 +181,18 @@ def test_bad_cluster_files(tmp_path: Path, data: dict[str, object], problem: str
 def test_a_box_that_cannot_be_planned_is_named(plan_cluster) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PlanError, match=r"box 10\.0\.0\.5"):
         plan_cluster({"boxes": [{"host": "10.0.0.5", "card": "tesla-p4", "backend": "sglang"}]})
+
+
+def test_cli_plan_prints_every_box_and_the_router(tmp_path: Path) -> None:
+    from server.cli.app import app
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps({"settings": {"n_parallel": 2},
+                                "boxes": [{"host": "127.0.0.1", "port": 8101}, {"host": "10.0.0.2"}]}))
+    result = CliRunner().invoke(app, ["cluster", "plan", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [b["worker_url"] for b in data["boxes"]] == ["http://127.0.0.1:8101", "http://10.0.0.2:8000"]
+    assert data["boxes"][1]["commands"][0]["command"].startswith("ssh -o BatchMode=yes -tt 10.0.0.2 ")
+    assert data["router"]["argv"][3:5] == ["--worker-urls", "http://127.0.0.1:8101"]
+    assert CliRunner().invoke(app, ["cluster", "plan", str(tmp_path / "missing.yaml")]).exit_code == 2
