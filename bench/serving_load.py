@@ -201,15 +201,24 @@ async def load(url: str, model: str, shape: Shape, c: int, gen: int, words_per_t
     """C streams of `shape.rounds` requests each. Returns the wall time and each request's sample or error."""
     rng = random.Random(seed)
     lengths = [[shape.prompt_length(rng) for _ in range(shape.rounds)] for _ in range(c)]
+    prompts = [[make_prompt(seed + k * shape.rounds + r, max(1, round(lengths[k][r] * words_per_token)))
+                for r in range(shape.rounds)] for k in range(c)]
+    return await load_prompts([url], model, shape, prompts, gen)
+
+
+async def load_prompts(urls: list[str], model: str, shape: Shape, prompts: list[list[str]],
+                       gen: int) -> tuple[float, list[Sample | BaseException]]:
+    """One stream per list of prompts, sent back to back; stream k goes to urls[k % len(urls)] (a client
+    spreading itself over servers). Returns the wall time and each request's sample or error."""
+    c = len(prompts)
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         t0 = time.perf_counter()
 
         async def stream(k: int) -> list[Sample | BaseException]:
             out: list[Sample | BaseException] = []
-            for r in range(shape.rounds):
-                n_words = max(1, round(lengths[k][r] * words_per_token))
-                prompt = make_prompt(seed + k * shape.rounds + r, n_words)
+            url = urls[k % len(urls)]
+            for r, prompt in enumerate(prompts[k]):
                 try:
                     out.append(await request(client, url, shape, prompt, gen, model, k, r, t0))
                 except (httpx.HTTPError, KeyError, ValueError) as exc:

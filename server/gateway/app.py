@@ -20,7 +20,7 @@ from server.gateway.backends.base import Backend
 from server.gateway.errors import install_error_handlers
 from server.gateway.generation import CLIENT_CLOSED_STATUS, ClientDisconnectedError
 from server.gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
-from server.gateway.routes import embeddings, gpu, health, metrics, openai
+from server.gateway.routes import embeddings, gpu, health, metrics, openai, worker
 from server.gateway.security import BodySizeLimitMiddleware, verify_metrics_access
 from server.gateway.settings import GatewaySettings
 from server.gateway.state import GatewayState
@@ -109,7 +109,7 @@ def create_app(settings: GatewaySettings | None = None, backend: Backend | None 
         return Response(status_code=CLIENT_CLOSED_STATUS)
 
     app.add_exception_handler(ClientDisconnectedError, _client_closed)
-    for router in (health.router, openai.router, embeddings.router, gpu.router):
+    for router in (health.router, openai.router, embeddings.router, gpu.router, worker.router):
         app.include_router(router)
     app.include_router(metrics.router, dependencies=[Depends(verify_metrics_access)])
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

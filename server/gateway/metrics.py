@@ -92,6 +92,10 @@ class _LiveCollector(Collector):
         if stats.steps_total is not None:
             yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine decode steps",
                                       value=stats.steps_total)
+        if stats.prefix_reused_tokens_total is not None:
+            yield CounterMetricFamily(f"{PREFIX}_prefix_reused_tokens",
+                                      "Prompt tokens taken from a cached prefix instead of being computed",
+                                      value=stats.prefix_reused_tokens_total)
         if stats.sampled_in_graph_total is not None:
             yield CounterMetricFamily(f"{PREFIX}_engine_sampled_in_graph_tokens",
                                       "Tokens sampled inside llama.cpp's decode graph (not on the host)",

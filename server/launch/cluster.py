@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,7 +85,11 @@ class NodeCommand(BaseModel):
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
-def load_cluster(path: Path) -> ClusterSpec:
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def load_cluster_file(path: Path, spec: type[SpecT]) -> SpecT:
+    """A cluster YAML validated as `spec`; PlanError naming the file and every problem in it."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -93,10 +97,14 @@ def load_cluster(path: Path) -> ClusterSpec:
     except yaml.YAMLError as exc:
         raise PlanError(f"{path}: not valid YAML ({exc})") from None
     try:
-        return ClusterSpec.model_validate(data)
+        return spec.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise PlanError(f"{path}: {problems}") from None
+
+
+def load_cluster(path: Path) -> ClusterSpec:
+    return load_cluster_file(path, ClusterSpec)
 
 
 PlanMaker = Callable[[LaunchRequest], LaunchPlan]

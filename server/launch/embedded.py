@@ -60,18 +60,21 @@ def engine_config(plan: LaunchPlan) -> EngineConfig:
         raise PlanError(f"the embedded engine cannot take this plan: {exc}") from None
 
 
+def option_args(name: str, value: object) -> list[str]:
+    """A setting as edgeserve's commands take it: `--n-ctx 4096`, a bool `--kv-unified` / `--no-...`."""
+    option = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [option if value else "--no-" + name.replace("_", "-")]
+    return [option, str(value)]
+
+
 def serve_options(config: EngineConfig) -> list[str]:
     """`edgeserve serve` options for the fields of `config` that differ from EngineConfig's defaults."""
     args: list[str] = []
     for name, field in EngineConfig.model_fields.items():
         value = getattr(config, name)
-        if value == field.default:
-            continue
-        option = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(option if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [option, str(value)]
+        if value != field.default:
+            args += option_args(name, value)
     return args
 
 
@@ -87,4 +90,6 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
     args += serve_options(engine_config(plan))
     if plan.api_key:
         args += ["--api-key", plan.api_key]
+    if plan.model_name:
+        args += ["--model-name", plan.model_name]
     return tuple(args)

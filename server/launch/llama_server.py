@@ -166,4 +166,6 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
         args += ["--api-key", plan.api_key]
     if plan.n_threads is not None:
         args += ["-t", str(plan.n_threads)]
+    if plan.model_name:
+        args += ["--alias", plan.model_name]
     return tuple(args)

@@ -127,6 +127,8 @@ class LaunchPlan(BaseModel):
     enforce_eager: bool = False
     prefix_cache: bool = True
     api_key: str | None = Field(default=None, repr=False)
+    # the id clients and a router in front of several boxes name the model by (None: the backend's default)
+    model_name: str | None = None
 
     nnodes: int = Field(default=1, ge=1)
     node_rank: int = Field(default=0, ge=0)

@@ -46,6 +46,25 @@ def is_alive(pid: int) -> bool:
         return True
 
 
+def _stat_fields(pid: str) -> list[str] | None:
+    """/proc/PID/stat after the command: state, ppid, pgrp, ... (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (Linux /proc): e.g. the backend a supervisor runs."""
+    found = []
+    for name in os.listdir("/proc"):
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and len(fields) > 1 and fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
 def group_members(pgid: int) -> list[int]:
     """Live processes of a process group (Linux /proc)."""
     members: list[int] = []
@@ -54,15 +73,8 @@ def group_members(pgid: int) -> list[int]:
     except OSError:
         return members
     for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields after the command: state, ppid, pgrp, ...
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(name))
     return members
 

@@ -32,6 +32,7 @@ class LaunchRequest(BaseModel):
     backend_port: int | None = Field(
         default=None, ge=1, le=65535, description="the backend's own port behind the gateway"
     )
+    model_name: str | None = Field(default=None, description="model id served at /v1/models (default: file)")
 
     n_ctx: int | None = Field(default=None, description="context of ONE sequence, tokens")
     n_parallel: int | None = None

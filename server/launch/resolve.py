@@ -276,4 +276,5 @@ def plan_identity(ctx: BuildContext, port: int, health_path: str) -> dict[str, A
         "health_url": health_url(ctx.request.host, port, health_path),
         "force": ctx.request.force,
         "shutdown_grace_s": float(ctx.setting("shutdown_grace_s")[0]),
+        "model_name": ctx.request.model_name,
     }

@@ -155,6 +155,8 @@ def render(plan: LaunchPlan) -> tuple[str, ...]:
         args.append("--enable-metrics")
     if plan.api_key:
         args += ["--api-key", plan.api_key]
+    if plan.model_name:
+        args += ["--served-model-name", plan.model_name]
     if plan.nnodes > 1:
         args += ["--nnodes", str(plan.nnodes), "--node-rank", str(plan.node_rank)]
         if plan.dist_init_addr:

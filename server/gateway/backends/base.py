@@ -114,6 +114,9 @@ class BackendStats:
     step_tokens_steps: dict[int, int] = field(default_factory=dict)
     sampled_in_graph_total: int | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
+    # prompt tokens whose KV came from a cached prefix instead of being computed (a router's cache_aware
+    # policy shows here: prefixes that reach the replica holding them)
+    prefix_reused_tokens_total: int | None = None
 
     @property
     def kv_usage_ratio(self) -> float | None:

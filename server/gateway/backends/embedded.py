@@ -239,4 +239,5 @@ class EmbeddedBackend:
             step_tokens_steps=dict(self._step_tokens_steps),
             sampled_in_graph_total=s.sampled_in_graph_total,
             step_seconds=s.step_seconds,
+            prefix_reused_tokens_total=s.prefix_reused_tokens_total,
         )
