@@ -126,11 +126,11 @@ def register(app: typer.Typer) -> None:
             raise _exit(EXIT_REFUSED, "; ".join(str(e["msg"]) for e in exc.errors())) from None
         if apply and snapshot is not None:
             raise _exit(EXIT_REFUSED, "--snapshot plans for another machine's GPUs: it cannot be applied")
-        plan = plan_host_setup(_gpus(snapshot), request)
-        refused = bool(plan.refusals)
-        if apply and not refused and os.geteuid() != 0:
+        if apply and os.geteuid() != 0:
             raise _exit(EXIT_NOT_ROOT, "--apply changes GPU settings and needs root (run without it to see "
                                        "the commands)")
+        plan = plan_host_setup(_gpus(snapshot), request)
+        refused = bool(plan.refusals)
         results = apply_actions(plan.actions) if apply and not refused else None
         if as_json:
             data = plan.model_dump(mode="json") | {
