@@ -4,15 +4,19 @@ CPU with no GPU. Each is a HostSnapshot, what `edgeserve doctor --save-snapshot`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
+from loadtest.servers import running, start_edgeserve, write_chain
 from quantize.model.units import GIB, MIB
+from server.gateway.metrics import GatewayMetrics
 from server.hardware.cpu import CpuInfo
 from server.hardware.detect import build_detection
-from server.hardware.gpu_info import GpuInfo, GpuLink, ProcessInfo, SupportedClocks
+from server.hardware.gpu_info import GpuInfo, GpuLink, GpuSample, ProcessInfo, SupportedClocks
 from server.llama.build import LlamaBuild, LlamaServerBuild
 from server.ops.snapshot import (
     DiskSpace,
@@ -160,3 +164,47 @@ def snapshot_file(tmp_path: Any, machines: dict[str, HostSnapshot]) -> Callable[
         return str(path)
 
     return write
+
+
+# --- a real gateway's /metrics, for the Prometheus rules and the Grafana dashboard ----------------------
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every sample name a /metrics page can carry, including families that have no sample yet."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            if kind == "histogram":
+                names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+            if kind == "counter" and not name.endswith("_total"):
+                names.add(f"{name}_total")
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+@pytest.fixture(scope="session")
+def gateway_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """The metric names a running gateway exports: a real `edgeserve serve` (the bundled model, one thread)
+    behind a one-member fallback chain, so the chain's own families (fallbacks, breakers) are there too,
+    after a streamed and a plain chat completion. GPU gauges need a GPU: they come from the gateway's own
+    collector (server/gateway/metrics.py) fed one NVML-shaped sample."""
+    tmp = tmp_path_factory.mktemp("gateway-metrics")
+    chain = write_chain(tmp / "chain.yaml", [
+        {"name": "cpu", "kind": "embedded", "n_threads": 1, "n_ctx": 512, "n_parallel": 2}])
+    server = start_edgeserve(["--chain-config", str(chain)], tmp / "serve.log",
+                             env={"EDGESERVE_ENABLE_GPU_METRICS": "false"})
+    with running(server.wait_ready()):
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body | {"stream": True},
+                          timeout=120) as resp:
+            assert resp.status_code == 200
+            assert any("[DONE]" in line for line in resp.iter_lines())
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+        page = httpx.get(server.url + "/metrics", timeout=30).text
+    gpu = GatewayMetrics(gpu_sampler=lambda: [GpuSample(
+        index=0, name="Tesla P4", memory_used_bytes=GIB, memory_total_bytes=8 * GIB, utilization_gpu_pct=50,
+        temperature_c=60, power_draw_w=40.0)])
+    return exposed_names(page) | exposed_names(gpu.render().decode())
