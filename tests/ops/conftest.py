@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 
 from loadtest.servers import running, start_edgeserve, write_chain
 from quantize.model.units import GIB, MIB
@@ -152,6 +153,23 @@ def machines() -> dict[str, HostSnapshot]:
         "cpu": make_snapshot(plan=PlannedUse(backend="embedded", card="cpu", gpus=0, n_ctx=2048, n_parallel=4,
                                              expected_bytes=GIB // 2, model_bytes=98 * MIB)),
     }
+
+
+@pytest.fixture(scope="session")
+def command_app() -> Callable[[Callable[[typer.Typer], None]], typer.Typer]:
+    """command_app(module.register) -> a typer app in group mode (as the real one) with that command."""
+
+    def make(register: Callable[[typer.Typer], None]) -> typer.Typer:
+        app = typer.Typer()
+
+        @app.callback()
+        def _root() -> None:
+            """Group mode, as in the real app."""
+
+        register(app)
+        return app
+
+    return make
 
 
 @pytest.fixture()

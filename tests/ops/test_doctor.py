@@ -134,40 +134,34 @@ def test_strict_turns_warnings_into_failures(machines: dict[str, HostSnapshot]) 
 # --- the command ------------------------------------------------------------------------------------
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Group mode, as in the real app."""
-
-    doctor_cli.register(app)
-    return app
+@pytest.fixture()
+def app(command_app: Callable[..., typer.Typer]) -> typer.Typer:
+    return command_app(doctor_cli.register)
 
 
 @pytest.mark.parametrize(("machine", "code"), [("healthy-p4", 0), ("hot-4090", 1), ("cpu", 0),
                                                ("p4-without-offload", 1)])
-def test_the_command_judges_a_saved_snapshot(snapshot_file: Callable[[str], str], machine: str,
-                                             code: int) -> None:
-    result = CliRunner().invoke(_app(), ["doctor", "--snapshot", snapshot_file(machine), "--json"])
+def test_the_command_judges_a_saved_snapshot(app: typer.Typer, snapshot_file: Callable[[str], str],
+                                             machine: str, code: int) -> None:
+    result = CliRunner().invoke(app, ["doctor", "--snapshot", snapshot_file(machine), "--json"])
     assert result.exit_code == code, result.output
     report = json.loads(result.stdout)
     assert report["exit_code"] == code
     assert {c["status"] for c in report["checks"]} <= {"pass", "warn", "fail", "skip"}
-    table = CliRunner().invoke(_app(), ["doctor", "--snapshot", snapshot_file(machine)],
+    table = CliRunner().invoke(app, ["doctor", "--snapshot", snapshot_file(machine)],
                                env={"COLUMNS": "200"})
     assert table.exit_code == code
     assert ("not ready" in table.stdout) == bool(code)
 
 
-def test_an_unreadable_snapshot_is_a_usage_error(tmp_path: Path) -> None:
+def test_an_unreadable_snapshot_is_a_usage_error(app: typer.Typer, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    result = CliRunner().invoke(_app(), ["doctor", "--snapshot", str(bad)])
+    result = CliRunner().invoke(app, ["doctor", "--snapshot", str(bad)])
     assert result.exit_code == 2
 
 
-def test_doctor_on_this_machine(tmp_path: Path) -> None:
+def test_doctor_on_this_machine(app: typer.Typer, tmp_path: Path) -> None:
     """The real probe: this machine has no GPU, so it says so and checks cores, RAM, disk and ports; the
     snapshot it saves replays to the same verdicts."""
     with socket.socket() as taken:
@@ -175,7 +169,7 @@ def test_doctor_on_this_machine(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         saved = tmp_path / "here.json"
-        result = CliRunner().invoke(_app(), ["doctor", "--json", "--card", "cpu", "--port", str(port),
+        result = CliRunner().invoke(app, ["doctor", "--json", "--card", "cpu", "--port", str(port),
                                              "--save-snapshot", str(saved)])
     report = json.loads(result.stdout)
     checks = {c["name"]: c for c in report["checks"]}
@@ -184,7 +178,7 @@ def test_doctor_on_this_machine(tmp_path: Path) -> None:
     assert checks["plan"]["status"] == "pass" and "embedded on the CPU" in checks["plan"]["detail"]
     assert checks["llama_cpp.build"]["status"] == "pass"
     assert checks["host.cpus"]["status"] in {"pass", "warn"}
-    replay = CliRunner().invoke(_app(), ["doctor", "--json", "--snapshot", str(saved)])
+    replay = CliRunner().invoke(app, ["doctor", "--json", "--snapshot", str(saved)])
     assert json.loads(replay.stdout)["checks"] == report["checks"]
 
 

@@ -121,45 +121,40 @@ def test_apply_runs_the_printed_commands_and_reports_each(machines: dict[str, Ho
 # --- the command ------------------------------------------------------------------------------------
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Group mode, as in the real app."""
-
-    host_setup_cli.register(app)
-    return app
+@pytest.fixture()
+def app(command_app: Callable[..., typer.Typer]) -> typer.Typer:
+    return command_app(host_setup_cli.register)
 
 
-def test_the_command_prints_commands_for_a_saved_snapshot(snapshot_file: Callable[[str], str]) -> None:
+def test_the_command_prints_commands_for_a_saved_snapshot(app: typer.Typer,
+                                                          snapshot_file: Callable[[str], str]) -> None:
     path = snapshot_file("throttled-5090-pair")
-    result = CliRunner().invoke(_app(), ["host-setup", "--snapshot", path, "--power-limit", "max",
+    result = CliRunner().invoke(app, ["host-setup", "--snapshot", path, "--power-limit", "max",
                                          "--lock-clocks", "1500,2400"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     for cmd in ("nvidia-smi -i 0 -pl 600", "nvidia-smi -i 1 -pl 600", "nvidia-smi -i 0 -lgc 1500,2400",
                 "nvidia-smi -i 1 -lgc 1500,2400"):
         assert cmd in lines
-    data = json.loads(CliRunner().invoke(_app(), ["host-setup", "--snapshot", path, "--json"]).stdout)
+    data = json.loads(CliRunner().invoke(app, ["host-setup", "--snapshot", path, "--json"]).stdout)
     assert data["actions"] == [] and data["applied"] is None
 
 
-def test_the_command_refuses_and_exits_2(snapshot_file: Callable[[str], str]) -> None:
-    result = CliRunner().invoke(_app(), ["host-setup", "--snapshot", snapshot_file("healthy-p4"),
+def test_the_command_refuses_and_exits_2(app: typer.Typer, snapshot_file: Callable[[str], str]) -> None:
+    result = CliRunner().invoke(app, ["host-setup", "--snapshot", snapshot_file("healthy-p4"),
                                          "--power-limit", "120"])
     assert result.exit_code == 2
     assert "outside GPU 0's range 60..75 W" in result.output
     for bad in (["--power-limit", "70W"], ["--lock-clocks", "fast"], ["--compute-mode", "exclusive_thread"]):
-        assert CliRunner().invoke(_app(), ["host-setup", "--snapshot", snapshot_file("healthy-p4"),
+        assert CliRunner().invoke(app, ["host-setup", "--snapshot", snapshot_file("healthy-p4"),
                                            *bad]).exit_code == 2, bad
-    applied = CliRunner().invoke(_app(), ["host-setup", "--snapshot", snapshot_file("healthy-p4"), "--apply"])
+    applied = CliRunner().invoke(app, ["host-setup", "--snapshot", snapshot_file("healthy-p4"), "--apply"])
     assert applied.exit_code == 2 and "cannot be applied" in applied.output
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may apply; the refusal is for other users")
-def test_apply_needs_root() -> None:
-    result = CliRunner().invoke(_app(), ["host-setup", "--apply"])
+def test_apply_needs_root(app: typer.Typer) -> None:
+    result = CliRunner().invoke(app, ["host-setup", "--apply"])
     assert result.exit_code == 4 and "needs root" in result.output
 
 
