@@ -114,7 +114,9 @@ class BenchOutput:
 def run_llama_bench(binary: str, model: Path, run: BenchRun, timeout_s: float = 600) -> BenchOutput:
     argv = [binary, "-m", str(model), *run.args, "-o", "json", "-v"]
     env = {**os.environ, **(run.env or {})}
-    shown = " ".join([*(f"{k}={v}" for k, v in (run.env or {}).items()), *argv])
+    # As the document shows it: the program and the model by name, not where they lie on this machine.
+    shown = " ".join([*(f"{k}={v}" for k, v in (run.env or {}).items()), Path(binary).name, "-m", model.name,
+                      *argv[3:]])
     start = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)

@@ -97,7 +97,7 @@ def flash_attn_findings(rows: Sequence[BenchRow]) -> Findings:
     measured = (
         f"at depth {deep}: prompt {pp_gain}, decode {tg_gain} (on vs off)",
         f"compute buffer at depth {deep}: {_fmt(off_mem, 0)} MiB off, {_fmt(on_mem, 0)} MiB on "
-        f"({_ratio(off_mem, on_mem)} smaller)",
+        f"(off/on {_ratio(off_mem, on_mem)})",
         f"prompt speed at depth {deep} as a share of depth {shallow}: off {kept(0)}, on {kept(1)}",
     )
     header = ["depth", "pp t/s off", "pp t/s on", "pp on/off", "tg t/s off", "tg t/s on", "tg on/off",
@@ -183,8 +183,7 @@ def cuda_graph_findings(rows: Sequence[BenchRow]) -> Findings:
 
 def power_findings(rows: Sequence[BenchRow], limits: Sequence[float], refused: str | None) -> Findings:
     if refused:
-        return Findings((f"not measured: {refused}",), table(["power limit W", "pp t/s", "tg t/s"], []),
-                        note=f"The power limit could not be changed here: {refused}")
+        return Findings((f"not measured: {refused}",), "")
     body, per_watt = [], []
     for watts in limits:
         label = f"{watts:g} W"
@@ -242,7 +241,7 @@ def section(exp: Experiment, findings: Findings | None, meta: RunMeta | None, pn
         lines += [f"Measured {meta.date} on **{meta.device}** ({meta.backends}, llama.cpp build "
                   f"{meta.build}), model {meta.model}.", "", f"    {meta.command}", ""]
     lines += [claims, ""]
-    if findings:
+    if findings and findings.table:
         lines += [findings.table, ""]
         if findings.note:
             lines += [findings.note, ""]
