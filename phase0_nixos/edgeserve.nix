@@ -5,7 +5,8 @@
 # after an OOM at start-up) with the edgeserve gateway in front on `port` (OpenAI API, admission, fallbacks,
 # edgeserve_* metrics on /metrics). The module installs llama.cpp built with CUDA (llama-server, llama-bench,
 # llama-quantize) for it, and can have the local Prometheus scrape the gateway (alert rules included) and
-# Grafana show the dashboard. Import this file from configuration.nix; example_configuration.nix shows a host.
+# Grafana show the dashboard. Import this file from the project's checkout (it reads ../monitoring/) in
+# configuration.nix; example_configuration.nix shows a host.
 #
 # NVIDIA driver notes (set these in the host configuration, not here):
 #   * nixpkgs.config.allowUnfree = true; services.xserver.videoDrivers = [ "nvidia" ];  (loads the kernel

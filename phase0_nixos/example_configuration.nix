@@ -1,5 +1,6 @@
 # Example NixOS configuration of a headless GPU host running edgeserve (a Tesla P4), with Prometheus and Grafana.
-# Copy next to hardware-configuration.nix, adjust the card-specific lines, then `nixos-rebuild switch`.
+# Copy next to hardware-configuration.nix, adjust the card-specific lines, then `nixos-rebuild switch`. The module
+# is imported from the project's checkout, because it reads monitoring/ (alert rules, dashboard) beside it.
 # Before the first switch, build the venv: git clone the project to /opt/edgeserve and run
 # `CMAKE_ARGS="-DGGML_CUDA=on" phase1_foundation/setup_env.sh` there (llama-cpp-python is compiled with CUDA;
 # for a Pascal card with a CUDA 12.x toolkit). `edgeserve doctor` then checks the host.
@@ -8,7 +9,7 @@
 {
   imports = [
     ./hardware-configuration.nix
-    ./edgeserve.nix
+    /opt/edgeserve/phase0_nixos/edgeserve.nix
   ];
 
   nixpkgs.config.allowUnfree = true;

@@ -38,10 +38,15 @@ def probe_sglang(*, ask_torch: bool) -> SglangInstall:
     try:
         import torch
 
-        return install.model_copy(update={"torch_cuda": torch.version.cuda,
-                                          "cuda_available": bool(torch.cuda.is_available())})
+        install = install.model_copy(update={"torch_cuda": torch.version.cuda,
+                                             "cuda_available": bool(torch.cuda.is_available())})
     except Exception as exc:  # a broken torch install is a finding, not a crash
         return install.model_copy(update={"error": f"torch does not import: {exc}"})
+    try:
+        importlib.import_module("sglang")
+    except Exception as exc:
+        return install.model_copy(update={"error": f"sglang does not import: {exc}"})
+    return install
 
 
 def nccl_version_string(code: int) -> str:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from server.cli import doctor as doctor_cli
 from server.ops.check import Check
 from server.ops.doctor import doctor, run_checks
+from server.ops.probe import probe_sglang
 from server.ops.snapshot import HostSnapshot, PlannedUse, PortState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,3 +191,16 @@ def test_preflight_is_a_thin_wrapper() -> None:
     report = json.loads(proc.stdout)
     assert any(c["name"] == "host.port.1" for c in report["checks"])
     assert proc.returncode == report["exit_code"]
+
+
+def test_this_machines_sglang_cannot_serve_a_gpu(machines: dict[str, HostSnapshot]) -> None:
+    """The real SGLang probe: here torch is a CPU build (or absent), so on an SM89 card the check fails."""
+    install = probe_sglang(ask_torch=True)
+    if not install.installed:
+        pytest.skip("sglang is not installed in this environment")
+    assert install.version
+    on_a_4090 = machines["hot-4090"].model_copy(update={"sglang": install})
+    check = _by_name(run_checks(on_a_4090))[("sglang", None)]
+    assert check.status == "fail", check
+    reasons = ("CPU build of torch", "does not see the GPU", "does not import")
+    assert any(why in check.detail for why in reasons)

@@ -211,4 +211,6 @@ def test_the_example_configuration_evaluates_with_the_module() -> None:
     assert settings["prometheus"]["enable"] and settings["grafana"]["enable"]
     argv = _launch_argv(data)
     assert argv[argv.index("--model-path") + 1].endswith(".gguf")
-    assert "nvidiaPersistenced = true" in (ROOT / "phase0_nixos" / "example_configuration.nix").read_text()
+    text = (ROOT / "phase0_nixos" / "example_configuration.nix").read_text()
+    assert "nvidiaPersistenced = true" in text
+    assert "/phase0_nixos/edgeserve.nix" in text  # from the checkout: the module reads ../monitoring/
