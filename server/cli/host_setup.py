@@ -113,15 +113,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Persistence mode, power limit, clocks and compute mode per GPU, as exact nvidia-smi commands."""
         try:
-            request = HostSetupRequest(
-                gpus=tuple(gpu) if gpu else None,
-                persistence=persistence,
-                power_limit_w=_power(power_limit),  # type: ignore[arg-type]
-                locked_clocks_mhz=_pair(lock_clocks, "--lock-clocks"),
-                applications_clocks_mhz=_pair(app_clocks, "--app-clocks"),
-                reset_clocks=reset_clocks,
-                compute_mode=compute_mode,  # type: ignore[arg-type]
-            )
+            # Validated as data: pydantic checks the power target and the compute mode against their names.
+            request = HostSetupRequest.model_validate({
+                "gpus": tuple(gpu) if gpu else None,
+                "persistence": persistence,
+                "power_limit_w": _power(power_limit),
+                "locked_clocks_mhz": _pair(lock_clocks, "--lock-clocks"),
+                "applications_clocks_mhz": _pair(app_clocks, "--app-clocks"),
+                "reset_clocks": reset_clocks,
+                "compute_mode": compute_mode,
+            })
         except ValidationError as exc:
             raise _exit(EXIT_REFUSED, "; ".join(str(e["msg"]) for e in exc.errors())) from None
         if apply and snapshot is not None:

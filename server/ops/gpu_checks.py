@@ -100,11 +100,10 @@ def persistence(gpu: GpuInfo) -> Check:
 def pcie(gpu: GpuInfo, limits: DoctorLimits) -> Check:
     """The link width must be the card's; a lower generation at idle is power saving, under load it is not."""
     name, i = "gpu.pcie", gpu.index
-    gen, gen_max, width, width_max = gpu.pcie_gen_current, gpu.pcie_gen_max, gpu.pcie_width_current, \
-        gpu.pcie_width_max
-    if None in (gen, gen_max, width, width_max):
+    gen, gen_max = gpu.pcie_gen_current, gpu.pcie_gen_max
+    width, width_max = gpu.pcie_width_current, gpu.pcie_width_max
+    if gen is None or gen_max is None or width is None or width_max is None:
         return skipped(name, "PCIe link not reported", gpu=i)
-    assert gen is not None and gen_max is not None and width is not None and width_max is not None
     seen = f"gen {gen} of {gen_max}, x{width} of x{width_max}"
     if width < width_max:
         return warned(name, seen, "the link runs narrower than the card supports: slot wiring, a riser or "

@@ -225,5 +225,8 @@ def plan_host_setup(gpus: Sequence[GpuInfo], request: HostSetupRequest) -> HostS
     findings: list[Finding] = []
     for index in wanted:
         for item in _per_gpu(present[index], request):
-            (actions if isinstance(item, Action) else findings).append(item)  # type: ignore[arg-type]
+            if isinstance(item, Action):
+                actions.append(item)
+            else:
+                findings.append(item)
     return HostSetupPlan(actions=tuple(actions), findings=tuple(findings))
