@@ -23,16 +23,18 @@ class Result:
     load_error: str | None = None
 
 
-_BUF_RE = re.compile(r"\b(CUDA\d+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
+CUDA_DEVICES = r"CUDA\d+"
 
 
-def parse_buffer_log(text: str) -> dict[str, float]:
-    """llama.cpp's CUDA buffer sizes by kind (model, KV, compute), MiB, summed over devices.
+def parse_buffer_log(text: str, devices: str = CUDA_DEVICES) -> dict[str, float]:
+    """llama.cpp's buffer sizes by kind (model, KV, compute), MiB, summed over the devices matching
+    `devices` (a regex; default the CUDA devices, `CPU` for a CPU run).
 
     Model and KV lines add up (an iSWA model logs two KV caches); sched_reserve may log compute more than
     once: the last wins."""
+    pattern = re.compile(rf"\b({devices})\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
     sums: dict[tuple[str, str], float] = {}
-    for dev, kind, mib in _BUF_RE.findall(text):
+    for dev, kind, mib in pattern.findall(text):
         key = (dev, kind)
         sums[key] = float(mib) if kind == "compute" else sums.get(key, 0.0) + float(mib)
     out: dict[str, float] = {}

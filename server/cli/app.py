@@ -6,7 +6,9 @@ import typer
 
 from loadtest import tuner as tune_cmd
 from server.cli import cluster as cluster_cmd
+from server.cli import doctor as doctor_cmd
 from server.cli import gpu as gpu_cmd
+from server.cli import host_setup as host_setup_cmd
 from server.cli import launch as launch_cmd
 from server.cli import plan as plan_cmd
 from server.cli import quantize as quantize_cmd
@@ -20,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (gpu_cmd, plan_cmd, quantize_cmd, launch_cmd, cluster_cmd, serve_cmd, tune_cmd):
+for module in (gpu_cmd, doctor_cmd, host_setup_cmd, plan_cmd, quantize_cmd, launch_cmd, cluster_cmd,
+               serve_cmd, tune_cmd):
     module.register(app)
 
 
