@@ -152,8 +152,14 @@ def auto_backend(ctx: BuildContext) -> tuple[str, str]:
 
 
 def build_plan(ctx: BuildContext) -> LaunchPlan:
-    """Choose the backend and build its plan; the backend choice is the plan's first reason."""
+    """Choose the backend and build its plan; the backend choice is the plan's first reason, and a value from
+    the tuned profile says which tune it came from."""
     spec, reason = choose_backend(ctx)
     plan = spec.build(ctx)
-    rest = tuple(r for r in plan.reasons if r.setting != "backend")
-    return plan.model_copy(update={"reasons": (reason, *rest)})
+    note = ctx.profile.tuned_by
+    reasons = (reason, *(r for r in plan.reasons if r.setting != "backend"))
+    if note:
+        reasons = tuple(
+            r.model_copy(update={"why": f"{r.why}; {note}"}) if r.source == "tuned" else r for r in reasons
+        )
+    return plan.model_copy(update={"reasons": reasons})
