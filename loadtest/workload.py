@@ -76,7 +76,7 @@ class Workload(BaseModel):
     ignore_eos: bool = True
     # Sampled, as chat clients send them (greedy decoding is the cheap case no client asks for).
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=0.95, gt=0.0, le=1.0, description="None: not sent")
     rate_rps: float | None = Field(default=None, gt=0, description="requests/s of all users; None: no pacing")
     shape: Literal["constant", "step"] = "constant"
     step_users: int = Field(default=1, ge=1, description="step shape: users added at each step")
@@ -143,7 +143,9 @@ def request_body(workload: Workload, kind: str, model: str, prompt: Prompt, rng:
     path, stream = KINDS[kind]
     text = fresh(prompt, rng)
     body: dict[str, Any] = {"model": model, "max_tokens": workload.max_tokens,
-                            "temperature": workload.temperature, "top_p": workload.top_p, "stream": stream}
+                            "temperature": workload.temperature, "stream": stream}
+    if workload.top_p is not None:
+        body["top_p"] = workload.top_p
     if path == CHAT_PATH:
         body["messages"] = [{"role": "user", "content": text}]
     else:

@@ -60,6 +60,8 @@ if [ "$mode" = "test" ]; then
   $pip install -q --no-deps "triton==3.9.0"
   $pip install -q numpy orjson psutil pybase64 requests packaging pillow starlette pydantic pyzmq tqdm ipython \
     aiohttp msgspec pyyaml schemathesis
+  # An outside load tool measures the same server as the tuner's Locust run (bench/crosscheck_servebench.py).
+  $pip install -q "servebench==1.1.3"
 else
   $pip install -q -e .
 fi

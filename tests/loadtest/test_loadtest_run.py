@@ -173,3 +173,29 @@ def test_tuner_rejects_bad_options_without_a_traceback(tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_outside_load_tool_measures_the_same_server(gateway: str, tmp_path: Path) -> None:
+    """servebench (PyPI) drives `edgeserve serve` with the shipped prompts, as bench/crosscheck_servebench.py
+    does to check the tuner's figures; every request streams exactly max_tokens tokens by `usage`."""
+    binary = Path(sys.executable).with_name("servebench")
+    if not binary.is_file():
+        pytest.skip("servebench is not installed (phase1_foundation/setup_env.sh test installs it)")
+    from loadtest.prompts import data_text
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(line for line in data_text().splitlines() if '"short"' in line) + "\n")
+    out = tmp_path / "run.json"
+    import httpx
+
+    models = httpx.get(f"{gateway}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    proc = subprocess.run([str(binary), "run", "--url", f"{gateway}/v1", "--model", models["data"][0]["id"],
+                           "--concurrency", "2", "--num-requests", "4", "--prompts", str(prompts),
+                           "--output-len", str(MAX_TOKENS), "--warmup", "0", "--no-gpu", "--api-key", API_KEY,
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    level = json.loads(out.read_text())["levels"][0]
+    assert level["summary"]["completed"] == 4 and level["summary"]["failed"] == 0
+    assert [r["output_tokens"] for r in level["requests"]] == [MAX_TOKENS] * 4
