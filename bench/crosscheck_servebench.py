@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -22,12 +23,15 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.prompts import select  # noqa: E402
+from loadtest.prompts import fresh, select  # noqa: E402
 from loadtest.runner import run_locust, warm_up  # noqa: E402
 from loadtest.selection import Load  # noqa: E402
 from loadtest.servers import start_edgeserve  # noqa: E402
 from loadtest.summary import percentile  # noqa: E402
 from loadtest.workload import Workload, parse_lengths  # noqa: E402
+
+# servebench draws from the file with replacement: enough distinct tagged prompts that it rarely repeats one.
+PROMPTS_IN_FILE = 2000
 
 
 def servebench(url: str, model: str, prompts: Path, users: int, duration: int, max_tokens: int,
@@ -35,7 +39,7 @@ def servebench(url: str, model: str, prompts: Path, users: int, duration: int, m
     """One servebench level (closed loop, `users` in flight) against `url`; its summary."""
     cmd = [str(Path(sys.executable).with_name("servebench")), "run", "--url", f"{url}/v1", "--model", model,
            "--concurrency", str(users), "--duration", str(duration), "--prompts", str(prompts),
-           "--output-len", str(max_tokens), "--temperature", "0", "--warmup", "1", "--no-gpu", "--seed", "1",
+           "--output-len", str(max_tokens), "--temperature", "0", "--warmup", "1", "--no-gpu",
            "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=duration + 600)
     level = json.loads(out.read_text())["levels"][0]
@@ -69,16 +73,19 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=60, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of both tools, alternating the order")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt-lengths", default="short,medium")
+    parser.add_argument("--prompt-lengths", default="medium", help="similar lengths: less noise per request")
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("crosscheck"))
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    # Both tools send the same prompts: the shipped ones of these lengths, as a JSONL file for servebench.
+    # Both tools send the same prompts: the shipped ones of these lengths, each behind a tag of its own (as
+    # the locustfile sends them: no prefix-cache hits), drawn at random; servebench reads them from a file.
     prompts = select(parse_lengths(args.prompt_lengths), args.max_prompt_tokens)
+    rng = random.Random()
     prompt_file = args.out / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in prompts))
+    prompt_file.write_text("".join(json.dumps({"prompt": fresh(rng.choice(prompts), rng)}) + "\n"
+                                   for _ in range(PROMPTS_IN_FILE)))
     # servebench sends temperature 0 and no top_p: the same here.
     workload = Workload(mix="chat-stream", prompt_lengths=args.prompt_lengths,
                         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, temperature=0.0,

@@ -195,12 +195,16 @@ def plot_memory_context(result: TuneResult, path: Path) -> Path:
             measured = [(t.setting.n_ctx, t.memory_bytes / MIB) for t in line if t.memory_bytes is not None]
             predicted = [(t.setting.n_ctx, t.predicted_bytes / MIB) for t in line
                          if t.predicted_bytes is not None]
+            color = f"C{n_parallel.bit_length() % 10}"  # one colour per n_parallel, both lines
             if measured:
-                ax.plot(*zip(*measured, strict=True), marker="o", label=f"n_parallel {n_parallel} measured")
+                ax.plot(*zip(*measured, strict=True), marker="o", color=color,
+                        label=f"n_parallel {n_parallel} measured")
             if predicted:
-                ax.plot(*zip(*predicted, strict=True), marker="x", linestyle="--",
+                ax.plot(*zip(*predicted, strict=True), marker="x", linestyle="--", color=color,
                         label=f"n_parallel {n_parallel} predicted")
+        contexts = sorted({t.setting.n_ctx for t in trials})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts or [1], [str(c) for c in contexts] or ["1"])
         ax.set_xlabel("n_ctx (tokens of one sequence)")
         ax.set_ylabel("memory (MiB)")
 

@@ -134,6 +134,7 @@ class LaunchBench:
         self.toolchain = toolchain or own_toolchain()
         self._progress = on_progress or (lambda _text, _done: None)
         self._trials: dict[Setting, Trial] = {}
+        self._checks: dict[Setting, Skipped | None] = {}
 
     def plan(self, setting: Setting, port: int | None = None) -> LaunchPlan:
         """The launcher's plan with this setting pinned (as CLI flags would pin it)."""
@@ -142,7 +143,13 @@ class LaunchBench:
 
     def check(self, setting: Setting) -> Skipped | None:
         """Why `setting` cannot run here (None: it can): a request would not fit n_ctx, the VRAM calculator
-        says it does not fit the card, or the planner would change it."""
+        says it does not fit the card, or the planner would change it. Each setting is planned once (a large
+        model's header takes a while to read, and the search and the grid ask about every setting)."""
+        if setting not in self._checks:
+            self._checks[setting] = self._check(setting)
+        return self._checks[setting]
+
+    def _check(self, setting: Setting) -> Skipped | None:
         need = self.config.workload.request_tokens
         if need > setting.n_ctx:
             return Skipped(setting=setting, why=f"a request needs up to {need} tokens, a sequence gets "
