@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from loadtest.prompts import fresh, select  # noqa: E402
 from loadtest.runner import run_locust, warm_up  # noqa: E402
 from loadtest.selection import Load  # noqa: E402
-from loadtest.servers import start_edgeserve  # noqa: E402
+from loadtest.servers import metric_value, start_edgeserve  # noqa: E402
 from loadtest.summary import percentile  # noqa: E402
 from loadtest.workload import Workload, parse_lengths  # noqa: E402
 
@@ -57,6 +57,24 @@ def locust(url: str, workload: Workload, users: int, duration: int, out: Path) -
     return {"completed": s.requests_ok, "failed": s.requests_failed, "tokens_per_s": s.tokens_per_s,
             "ttft_p50_ms": s.ttft_p50_ms, "ttft_p90_ms": percentile(s.ttft_ms, 90),
             "duration_s": s.duration_s}
+
+
+SERVER_FIGURES = ("edgeserve_time_to_first_token_seconds_sum", "edgeserve_time_to_first_token_seconds_count",
+                  "edgeserve_prompt_tokens_total", "edgeserve_generation_tokens_total")
+
+
+def server_figures(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {name: metric_value(text, name) for name in SERVER_FIGURES}
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the server itself saw during one tool's run: its own TTFT and the prompts' length."""
+    d = {k: after[k] - before[k] for k in SERVER_FIGURES}
+    n = d["edgeserve_time_to_first_token_seconds_count"]
+    return {"server_ttft_mean_ms": d["edgeserve_time_to_first_token_seconds_sum"] / n * 1000 if n else None,
+            "server_prompt_tokens_per_request": d["edgeserve_prompt_tokens_total"] / n if n else None,
+            "server_generated_tokens": d["edgeserve_generation_tokens_total"]}
 
 
 def diff(a: float | None, b: float | None) -> float | None:
@@ -105,12 +123,14 @@ def main() -> None:
             for tool in ("locust", "servebench") if r % 2 == 0 else ("servebench", "locust"):
                 where = args.out / f"round{r + 1}_{tool}"
                 started = time.time()
+                before = server_figures(server.url)
                 if tool == "locust":
                     row = locust(server.url, workload, args.n_parallel, args.duration, where)
                 else:
                     where.mkdir(parents=True, exist_ok=True)
                     row = servebench(server.url, model, prompt_file, args.n_parallel, args.duration,
                                      args.max_tokens, where / "run.json")
+                row |= server_side(before, server_figures(server.url))
                 rows.append({"round": r + 1, "tool": tool, "started": started, **row})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -123,7 +143,8 @@ def main() -> None:
         return sum(values) / len(values) if values else None
 
     summary = {key: {"locust": mean([r[key] for r in loc]), "servebench": mean([r[key] for r in sb])}
-               for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms")}
+               for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "server_ttft_mean_ms",
+                           "server_prompt_tokens_per_request")}
     for figures in summary.values():
         figures["difference"] = diff(figures["locust"], figures["servebench"])
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "summary": summary}

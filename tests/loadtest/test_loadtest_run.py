@@ -141,16 +141,15 @@ def test_cpu_tune_writes_every_output_and_launch_uses_the_tuned_profile(tmp_path
 
 
 @pytest.mark.slow
-def test_tune_records_a_backend_that_does_not_come_up(tmp_path: Path) -> None:
+def test_tune_records_a_backend_that_does_not_come_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "tune"
     # `edgeserve serve` refuses this engine setting from its environment and exits before it is ready.
-    os.environ["EDGESERVE_ENGINE__N_UBATCH"] = "lots"
-    try:
-        proc = _tune(["--card", "cpu", "--n-parallel", "1", "--n-ctx", "512", "--n-threads", THREADS,
-                      "--duration", "1", "--prompt-lengths", "short", "--max-prompt-tokens", "64",
-                      "--write-profile", "--out", str(out)], tmp_path, timeout=300)
-    finally:
-        del os.environ["EDGESERVE_ENGINE__N_UBATCH"]
+    monkeypatch.setenv("EDGESERVE_ENGINE__N_UBATCH", "lots")
+    proc = _tune(["--card", "cpu", "--n-parallel", "1", "--n-ctx", "512", "--n-threads", THREADS,
+                  "--duration", "1", "--prompt-lengths", "short", "--max-prompt-tokens", "64",
+                  "--write-profile", "--out", str(out)], tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     result = TuneResult.model_validate_json((out / "results.json").read_text())
     assert result.choice.best is None and result.grid is not None and result.profile_path is None
