@@ -223,7 +223,8 @@ def write_report(result: TuneResult, out_dir: Path, *, stem: str = "report", tit
         pick = (f"**Chosen: n_parallel {s.n_parallel}, n_ctx {s.n_ctx}, n_batch {s.n_batch}, n_ubatch "
                 f"{s.n_ubatch}** ({result.choice.reason}).")
         if result.profile_path:
-            pick += f" Written to the tuned profile `{result.profile_path}`: `edgeserve launch` uses it."
+            pick += (f" Written as the card's tuned profile (`{Path(result.profile_path).name}` in the tuned "
+                     "profiles folder): `edgeserve launch` uses it.")
     else:
         pick = f"**Nothing chosen:** {result.choice.reason}."
     head = context or (f"{result.date}, {result.machine}; backend {result.backend} on card {result.card}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import signal
 import sys
 from datetime import date, datetime
 from pathlib import Path
@@ -186,6 +187,9 @@ def run_command(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the running setting's backend is stopped (the runner's `finally`), never
+    # left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     strategies: tuple[Literal["search", "grid"], ...] = (
         ("search", "grid") if strategy == "both" else (strategy,))
     results = {}
@@ -232,6 +236,7 @@ def report_command(
                    ] = None,
     title: Annotated[str, typer.Option(help="report title")] = "edgeserve tune",
     context: Annotated[str, typer.Option(help="a line under the title")] = "",
+    stem: Annotated[str, typer.Option(help="file name of the report and its plots, no suffix")] = "report",
 ) -> None:
     """Re-render report.md and its plots from results.json."""
     try:
@@ -242,7 +247,7 @@ def report_command(
         raise _fail(f"{results} is not a tune results file: {exc.errors()[0].get('msg')}") from None
     from loadtest.report import write_report
 
-    files = write_report(result, out or results.parent, title=title, context=context)
+    files = write_report(result, out or results.parent, stem=stem, title=title, context=context)
     _show(result, Console())
     Console().print(f"report: {files.markdown}", highlight=False)
 
