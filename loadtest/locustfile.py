@@ -200,8 +200,11 @@ class OpenAIUser(User):
         options = self.environment.parsed_options
         users = int(getattr(options, "num_users", 0) or 1)
         if WORKLOAD.rate_rps:
-            # Each user offers its share of the rate; a request slower than its share leaves no wait.
-            self._pace = constant_pacing(users / WORKLOAD.rate_rps)
+            # Each user offers its share of the rate; a request slower than its share leaves no wait. The
+            # users start at random points of one interval: all at once would be a burst, not the rate.
+            interval = users / WORKLOAD.rate_rps
+            self._pace = constant_pacing(interval)
+            gevent.sleep(self.rng.uniform(0.0, interval))
 
     def wait_time(self) -> float:
         return 0.0 if self._pace is None else self._pace(self)

@@ -208,6 +208,6 @@ def choose(trials: Sequence[Trial], slo: Slo) -> Choice:
                                                gt[1].setting.n_parallel, gt[1].memory_bytes or 0))
     reason = f"highest goodput meeting the SLOs: {g:.3g} req/s ({slo.describe()})"
     if len(contenders) > 1:
-        reason += (f"; {len(contenders)} settings within {slo.tie_tolerance:.0%} of {top:.3g} req/s, the "
-                   "longest context kept")
+        reason += (f"; {len(contenders)} settings within {slo.tie_tolerance:.0%} of {top:.3g} req/s: the "
+                   "longest context, then the lowest TTFT p95 kept")
     return Choice(best=best, goodput_rps=g, reason=reason)
