@@ -1,88 +1,64 @@
-"""The tuner's side effects: start a server for one setting on a free loopback port, load it, stop it.
+"""The tuner's side effects: each setting planned by the launcher's own planner (the backend, argv and
+memory budget `edgeserve launch` would use), started under the launcher's supervisor, warmed up, loaded with
+Locust at the load points `search.sweep_rates` asks for, its memory read, stopped.
 
-Each trial runs in its own folder: server.log, locust.log, Locust's CSVs, summary.json, a /metrics snapshot.
+Each setting runs in its own folder under the output: plan.json, server.log, and per load point Locust's CSVs,
+its log and summary.json.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadtest.selection import Setting, Trial
+from loadtest.footprint import gpu_used_bytes, memory_in_use
+from loadtest.search import sweep_rates
+from loadtest.selection import Load, LoadPoint, Setting, Skipped, Slo, Trial
 from loadtest.servers import free_port
 from loadtest.summary import LoadSummary
-from loadtest.workload import Workload
+from loadtest.workload import CHAT_PATH, Workload
+from quantize.model.units import MIB
+from server.hardware.target import Target, resolve_target
+from server.launch.plan import LaunchPlan
+from server.launch.planner import make_plan
+from server.launch.request import LaunchRequest
+from server.launch.resolve import health_url
+from server.launch.supervisor import Supervisor, SupervisorConfig
+from server.launch.toolchain import Toolchain, probe_toolchain
 
 log = logging.getLogger(__name__)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-# `edgeserve serve` run as `python -m server.cli.serve` by the interpreter running the tuner: no console
-# script needed on PATH, and only the serve command's modules are imported.
-DEFAULT_SERVER_TEMPLATE: tuple[str, ...] = (
-    "{python}", "-m", "server.cli.serve", "--host", "{host}", "--port", "{port}",
-    "--n-parallel", "{n_parallel}", "--n-ctx", "{n_ctx}", "--log-level", "warning",
-)
-# {n_ctx} is one sequence's context; llama-server's -c takes {n_ctx_total} (n_ctx x n_parallel).
-PLACEHOLDERS = ("python", "host", "port", "n_parallel", "n_ctx", "n_ctx_total", "model")
 LOG_TAIL_CHARS = 1500
+Progress = Callable[[str, bool], None]  # (what is happening, whether a Locust run just finished)
 
 
 class TrialError(RuntimeError):
     """A server that would not start or a Locust run that produced no summary; the message says why."""
 
 
-class RunConfig(BaseModel):
-    """How every trial of a sweep runs."""
+class BenchConfig(BaseModel):
+    """How every setting of a tune runs: the launch request the settings are laid over, and the load."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    server_template: tuple[str, ...] = DEFAULT_SERVER_TEMPLATE
-    model: Path | None = Field(default=None, description="passed as --model unless the template has {model}")
-    host: str = "127.0.0.1"
-    ready_path: str = Field(default="/ready", description="200 here means the server takes requests")
-    ready_timeout_s: float = Field(default=300.0, gt=0)
-    users: int = Field(ge=1, description="concurrent Locust users, the same for every setting")
-    duration_s: int = Field(ge=1, le=86_400)
+    request: LaunchRequest = LaunchRequest()
     workload: Workload = Workload()
-    warmup_requests: int = Field(default=1, ge=0, description="sent before Locust starts, not measured")
-    drain_s: int = Field(default=60, ge=0, description="time in-flight requests get to finish after the run")
+    duration_s: int = Field(default=30, ge=1, le=86_400, description="seconds of load per load point")
+    drain_s: int = Field(default=30, ge=0, description="time in-flight requests get to finish after a run")
+    warmup_requests: int = Field(default=1, ge=0, description="sent before the first run, not measured")
+    rate_steps: int = Field(default=3, ge=0, description="bisection rounds on the rate when the SLOs fail")
+    ready_timeout_s: float = Field(default=600.0, gt=0)
     out_dir: Path
-
-
-def render_command(template: Sequence[str], setting: Setting, *, host: str, port: int,
-                   model: Path | None, python: str = sys.executable) -> list[str]:
-    """The server's argv for one setting; the PLACEHOLDERS ({python} {host} {port} {n_parallel} {n_ctx}
-    {n_ctx_total} {model}) are filled in."""
-    values = {"python": python, "host": host, "port": str(port), "n_parallel": str(setting.n_parallel),
-              "n_ctx": str(setting.n_ctx), "n_ctx_total": str(setting.n_ctx_total),
-              "model": str(model) if model is not None else ""}
-    argv: list[str] = []
-    uses_model = False
-    for part in template:
-        uses_model = uses_model or "{model}" in part
-        try:
-            argv.append(part.format_map(values))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"bad placeholder in server command {part!r}; known: "
-                             + ", ".join("{" + p + "}" for p in PLACEHOLDERS)) from exc
-    if uses_model and model is None:
-        raise ValueError("the server command uses {model}: give --model")
-    if model is not None and not uses_model:
-        argv += ["--model", str(model)]
-    if not argv:
-        raise ValueError("empty server command")
-    return argv
 
 
 def _tail(path: Path) -> str:
@@ -93,71 +69,31 @@ def _tail(path: Path) -> str:
     return text[-LOG_TAIL_CHARS:].strip()
 
 
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    """SIGTERM the server's process group (it may have children, e.g. llama-server), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
-
-
-@contextlib.contextmanager
-def running_server(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
-                   ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start the server in its own session, logging to `log_path`; always stopped on exit."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log_file:
-        try:
-            proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env) if env is not None else None,
-                                    start_new_session=True)
-        except OSError as exc:
-            raise TrialError(f"could not start {argv[0]}: {exc}") from exc
-        try:
-            yield proc
-        finally:
-            _stop(proc)
-
-
-def wait_ready(base_url: str, ready_path: str, proc: subprocess.Popen[bytes], timeout_s: float,
-               log_path: Path) -> float:
-    """Poll until `ready_path` answers 200; returns the seconds it took. Fails early if the server exits."""
-    started = time.monotonic()
-    with httpx.Client(timeout=5.0) as client:
-        while True:
-            code = proc.poll()
-            if code is not None:
-                raise TrialError(f"server exited with status {code} before it was ready:\n{_tail(log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(base_url + ready_path).status_code == 200:
-                    return time.monotonic() - started
-            if time.monotonic() - started > timeout_s:
-                raise TrialError(f"server not ready after {timeout_s:.0f} s:\n{_tail(log_path)}")
-            time.sleep(0.25)
+def _first_model(client: httpx.Client, base_url: str, headers: dict[str, str]) -> str:
+    """The id to ask for when the workload names none: the first /v1/models lists (as the locustfile does)."""
+    resp = client.get(base_url + "/v1/models", headers=headers)
+    data = resp.json().get("data") if resp.status_code == 200 else None
+    if not data or not isinstance(data[0].get("id"), str):
+        raise TrialError(f"no model listed at {base_url}/v1/models: HTTP {resp.status_code} "
+                         f"{resp.text[:300]}")
+    return str(data[0]["id"])
 
 
 def warm_up(base_url: str, workload: Workload, count: int) -> None:
     """A few short requests so first-request costs (allocation, graph setup) stay out of the measurement."""
     headers = {"Authorization": f"Bearer {workload.api_key}"} if workload.api_key else {}
     body: dict[str, object] = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
-    if workload.model:
-        body["model"] = workload.model
-    with httpx.Client(timeout=workload.request_timeout_s) as client:
+    with httpx.Client(timeout=workload.request_timeout_s, trust_env=False) as client:
+        body["model"] = workload.model or _first_model(client, base_url, headers)
         for _ in range(count):
-            resp = client.post(base_url + "/v1/chat/completions", json=body, headers=headers)
+            resp = client.post(base_url + CHAT_PATH, json=body, headers=headers)
             if resp.status_code != 200:
                 raise TrialError(f"warm-up request failed: HTTP {resp.status_code} {resp.text[:300]}")
 
 
-def run_locust(base_url: str, *, users: int, duration_s: int, workload: Workload, trial_dir: Path,
-               drain_s: int = 60, timeout_s: float | None = None) -> LoadSummary:
-    """Run Locust headless against `base_url` for `duration_s` seconds; returns the locustfile's summary.
+def run_locust(base_url: str, *, load: Load, duration_s: int, workload: Workload, trial_dir: Path,
+               drain_s: int = 30, timeout_s: float | None = None) -> LoadSummary:
+    """Run Locust headless against `base_url` with `load` for `duration_s` seconds; the locustfile's summary.
 
     Requests still running at the end get `drain_s` seconds to finish, so slow requests show up in the
     latency figures instead of vanishing; throughput counts only the tokens of the measured window.
@@ -165,11 +101,12 @@ def run_locust(base_url: str, *, users: int, duration_s: int, workload: Workload
     trial_dir.mkdir(parents=True, exist_ok=True)
     summary_path = trial_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
-    env = {**os.environ, **workload.model_copy(update={"summary_path": str(summary_path)}).to_env()}
-    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
-            "-r", str(users), "-t", f"{duration_s}s", "--host", base_url, "--csv", str(trial_dir / "locust"),
-            "--stop-timeout", str(drain_s), "--only-summary", "--loglevel", "WARNING",
-            "--exit-code-on-error", "0"]
+    paced = workload.model_copy(update={"summary_path": str(summary_path), "rate_rps": load.rate_rps})
+    env = {**os.environ, **paced.to_env()}
+    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(load.users),
+            "-r", str(load.users), "-t", f"{duration_s}s", "--host", base_url,
+            "--csv", str(trial_dir / "locust"), "--stop-timeout", str(drain_s), "--only-summary",
+            "--loglevel", "WARNING", "--exit-code-on-error", "0"]
     log_path = trial_dir / "locust.log"
     limit = timeout_s if timeout_s is not None else duration_s + drain_s + 120.0
     with log_path.open("wb") as log_file:
@@ -183,56 +120,125 @@ def run_locust(base_url: str, *, users: int, duration_s: int, workload: Workload
     return LoadSummary.read(summary_path)
 
 
-def gpu_memory_used_bytes(metrics_text: str) -> int | None:
-    """Sum of edgeserve_gpu_memory_used_bytes over GPUs in a /metrics page; None when there is none."""
-    total = 0.0
-    seen = False
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "edgeserve_gpu_memory_used_bytes":
-            for sample in family.samples:
-                total += sample.value
-                seen = True
-    return int(total) if seen else None
+def own_toolchain() -> Toolchain:
+    """This machine's programs, with `edgeserve` being the one the tuner runs from (not another on PATH)."""
+    return probe_toolchain().model_copy(update={"edgeserve": (sys.executable, "-m", "server.cli.app")})
 
 
-def _snapshot_metrics(base_url: str, trial_dir: Path) -> int | None:
-    try:
-        resp = httpx.get(base_url + "/metrics", timeout=5.0)
-    except httpx.HTTPError:
+def planned_values(plan: LaunchPlan) -> dict[str, int | None]:
+    """The plan's values of the searched settings (SGLang's logical batch is its prefill chunk)."""
+    batch = plan.n_batch if plan.n_batch is not None else plan.chunked_prefill_size
+    return {"n_parallel": plan.n_parallel, "n_ctx": plan.n_ctx, "n_batch": batch, "n_ubatch": plan.n_ubatch}
+
+
+class LaunchBench:
+    """Plans, checks and measures settings the way `edgeserve launch` would run them; each once."""
+
+    def __init__(self, config: BenchConfig, slo: Slo, *, target: Target | None = None,
+                 toolchain: Toolchain | None = None, on_progress: Progress | None = None) -> None:
+        self.config = config
+        self.slo = slo
+        request = config.request
+        self.target = target or resolve_target(request.card, request.gpus)
+        self.toolchain = toolchain or own_toolchain()
+        self._progress = on_progress or (lambda _text, _done: None)
+        self._trials: dict[Setting, Trial] = {}
+        self._checks: dict[Setting, Skipped | None] = {}
+
+    def plan(self, setting: Setting, port: int | None = None) -> LaunchPlan:
+        """The launcher's plan with this setting pinned (as CLI flags would pin it)."""
+        request = self.config.request.model_copy(update={**setting.values(), "port": port})
+        return make_plan(request, toolchain=self.toolchain, target=self.target)
+
+    def check(self, setting: Setting) -> Skipped | None:
+        """Why `setting` cannot run here (None: it can): a request would not fit n_ctx, the VRAM calculator
+        says it does not fit the card, or the planner would change it. Each setting is planned once (a large
+        model's header takes a while to read, and the search and the grid ask about every setting)."""
+        if setting not in self._checks:
+            self._checks[setting] = self._check(setting)
+        return self._checks[setting]
+
+    def _check(self, setting: Setting) -> Skipped | None:
+        need = self.config.workload.request_tokens
+        if need > setting.n_ctx:
+            return Skipped(setting=setting, why=f"a request needs up to {need} tokens, a sequence gets "
+                                                f"{setting.n_ctx}")
+        try:
+            plan = self.plan(setting)
+        except ValueError as exc:  # PlanError: the backend refuses these values
+            return Skipped(setting=setting, why=str(exc))
+        predicted = plan.expected_total_bytes
+        if plan.memory is not None and plan.memory.fits is False and plan.memory.capacity_bytes is not None:
+            return Skipped(setting=setting, predicted_bytes=predicted,
+                           why=f"needs {plan.memory.total_bytes / MIB:,.0f} MiB, over the "
+                               f"{plan.memory.capacity_bytes / MIB:,.0f} MiB budget")
+        changed = {k: v for k, v in planned_values(plan).items()
+                   if v is not None and v != getattr(setting, k)}
+        if changed:
+            what = ", ".join(f"{k} {v}" for k, v in changed.items())
+            return Skipped(setting=setting, predicted_bytes=predicted,
+                           why=f"the {plan.backend} plan would run {what} instead")
         return None
-    if resp.status_code != 200:
-        return None
-    (trial_dir / "metrics.prom").write_text(resp.text, encoding="utf-8")
-    try:
-        return gpu_memory_used_bytes(resp.text)
-    except ValueError:  # not Prometheus text (another server's /metrics)
-        return None
 
+    def measure(self, setting: Setting) -> Trial:
+        """Start, load and stop one setting (once: a second call returns the first result)."""
+        if setting not in self._trials:
+            self._trials[setting] = self._run(setting)
+        return self._trials[setting]
 
-def run_trial(setting: Setting, config: RunConfig) -> Trial:
-    """Start a server with `setting`, load it, stop it. A failure becomes a Trial with its reason."""
-    trial_dir = config.out_dir / f"p{setting.n_parallel}_c{setting.n_ctx}"
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port(config.host)
-    base_url = f"http://{config.host}:{port}"
-    argv = render_command(config.server_template, setting, host=config.host, port=port, model=config.model)
-    (trial_dir / "server_command.txt").write_text(" ".join(argv) + "\n", encoding="utf-8")
-    log_path = trial_dir / "server.log"
-    # Other work on the same cores distorts every figure: record how busy the host was.
-    load_1m = os.getloadavg()[0]
-    log.info("%s: starting %s (load average %.2f)", setting.label, " ".join(argv), load_1m)
-    try:
-        with running_server(argv, log_path) as proc:
-            ready_s = wait_ready(base_url, config.ready_path, proc, config.ready_timeout_s, log_path)
-            log.info("%s: ready in %.1f s; warming up", setting.label, ready_s)
-            warm_up(base_url, config.workload, config.warmup_requests)
-            log.info("%s: %d users for %d s", setting.label, config.users, config.duration_s)
-            summary = run_locust(base_url, users=config.users, duration_s=config.duration_s,
-                                 workload=config.workload, trial_dir=trial_dir, drain_s=config.drain_s)
-            memory = _snapshot_metrics(base_url, trial_dir)
-    except (TrialError, httpx.HTTPError) as exc:
-        log.warning("%s: %s", setting.label, exc)
-        return Trial(setting=setting, users=config.users, failure=str(exc) or type(exc).__name__,
-                     host_load_1m=load_1m)
-    return Trial(setting=setting, users=config.users, summary=summary, gpu_memory_used_bytes=memory,
-                 host_load_1m=load_1m)
+    def _run(self, setting: Setting) -> Trial:
+        cfg = self.config
+        trial_dir = cfg.out_dir / "runs" / setting.label.replace(" ", "_")
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        plan = self.plan(setting, free_port())
+        plan_json = json.dumps(plan.to_json_dict(), indent=2)
+        (trial_dir / "plan.json").write_text(plan_json + "\n", encoding="utf-8")
+        base_url = health_url(plan.host, plan.port, "")
+        load_1m = os.getloadavg()[0]  # other work on the same cores distorts every figure: record it
+        baseline = gpu_used_bytes(plan.gpus) if plan.gpus else 0
+        log_path = trial_dir / "server.log"
+        self._progress(f"{setting.label}: starting {plan.backend}", False)
+        base: dict[str, Any] = {"setting": setting, "predicted_bytes": plan.expected_total_bytes,
+                                "host_load_1m": load_1m}
+        with log_path.open("w", encoding="utf-8") as server_log:
+            def to_log(line: str) -> None:
+                server_log.write(line + "\n")
+                server_log.flush()
+
+            supervisor = Supervisor(plan, SupervisorConfig(use_ladder=False, max_restarts=0,
+                                                           health_timeout_s=cfg.ready_timeout_s),
+                                    on_line=to_log, log_prefix=f"[{setting.label}]")
+            supervisor.start()
+            try:
+                if not supervisor.wait_ready(cfg.ready_timeout_s + 30):
+                    failure = supervisor.last_failure
+                    why = f"{failure.kind}: {failure.evidence}" if failure else "not ready in time"
+                    return Trial(**base, failure=f"the backend did not come up ({why})\n{_tail(log_path)}")
+                warm_up(base_url, cfg.workload, cfg.warmup_requests)
+                held: dict[str, int | str] = {}
+
+                def measure_load(load: Load) -> LoadPoint:
+                    self._progress(f"{setting.label}: {load.label} for {cfg.duration_s} s", False)
+                    name = "closed" if load.rate_rps is None else f"rate{load.rate_rps:.3g}"
+                    try:
+                        summary = run_locust(base_url, load=load, duration_s=cfg.duration_s,
+                                             workload=cfg.workload, trial_dir=trial_dir / name,
+                                             drain_s=cfg.drain_s)
+                        point = LoadPoint(load=load, summary=summary)
+                    except TrialError as exc:
+                        point = LoadPoint(load=load, failure=str(exc))
+                    if supervisor.pid is not None and supervisor.is_ready():
+                        used, kind = memory_in_use(supervisor.pid, plan.gpus, baseline)
+                        held["bytes"] = max(used, int(held.get("bytes", 0)))
+                        held["kind"] = kind
+                    self._progress(f"{setting.label}: {load.label} done", True)
+                    return point
+
+                points = sweep_rates(measure_load, setting.n_parallel, self.slo, cfg.rate_steps)
+            except (TrialError, httpx.HTTPError) as exc:
+                return Trial(**base, failure=str(exc) or type(exc).__name__)
+            finally:
+                supervisor.stop()
+        memory = held.get("bytes")
+        return Trial(**base, points=points, memory_bytes=int(memory) if memory is not None else None,
+                     memory_kind=str(held["kind"]) if "kind" in held else None)

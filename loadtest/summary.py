@@ -28,7 +28,19 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
 
 
-class LoadSummary(BaseModel):
+class Derived(BaseModel):
+    """A model whose JSON also carries its computed fields, for people reading it; reading the JSON back
+    recomputes them instead of taking them as inputs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
+        return data
+
+
+class LoadSummary(Derived):
     """Samples of one run.
 
     Throughput counts only tokens generated inside the measured window (from the start of the run to the
@@ -49,16 +61,8 @@ class LoadSummary(BaseModel):
     e2e_ms: tuple[float, ...] = ()
     decode_tokens_per_s: tuple[float, ...] = Field(default=(), description="per request, after 1st token")
     completion_tokens: int = Field(default=0, ge=0, description="tokens of finished successful requests")
+    prompt_tokens: int = Field(default=0, ge=0, description="prompt tokens the server reported in `usage`")
     window_tokens: int = Field(default=0, ge=0, description="tokens generated inside the measured window")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_derived(cls, data: Any) -> Any:
-        # JSON written by this model carries the derived figures too (for people reading it); they are
-        # recomputed, not read back.
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
-        return data
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -111,6 +115,19 @@ class LoadSummary(BaseModel):
         """Median speed one client sees once its first token arrived."""
         return percentile(self.decode_tokens_per_s, 50)
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def itl_p50_ms(self) -> float | None:
+        """Median inter-token latency: a request's mean gap between tokens after the first (1000 / its
+        decode speed)."""
+        return _inverse_ms(percentile(self.decode_tokens_per_s, 50))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def itl_p95_ms(self) -> float | None:
+        """The 95th percentile of the per-request inter-token latency (the 5th of the decode speeds)."""
+        return _inverse_ms(percentile(self.decode_tokens_per_s, 5))
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -118,6 +135,10 @@ class LoadSummary(BaseModel):
     @classmethod
     def read(cls, path: Path) -> LoadSummary:
         return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _inverse_ms(tokens_per_s: float | None) -> float | None:
+    return None if not tokens_per_s else 1000.0 / tokens_per_s
 
 
 class Recorder:
@@ -133,14 +154,16 @@ class Recorder:
         self.e2e_ms: list[float] = []
         self.decode_tps: list[float] = []
         self.completion_tokens = 0
+        self.prompt_tokens = 0
         self.window_tokens = 0
 
     def success(self, *, ttft_ms: float | None, e2e_ms: float, completion_tokens: int,
-                window_tokens: int | None = None) -> None:
+                window_tokens: int | None = None, prompt_tokens: int = 0) -> None:
         """A finished request. `window_tokens` were generated inside the window; None: it finished there."""
         self.ok += 1
         self.e2e_ms.append(e2e_ms)
         self.completion_tokens += completion_tokens
+        self.prompt_tokens += prompt_tokens
         if window_tokens is None:
             self.ok_in_window += 1
             self.window_tokens += completion_tokens
@@ -171,5 +194,5 @@ class Recorder:
             requests_cut=self.cut, requests_in_window=self.ok_in_window, errors=dict(self.errors),
             ttft_ms=tuple(self.ttft_ms), e2e_ms=tuple(self.e2e_ms),
             decode_tokens_per_s=tuple(self.decode_tps), completion_tokens=self.completion_tokens,
-            window_tokens=self.window_tokens,
+            prompt_tokens=self.prompt_tokens, window_tokens=self.window_tokens,
         )

@@ -1,48 +1,44 @@
-"""Sweep n_parallel and n_ctx under load and pick the best setting: `python -m loadtest.tuner run ...`.
+"""`edgeserve tune`: find n_parallel, n_ctx, n_batch and n_ubatch for this card by measuring them under load,
+and write the winner as the tuned profile `edgeserve launch` reads.
 
-For every (n_parallel, n_ctx) pair (n_ctx per sequence, as everywhere in edgeserve) the tuner starts
-`edgeserve serve` (or any server command given with --server-cmd, e.g. llama-server) on a free loopback
-port, waits for it to be ready, runs Locust headless for a fixed time, stops the server and records
-throughput, TTFT p50/p95 and the error rate. The chosen setting is the highest-throughput one that meets the
-TTFT p95 and error-rate limits. Results go to results.json, a
-markdown report and a PNG; `report` re-renders them from results.json.
+Every setting is planned by the launcher (the backend it would pick, or --backend), skipped when the VRAM
+calculator says it does not fit, started under the supervisor, warmed up, loaded with Locust and stopped. The
+search (loadtest/search.py) measures a fraction of the grid; `--strategy both` runs the grid too, to show what
+the search saved. Results go to --out: results.json, report.md with its two PNGs, per setting its plan, server
+log and Locust CSVs; `--json` prints the answer on stdout; `report` re-renders from results.json.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
-import shlex
+import platform
+import signal
 import sys
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loadtest.runner import DEFAULT_SERVER_TEMPLATE, RunConfig, render_command, run_trial
-from loadtest.selection import Choice, Constraint, Setting, Trial, choose, expand_grid, fits_request
+from loadtest.result import TuneResult, summary_json
+from loadtest.runner import BenchConfig, LaunchBench
+from loadtest.search import Space, efficiency, run_strategy
+from loadtest.selection import Slo, goodput
+from loadtest.tuned import tuned_note, write_tuned_profile
 from loadtest.workload import Workload
+from server.hardware.target import GpuSet
+from server.launch.profile import load_profile
+from server.launch.registry import backend_choices
+from server.launch.request import LaunchRequest
 
 log = logging.getLogger(__name__)
-console = Console()
 err = Console(stderr=True)
-# The chat template wraps the prompt in a few tokens of its own; leave room for them when checking fit.
-TEMPLATE_TOKENS = 32
-
-
-class TuneResult(BaseModel):
-    """Everything one sweep produced, as written to results.json."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    config: RunConfig
-    constraint: Constraint
-    trials: tuple[Trial, ...]
-    choice: Choice
+StrategyChoice = Literal["search", "grid", "both"]
 
 
 def parse_int_list(text: str, what: str) -> tuple[int, ...]:
@@ -63,161 +59,197 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def sweep(settings: tuple[Setting, ...], config: RunConfig) -> tuple[Trial, ...]:
-    """Run every setting in turn (one server at a time: they would compete for the same GPU)."""
-    need = config.workload.prompt_tokens + config.workload.max_tokens + TEMPLATE_TOKENS
-    trials: list[Trial] = []
-    for index, setting in enumerate(settings, start=1):
-        if not fits_request(setting, need):
-            why = f"a request needs about {need} tokens, a sequence gets {setting.n_ctx}"
-            trials.append(Trial(setting=setting, users=config.users, failure=why))
-            continue
-        log.info("[%d/%d] %s", index, len(settings), setting.label)
-        trials.append(run_trial(setting, config))
-    return tuple(trials)
-
-
-def _print_table(result: TuneResult) -> None:
-    table = Table(title="edgeserve tuning")
-    for name in ("n_parallel", "n_ctx", "ok", "failed", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "verdict"):
-        table.add_column(name, justify="left" if name == "verdict" else "right")
-    verdicts = {v.setting: v for v in result.choice.verdicts}
-    best = result.choice.best.setting if result.choice.best else None
-    for trial in result.trials:
-        s = trial.summary
-        v = verdicts.get(trial.setting)
-        note = "[bold green]chosen[/]" if trial.setting == best else ("ok" if v and v.is_feasible else
-                                                                      "; ".join(v.reasons if v else ()))
-        cells = (["-"] * 5 if s is None else
-                 [str(s.requests_ok), str(s.requests_failed), f"{s.tokens_per_s:.1f}",
-                  "-" if s.ttft_p50_ms is None else f"{s.ttft_p50_ms:.0f}",
-                  "-" if s.ttft_p95_ms is None else f"{s.ttft_p95_ms:.0f}"])
-        table.add_row(str(trial.setting.n_parallel), str(trial.setting.n_ctx), *cells, note[:120])
-    console.print(table)
-    console.print(result.choice.reason)
-
-
-def _write_report(result: TuneResult, report: Path, title: str, context: str) -> None:
-    try:
-        from loadtest.report import write_report
-    except ImportError as exc:
-        raise ValueError(f"reports need the loadtest extra: pip install 'edgeserve[loadtest]' ({exc})"
-                         ) from None
-    cfg = result.config
-    files = write_report(result.trials, result.choice, result.constraint, workload=cfg.workload,
-                         users=cfg.users, duration_s=cfg.duration_s, out_dir=report.parent,
-                         stem=report.stem, title=title, context=context)
-    console.print(f"report: {files.markdown}  plot: {files.plot}")
-
-
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(code=2)
 
 
-app = typer.Typer(name="tune", help="Load-test settings with Locust and pick the best.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+def _machine(bench: LaunchBench) -> str:
+    target = bench.target
+    if isinstance(target, GpuSet):
+        return f"{target.count} x {target.card.name} ({target.card.id})"
+    return f"CPU ({platform.processor() or platform.machine()}, {bench.toolchain.cpu_threads} threads usable)"
+
+
+def _show(result: TuneResult, console: Console) -> None:
+    table = Table(title=f"edgeserve tune: {result.backend} on {result.card}", title_justify="left")
+    for name in ("setting", "runs", "goodput req/s", "tokens/s", "TTFT p95 ms", "memory MiB", ""):
+        table.add_column(name, justify="left" if name in ("setting", "") else "right")
+    best = result.choice.best
+    for t in result.trials():
+        peak = t.peak
+        mark = "[bold green]chosen[/]" if best is not None and t.setting == best.setting else (
+            (t.failure or "").splitlines()[0][:60] if t.failure else "")
+        table.add_row(t.setting.label, str(t.runs), f"{goodput(t, result.slo):.3g}",
+                      f"{peak.tokens_per_s:.1f}" if peak else "-",
+                      f"{peak.ttft_p95_ms:.0f}" if peak and peak.ttft_p95_ms is not None else "-",
+                      f"{t.memory_bytes / 2**20:,.0f}" if t.memory_bytes else "-", mark)
+    console.print(table)
+    console.print(result.choice.reason, highlight=False)
+    if result.efficiency:
+        e = result.efficiency
+        console.print(f"search: {e.search_runs} runs, grid: {e.grid_runs} ({e.runs_ratio:.0%}); goodput "
+                      f"{e.goodput_ratio:.1%} of the grid's best", highlight=False)
+
+
+def _write(result: TuneResult, out_dir: Path, title: str, context: str) -> dict[str, str]:
+    try:
+        from loadtest.report import write_report
+    except ImportError as exc:
+        raise _fail(f"reports need the loadtest extra: pip install 'edgeserve[loadtest]' ({exc})") from None
+    results = out_dir / "results.json"
+    results.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    files = write_report(result, out_dir, title=title, context=context)
+    return {"results": str(results), "report": str(files.markdown), "plots": ",".join(map(str, files.plots))}
+
+
+app = typer.Typer(name="tune", help="Load-test settings with Locust, pick the best, write the tuned profile.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command("run")
 def run_command(
-    n_parallel: Annotated[str, typer.Option(
-        "--n-parallel", "--parallel", help="n_parallel values to try, comma separated")] = "1,2,4,8",
-    n_ctx: Annotated[str, typer.Option(
-        "--n-ctx", "--ctx", help="n_ctx values to try (context of ONE sequence, tokens)")] = "4096",
-    users: Annotated[int | None, typer.Option(help="concurrent users for every setting (default: the "
-                                                   "largest n_parallel)", min=1)] = None,
-    duration: Annotated[int, typer.Option(help="seconds of load per setting", min=1)] = 30,
-    prompt_tokens: Annotated[int, typer.Option(help="approximate prompt length", min=1)] = 64,
-    max_tokens: Annotated[int, typer.Option(help="tokens to generate per request", min=1)] = 64,
-    max_ttft_p95_ms: Annotated[float | None, typer.Option(help="TTFT p95 limit for the chosen one")] = None,
-    max_error_rate: Annotated[float, typer.Option(help="error-rate limit (0..1)", min=0.0, max=1.0)] = 0.01,
-    model: Annotated[Path | None, typer.Option(help="GGUF to serve (default: the server's default)")] = None,
-    server_cmd: Annotated[str | None, typer.Option(
-        help="server command template with {host} {port} {n_parallel} {n_ctx} {n_ctx_total} {model} {python} "
-             "(llama-server: -np {n_parallel} -c {n_ctx_total}); default: edgeserve serve")] = None,
-    server_args: Annotated[str, typer.Option(
-        help="more arguments for every server start, e.g. \"--n-threads 1\" or \"--n-gpu-layers 20\"")] = "",
-    ready_path: Annotated[str, typer.Option(help="answers 200 once the server is ready")] = "/ready",
-    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness", min=1)] = 300.0,
-    stream: Annotated[bool, typer.Option(help="stream responses (needed for TTFT)")] = True,
-    ignore_eos: Annotated[bool, typer.Option(help="generate exactly max_tokens every time")] = True,
-    served_model: Annotated[str | None, typer.Option(help="model id to send (default: first listed)")] = None,
-    api_key: Annotated[str | None, typer.Option(help="bearer token for the server")] = None,
-    warmup: Annotated[int, typer.Option(help="unmeasured requests before each run", min=0)] = 1,
-    drain: Annotated[int, typer.Option(help="seconds running requests get to finish after each run (they "
-                                            "count for latency and errors, not throughput)", min=0)] = 60,
-    out: Annotated[Path | None, typer.Option(help="folder for logs, CSVs and results.json")] = None,
-    report: Annotated[Path | None, typer.Option(help="markdown report path (PNG next to it); "
-                                                     "default OUT/report.md")] = None,
-    title: Annotated[str, typer.Option(help="report title")] = "edgeserve tuning",
-    context: Annotated[str, typer.Option(help="a line under the title: machine, model, backend")] = "",
+    backend: Annotated[str, typer.Option(help="backend: " + ", ".join(backend_choices()))] = "auto",
+    card: Annotated[str, typer.Option(help="card id, 'cpu', or auto (detect)")] = "auto",
+    gpus: Annotated[int | None, typer.Option(min=0, help="GPUs to use (default: all like GPU 0)")] = None,
+    model_path: Annotated[Path | None, typer.Option("--model-path", "--model",
+                                                    help="GGUF file or HF folder (default: bundled)")] = None,
+    n_parallel: Annotated[str, typer.Option("--n-parallel", "--parallel",
+                                            help="n_parallel values to try, comma separated")] = "1,2,4,8",
+    n_ctx: Annotated[str, typer.Option("--n-ctx", "--ctx", help="n_ctx values (context of ONE sequence)")
+                     ] = "2048",
+    n_batch: Annotated[str | None, typer.Option(
+        "--n-batch", help="n_batch values (llama.cpp -b, SGLang prefill chunk); default: the profile's")
+    ] = None,
+    n_ubatch: Annotated[str | None, typer.Option(
+        "--n-ubatch", "--ubatch", help="n_ubatch values (-ub); default: the profile's")] = None,
+    n_threads: Annotated[int | None, typer.Option("--n-threads", "--threads", min=1,
+                                                  help="CPU threads (fixed for every setting)")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option("--n-gpu-layers", help="layers on the GPU")] = None,
+    kv_type: Annotated[str | None, typer.Option("--kv-type", help="KV cache type (fixed)")] = None,
+    strategy: Annotated[StrategyChoice, typer.Option(help="search, grid, or both (the grid proves the "
+                                                          "search)")] = "search",
+    duration: Annotated[int, typer.Option(help="seconds of load per load point", min=1)] = 30,
+    drain: Annotated[int, typer.Option(help="seconds running requests get to finish after a run",
+                                       min=0)] = 30,
+    warmup: Annotated[int, typer.Option(help="unmeasured requests after each start", min=0)] = 1,
+    rate_steps: Annotated[int, typer.Option(help="rate bisection rounds when a setting misses the SLOs",
+                                            min=0)] = 3,
+    max_ttft_p95_ms: Annotated[float | None, typer.Option(help="SLO: TTFT p95 limit")] = None,
+    max_itl_p95_ms: Annotated[float | None, typer.Option(help="SLO: inter-token latency p95 limit")] = None,
+    max_e2e_p95_ms: Annotated[float | None, typer.Option(help="SLO: end-to-end latency p95 limit")] = None,
+    max_error_rate: Annotated[float, typer.Option(help="SLO: error rate (0..1)", min=0.0, max=1.0)] = 0.01,
+    mix: Annotated[str, typer.Option(help="request kinds and weights: chat-stream, chat, completion-stream, "
+                                          "completion, e.g. chat-stream:3,completion:1")] = "chat-stream",
+    prompt_lengths: Annotated[str, typer.Option(help="shipped prompts: short, medium, long")
+                              ] = "short,medium,long",
+    max_prompt_tokens: Annotated[int, typer.Option(help="leave out longer shipped prompts", min=16)] = 1024,
+    max_tokens: Annotated[int, typer.Option(help="tokens generated per request", min=1)] = 64,
+    ignore_eos: Annotated[bool, typer.Option(help="always generate max_tokens")] = True,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.7,
+    api_key: Annotated[str | None, typer.Option(help="API key the backends are started with")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for everything the tune writes")] = None,
+    write_profile: Annotated[bool, typer.Option(help="write the winner as the card's tuned profile")] = True,
+    tuned_dir: Annotated[Path | None, typer.Option(
+        help="tuned profiles folder (default: EDGESERVE_TUNED_DIR, else XDG_CONFIG_HOME/edgeserve/tuned)")
+    ] = None,
+    title: Annotated[str, typer.Option(help="report title")] = "edgeserve tune",
+    context: Annotated[str, typer.Option(help="a line under the title (default: date, machine, model)")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON on stdout")] = False,
 ) -> None:
-    """Sweep settings under load and choose the best one."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
+    """Measure settings under load, choose the best, write the tuned profile."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    console = err if as_json else Console()
     try:
-        settings = expand_grid(parse_int_list(n_parallel, "--n-parallel"), parse_int_list(n_ctx, "--n-ctx"))
-        template = (tuple(shlex.split(server_cmd)) if server_cmd else DEFAULT_SERVER_TEMPLATE) + tuple(
-            shlex.split(server_args))
+        request = LaunchRequest(backend=backend, card=card, gpus=gpus,
+                                model_path=str(model_path) if model_path else None, n_threads=n_threads,
+                                n_gpu_layers=n_gpu_layers, kv_type=kv_type, api_key=api_key)
+        workload = Workload(mix=mix, prompt_lengths=prompt_lengths, max_prompt_tokens=max_prompt_tokens,
+                            max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature,
+                            api_key=api_key)
         out_dir = out or Path("loadtest-results") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
-        workload = Workload(prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
-                            ignore_eos=ignore_eos, model=served_model, api_key=api_key)
-        config = RunConfig(server_template=template, model=model, ready_path=ready_path,
-                           ready_timeout_s=ready_timeout, users=users or max(s.n_parallel for s in settings),
-                           duration_s=duration, workload=workload, warmup_requests=warmup, drain_s=drain,
-                           out_dir=out_dir)
-        constraint = Constraint(max_ttft_p95_ms=max_ttft_p95_ms, max_error_rate=max_error_rate)
-        # Fail fast on a bad template, before any server starts.
-        render_command(template, settings[0], host=config.host, port=1, model=model)
+        bench_config = BenchConfig(request=request, workload=workload, duration_s=duration, drain_s=drain,
+                                   warmup_requests=warmup, rate_steps=rate_steps, out_dir=out_dir)
+        slo = Slo(max_ttft_p95_ms=max_ttft_p95_ms, max_itl_p95_ms=max_itl_p95_ms,
+                  max_e2e_p95_ms=max_e2e_p95_ms, max_error_rate=max_error_rate)
+        bench = LaunchBench(bench_config, slo)
+        profile = load_profile(bench.target.card_id).profile
+        space = Space(n_parallel=parse_int_list(n_parallel, "--n-parallel"),
+                      n_ctx=parse_int_list(n_ctx, "--n-ctx"),
+                      n_batch=parse_int_list(n_batch, "--n-batch") if n_batch else (profile.n_batch,),
+                      n_ubatch=parse_int_list(n_ubatch, "--n-ubatch") if n_ubatch else (profile.n_ubatch,))
+        first = bench.plan(space.grid()[0])  # fail fast on a backend or model that cannot run at all
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "option"
-        raise _fail(f"{where}: {first.get('msg')}") from None
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem.get("loc", ())) or "option"
+        raise _fail(f"{where}: {problem.get('msg')}") from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    if model is not None and not model.is_file():
-        raise _fail(f"model file not found: {model}")
-    if importlib.util.find_spec("locust") is None:
-        raise _fail("the tuner runs Locust, which is not installed: pip install 'edgeserve[loadtest]'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials = sweep(settings, config)
-    result = TuneResult(config=config, constraint=constraint, trials=trials,
-                        choice=choose(trials, constraint))
-    (out_dir / "results.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    _print_table(result)
-    try:
-        _write_report(result, report or out_dir / "report.md", title, context)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    if result.choice.best is None:
+    # SIGTERM unwinds like Ctrl-C, so the running setting's backend is stopped (the runner's `finally`), never
+    # left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    strategies: tuple[Literal["search", "grid"], ...] = (
+        ("search", "grid") if strategy == "both" else (strategy,))
+    results = {}
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TextColumn("[bold]{task.completed} runs"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("planning", total=None)
+
+        def on_progress(text: str, run_done: bool) -> None:
+            progress.update(task, description=text, advance=1 if run_done else 0)
+
+        bench._progress = on_progress
+        for name in strategies:
+            progress.update(task, description=f"{name}: checking what fits")
+            results[name] = run_strategy(name, space, bench.check, bench.measure, slo)
+    search, grid = results.get("search"), results.get("grid")
+    today = date.today().isoformat()
+    result = TuneResult(
+        date=today, machine=_machine(bench), card=bench.target.card_id, backend=first.backend,
+        model=Path(first.model_path).name, space=space, slo=slo,
+        bench=bench_config.model_copy(update={"request": request.model_copy(update={"api_key": None}),
+                                              "workload": workload.model_copy(update={"api_key": None})}),
+        search=search, grid=grid, efficiency=efficiency(search, grid, slo) if search and grid else None)
+    best = result.choice.best
+    if best is not None and write_profile:
+        note = tuned_note(today, result.choice.goodput_rps, slo.describe(), result.model, result.backend)
+        values = {**best.setting.values(), "preferred_backend": first.backend}
+        path = write_tuned_profile(result.card, values, note, tuned_dir)
+        result = result.model_copy(update={"profile_path": str(path)})
+    files = _write(result, out_dir, title, context)
+    _show(result, console)
+    console.print(f"report: {files['report']}" + (f"; tuned profile: {result.profile_path}"
+                                                  if result.profile_path else ""), highlight=False)
+    if as_json:
+        typer.echo(json.dumps(summary_json(result, files), indent=2))
+    if best is None:
         raise typer.Exit(code=1)
 
 
 @app.command("report")
 def report_command(
     results: Annotated[Path, typer.Argument(help="results.json written by `run`")],
-    report: Annotated[Path, typer.Option(help="markdown report path (PNG next to it)")] = Path("report.md"),
-    title: Annotated[str, typer.Option(help="report title")] = "edgeserve tuning",
-    context: Annotated[str, typer.Option(help="a line under the title: machine, model, backend")] = "",
-    max_ttft_p95_ms: Annotated[float | None, typer.Option(help="re-judge with this latency limit")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for report.md and its PNGs (default: beside it)")
+                   ] = None,
+    title: Annotated[str, typer.Option(help="report title")] = "edgeserve tune",
+    context: Annotated[str, typer.Option(help="a line under the title")] = "",
+    stem: Annotated[str, typer.Option(help="file name of the report and its plots, no suffix")] = "report",
 ) -> None:
-    """Re-render the report (and optionally re-choose under another TTFT limit) from results.json."""
+    """Re-render report.md and its plots from results.json."""
     try:
         result = TuneResult.model_validate_json(results.read_text(encoding="utf-8"))
     except OSError as exc:
         raise _fail(f"cannot read {results}: {exc.strerror}") from None
     except ValidationError as exc:
-        raise _fail(f"{results} is not a tuner results file: {exc.errors()[0].get('msg')}") from None
-    if max_ttft_p95_ms is not None:
-        constraint = result.constraint.model_copy(update={"max_ttft_p95_ms": max_ttft_p95_ms})
-        result = result.model_copy(update={"constraint": constraint,
-                                           "choice": choose(result.trials, constraint)})
-    _print_table(result)
-    try:
-        _write_report(result, report, title, context)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(f"{results} is not a tune results file: {exc.errors()[0].get('msg')}") from None
+    from loadtest.report import write_report
+
+    files = write_report(result, out or results.parent, stem=stem, title=title, context=context)
+    _show(result, Console())
+    Console().print(f"report: {files.markdown}", highlight=False)
 
 
 def register(cli: typer.Typer) -> None:

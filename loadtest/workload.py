@@ -1,4 +1,5 @@
-"""The load a Locust run offers: request shape (prompt length, max_tokens, streaming), from the environment.
+"""The load a Locust run offers: which requests (chat or completions, streamed or not, in what mix), their
+prompts (from the shipped set) and sampling, fixed output lengths, the offered rate and the load shape.
 
 The locustfile runs inside Locust's own process, so the tuner hands it the workload through
 EDGESERVE_LOADTEST_* environment variables; `Workload.to_env()` and `Workload.from_env()` are the two
@@ -10,37 +11,109 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loadtest.prompts import LENGTHS, Length, Prompt, fresh, select
 
 ENV_PREFIX = "EDGESERVE_LOADTEST_"
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+# What one request is: the route and whether it streams. The mix names them with weights,
+# e.g. "chat-stream:3,completion:1".
+KINDS: dict[str, tuple[str, bool]] = {
+    "chat-stream": (CHAT_PATH, True),
+    "chat": (CHAT_PATH, False),
+    "completion-stream": (COMPLETIONS_PATH, True),
+    "completion": (COMPLETIONS_PATH, False),
+}
+# The chat template wraps the prompt in a few tokens of its own; leave room for them when checking fit.
+TEMPLATE_TOKENS = 32
 
-# Short common English words: most tokenizers (SmolLM2, Llama, Gemma) spend one token on each, so a prompt of
-# N words is about N tokens plus the chat template's few.
-_TEXT = (
-    "the quick brown fox jumps over a lazy dog while small birds sing in tall green trees near an old "
-    "stone bridge where people walk each day to see the river run down from high hills toward the sea"
-)
-_WORDS = tuple(_TEXT.split(" "))
+
+def parse_mix(text: str) -> dict[str, int]:
+    """'chat-stream:3,completion' -> {'chat-stream': 3, 'completion': 1}; unknown kinds are an error."""
+    mix: dict[str, int] = {}
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        if name not in KINDS:
+            raise ValueError(f"unknown request kind {name!r}; known: {', '.join(KINDS)}")
+        try:
+            mix[name] = int(weight) if weight else 1
+        except ValueError:
+            raise ValueError(f"weight of {name!r} is not a whole number: {weight!r}") from None
+        if mix[name] < 1:
+            raise ValueError(f"weight of {name!r} must be at least 1")
+    if not mix:
+        raise ValueError(f"the request mix names no kind; known: {', '.join(KINDS)}")
+    return mix
+
+
+def parse_lengths(text: str) -> tuple[Length, ...]:
+    """'short,long' -> ('short', 'long'), in the shipped order; unknown ones are an error."""
+    names = {p for p in text.replace(" ", "").split(",") if p}
+    unknown = sorted(names - set(LENGTHS))
+    if unknown or not names:
+        raise ValueError(f"prompt lengths {', '.join(unknown) or '(none)'} unknown; "
+                         f"known: {', '.join(LENGTHS)}")
+    return tuple(n for n in LENGTHS if n in names)
 
 
 class Workload(BaseModel):
-    """One user's request, repeated back to back (closed loop: the number of users is the concurrency)."""
+    """What every Locust user sends, one request after another (closed loop) or paced to `rate_rps` in all."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prompt_tokens: int = Field(default=64, ge=1, le=1_000_000, description="approximate prompt length")
+    mix: str = Field(default="chat-stream", description="request kinds with weights, e.g. chat-stream:3,chat")
+    prompt_lengths: str = Field(default="short,medium,long", description="which shipped prompts to send")
+    max_prompt_tokens: int = Field(default=1024, ge=16, description="leave out longer shipped prompts")
     max_tokens: int = Field(default=64, ge=1, le=1_000_000)
-    stream: bool = True
     # Without it a model that stops early makes throughput depend on what it chose to say; llama-server,
     # SGLang and edgeserve accept it, the OpenAI service does not.
     ignore_eos: bool = True
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    # Sampled, as chat clients send them (greedy decoding is the cheap case no client asks for).
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=0.95, gt=0.0, le=1.0, description="None: not sent")
+    rate_rps: float | None = Field(default=None, gt=0, description="requests/s of all users; None: no pacing")
+    shape: Literal["constant", "step"] = "constant"
+    step_users: int = Field(default=1, ge=1, description="step shape: users added at each step")
+    step_s: float = Field(default=10.0, gt=0, description="step shape: seconds between steps")
     model: str | None = Field(default=None, description="model id; default: the first one /v1/models lists")
     api_key: str | None = None
     request_timeout_s: float = Field(default=300.0, gt=0)
     summary_path: str | None = Field(default=None, description="where the locustfile writes its JSON summary")
+
+    @field_validator("mix")
+    @classmethod
+    def _check_mix(cls, value: str) -> str:
+        parse_mix(value)
+        return value
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _check_lengths(cls, value: str) -> str:
+        parse_lengths(value)
+        return value
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return parse_mix(self.mix)
+
+    @property
+    def streams(self) -> bool:
+        """Whether any request streams (TTFT and ITL are measured on those only)."""
+        return any(KINDS[k][1] for k in self.weights)
+
+    @property
+    def request_tokens(self) -> int:
+        """The most one request can need of a sequence's context: prompt, template and completion."""
+        return self.max_prompt_tokens + TEMPLATE_TOKENS + self.max_tokens
+
+    def prompts(self) -> tuple[Prompt, ...]:
+        return select(parse_lengths(self.prompt_lengths), self.max_prompt_tokens)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Workload:
@@ -64,24 +137,20 @@ class Workload(BaseModel):
         return env
 
 
-def make_prompt(n_words: int, rng: random.Random) -> str:
-    """A prompt of about `n_words` tokens that starts differently each time, so no prefix cache serves it."""
-    start = rng.randrange(len(_WORDS))
-    words = [_WORDS[(start + i) % len(_WORDS)] for i in range(max(0, n_words - 8))]
-    tag = rng.randrange(1_000_000)
-    return f"Request {tag}. Continue this text: " + " ".join(words)
-
-
-def chat_body(workload: Workload, model: str, rng: random.Random) -> dict[str, Any]:
-    """The JSON body of one /v1/chat/completions request."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": make_prompt(workload.prompt_tokens, rng)}],
-        "max_tokens": workload.max_tokens,
-        "temperature": workload.temperature,
-        "stream": workload.stream,
-    }
-    if workload.stream:
+def request_body(workload: Workload, kind: str, model: str, prompt: Prompt, rng: random.Random
+                 ) -> dict[str, Any]:
+    """The JSON body of one request of `kind` (see KINDS), as an OpenAI client sends it."""
+    path, stream = KINDS[kind]
+    text = fresh(prompt, rng)
+    body: dict[str, Any] = {"model": model, "max_tokens": workload.max_tokens,
+                            "temperature": workload.temperature, "stream": stream}
+    if workload.top_p is not None:
+        body["top_p"] = workload.top_p
+    if path == CHAT_PATH:
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    if stream:
         body["stream_options"] = {"include_usage": True}
     if workload.ignore_eos:
         body["ignore_eos"] = True

@@ -154,6 +154,8 @@ if [ "$mode" = "test" ]; then
   "$root/phase1_foundation/setup_sglang.sh" parser
   # An OpenAI-compatibility checker nobody here wrote, run against `edgeserve serve` (tests/gateway, bench/).
   $pip install -q "llm-comply==0.5.0"
+  # An outside load tool measures the same server as the tuner's Locust run (bench/crosscheck_servebench.py).
+  $pip install -q "servebench==1.1.3"
 else
   $pip install -q -e .
   if [ "${EDGESERVE_WITH_SGLANG:-0}" = 1 ]; then

@@ -57,3 +57,12 @@ def hf_model_dir(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _no_user_tuned_profiles(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tuned profiles that `edgeserve tune` left in the user's config folder never reach a test (a test that
+    wants one names its own folder with EDGESERVE_TUNED_DIR)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))

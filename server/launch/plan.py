@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 
 from server.engine.config import FlashAttn
 
-Source = Literal["profile", "cli", "env", "derived", "default"]
+Source = Literal["profile", "tuned", "cli", "env", "derived", "default"]
 Scalar = str | int | float | bool | None
 
 __all__ = [
@@ -24,8 +24,8 @@ __all__ = [
 
 
 class Reason(BaseModel):
-    """Where one setting's value came from: the profile, a CLI flag, an EDGESERVE_* variable, a rule, a
-    default."""
+    """Where one setting's value came from: the profile, the tuned profile, a CLI flag, an EDGESERVE_*
+    variable, a rule, a default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -1,8 +1,9 @@
 """Per-card launch profiles: `profiles/<card id, - as _>.yaml` beside this module, overridden by EDGESERVE_*
 variables and CLI flags.
 
-Precedence, highest first: CLI flag > EDGESERVE_<KEY> environment variable > the card's YAML > the default
-here. `ResolvedProfile.sources` records which of those gave each value, so a plan can say where a setting came
+Precedence, highest first: CLI flag > EDGESERVE_<KEY> environment variable > the card's tuned profile (what
+`edgeserve tune` measured best on this machine, `tuned_dir()`) > the card's YAML > the default here.
+`ResolvedProfile.sources` records which of those gave each value, so a plan can say where a setting came
 from. Keys are edgeserve's setting names (llama.cpp's: n_ctx, n_parallel, n_batch, kv_type, ...), the same as
 the plan's and the engine's fields; a YAML key that is not a field is an error naming the file, so a misspelt
 setting never goes silently unused. The profiles are package data (importlib.resources), so an installed
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGESERVE_"
 PROFILES = "profiles"
+# Where `edgeserve tune` writes the settings it found best for a card; the file's `tuned_by` key says when and
+# with what result, and becomes part of the plan's reasons.
+TUNED_DIR_ENV = "EDGESERVE_TUNED_DIR"
+TUNED_BY = "tuned_by"
 
 BackendChoice = Literal["auto", "sglang", "llama-server", "embedded"]
 
@@ -117,6 +122,8 @@ class ResolvedProfile(BaseModel):
     profile: Profile
     sources: Mapping[str, Source]
     path: str | None = None
+    tuned_path: str | None = None
+    tuned_by: str | None = Field(default=None, description="the tuned profile's note: date and result")
 
     def source(self, field: str) -> Source:
         return self.sources.get(field, "default")
@@ -136,8 +143,9 @@ def renamed(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def read_profile_file(path: Path | Traversable) -> dict[str, Any]:
-    """The YAML mapping of a profile file, keys checked against Profile's fields (old keys renamed)."""
+def read_profile_file(path: Path | Traversable, *, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of a profile file, keys checked against Profile's fields and `also` (old keys
+    renamed)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -149,11 +157,31 @@ def read_profile_file(path: Path | Traversable) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a mapping of settings, got {type(data).__name__}")
     data = renamed(data, str(path))
-    unknown = sorted(set(data) - set(Profile.model_fields))
+    unknown = sorted(set(data) - set(Profile.model_fields) - set(also))
     if unknown:
-        known = ", ".join(Profile.model_fields)
+        known = ", ".join((*Profile.model_fields, *also))
         raise ProfileError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {known}")
     return data
+
+
+def tuned_dir() -> Path:
+    """$EDGESERVE_TUNED_DIR, else $XDG_CONFIG_HOME/edgeserve/tuned (XDG's default: ~/.config)."""
+    if os.environ.get(TUNED_DIR_ENV):
+        return Path(os.environ[TUNED_DIR_ENV])
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "edgeserve" / "tuned"
+
+
+def _tuned_values(name: str, directory: Path) -> tuple[dict[str, Any], str | None, str | None]:
+    """The tuned profile of card `name`: its settings, its `tuned_by` note and its path (empty if none)."""
+    path = directory / profile_file_name(name)
+    if not path.is_file():
+        return {}, None, None
+    values = read_profile_file(path, also=(TUNED_BY,))
+    note = str(values.pop(TUNED_BY, None) or "from edgeserve tune")
+    if values.pop("card", name) != name:
+        raise ProfileError(f"{path}: a tuned profile for another card than {name!r}")
+    return values, note, str(path)
 
 
 def _env_values() -> dict[str, Any]:
@@ -171,8 +199,10 @@ def load_profile(
     *,
     profiles_dir: Path | Traversable | None = None,
     use_env: bool = True,
+    tuned: Path | None = None,
 ) -> ResolvedProfile:
-    """The profile for `card_id` (the CPU target's id `cpu` for the CPU), env and CLI values laid over it.
+    """The profile for `card_id` (the CPU target's id `cpu` for the CPU), its tuned profile (from `tuned`, a
+    folder, default `tuned_dir()`, read only with `use_env`), env and CLI values laid over it.
 
     A card with no file gets the defaults (every source "default"); `cli` holds only flags the user gave.
     """
@@ -182,13 +212,16 @@ def load_profile(
     file_values = read_profile_file(path) if path.is_file() else {}
     if file_values.get("card") not in (None, name):
         raise ProfileError(f"{path}: says card {file_values['card']!r} but is the file for {name!r}")
+    tuned_values, tuned_by, tuned_path = (
+        _tuned_values(name, tuned or tuned_dir()) if use_env or tuned else ({}, None, None)
+    )
     env_values = _env_values() if use_env else {}
     cli_values = {k: v for k, v in (cli or {}).items() if v is not None}
     unknown = sorted(set(cli_values) - set(Profile.model_fields))
     if unknown:
         raise ProfileError(f"unknown profile setting(s) from the command line: {', '.join(unknown)}")
 
-    merged = {**file_values, **env_values, **cli_values}
+    merged = {**file_values, **tuned_values, **env_values, **cli_values}
     try:
         # model_validate skips BaseSettings' own source reading: `merged` alone decides (cli > env > file).
         profile = Profile.model_validate(merged)
@@ -203,8 +236,11 @@ def load_profile(
             sources[field] = "cli"
         elif field in env_values:
             sources[field] = "env"
+        elif field in tuned_values:
+            sources[field] = "tuned"
         elif field in file_values:
             sources[field] = "profile"
         else:
             sources[field] = "default"
-    return ResolvedProfile(profile=profile, sources=sources, path=str(path) if path.is_file() else None)
+    return ResolvedProfile(profile=profile, sources=sources, path=str(path) if path.is_file() else None,
+                           tuned_path=tuned_path, tuned_by=tuned_by)

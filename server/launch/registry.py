@@ -173,7 +173,8 @@ def _llama_cpp_backend(ctx: BuildContext) -> tuple[str, str]:
 
 
 def build_plan(ctx: BuildContext) -> LaunchPlan:
-    """Choose the backend and build its plan; the backend choice is the plan's first reason."""
+    """Choose the backend and build its plan; the backend choice is the plan's first reason, and a value from
+    the tuned profile says which tune it came from."""
     spec, reason = choose_backend(ctx)
     on_this_machine = ctx.request.card == "auto"  # a named card may be another machine's, with its own build
     if spec.name == embedded.NAME and ctx.gpus and on_this_machine and not ctx.toolchain.engine_gpu_offload:
@@ -184,5 +185,10 @@ def build_plan(ctx: BuildContext) -> LaunchPlan:
                "with CUDA: phase1_foundation/setup_env.sh on a host with the CUDA toolkit)")
         reason = reason.model_copy(update={"why": why})
     plan = spec.build(ctx)
-    rest = tuple(r for r in plan.reasons if r.setting != "backend")
-    return plan.model_copy(update={"reasons": (reason, *rest)})
+    note = ctx.profile.tuned_by
+    reasons = (reason, *(r for r in plan.reasons if r.setting != "backend"))
+    if note:
+        reasons = tuple(
+            r.model_copy(update={"why": f"{r.why}; {note}"}) if r.source == "tuned" else r for r in reasons
+        )
+    return plan.model_copy(update={"reasons": reasons})

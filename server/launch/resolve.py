@@ -27,6 +27,7 @@ def given_by(ctx: BuildContext, setting: str, source: Source, default_why: str) 
         "cli": "--" + setting.replace("_", "-"),
         "env": f"EDGESERVE_{setting.upper()}",
         "profile": f"{setting} in the {ctx.card_id} profile",
+        "tuned": f"{setting} in the {ctx.card_id} tuned profile",
     }.get(source, default_why)
 
 

@@ -110,3 +110,47 @@ def test_profiles_are_package_data() -> None:
     # read through importlib.resources (a wheel install has them), not from a path beside the sources
     assert default_profiles_dir().joinpath("tesla_p4.yaml").is_file()
     assert "tesla_p4.yaml" in {p.name for p in default_profiles_dir().iterdir()}
+
+
+def test_tuned_profile_lies_between_the_card_profile_and_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None, plan_for
+) -> None:
+    from loadtest.tuned import write_tuned_profile
+
+    note = "from edgeserve tune on 2026-11-29 (goodput 1.5 req/s at TTFT p95 <= 2000 ms)"
+    path = write_tuned_profile("rtx-4090", {"n_parallel": 12, "n_ctx": 3072, "n_ubatch": 256}, note,
+                               directory=tmp_path)
+    assert path == tmp_path / "rtx_4090.yaml"
+    monkeypatch.setenv("EDGESERVE_TUNED_DIR", str(tmp_path))
+    monkeypatch.setenv("EDGESERVE_N_CTX", "1536")
+    resolved = load_profile("rtx-4090", {"n_ubatch": 128})
+    assert resolved.tuned_path == str(path) and resolved.tuned_by == note
+    assert resolved.profile.n_parallel == 12 and resolved.source("n_parallel") == "tuned"
+    assert resolved.profile.n_ctx == 1536 and resolved.source("n_ctx") == "env"  # env beats the tune
+    assert resolved.profile.n_ubatch == 128 and resolved.source("n_ubatch") == "cli"  # and the CLI too
+    assert resolved.source("gpu_memory_utilization") == "profile"
+    plan = plan_for("rtx-4090", backend="llama-server")
+    reason = plan.reason("n_parallel")
+    assert reason is not None and reason.source == "tuned" and plan.n_parallel == 12
+    assert reason.why.endswith(note) and "tuned profile" in reason.why
+    # Another card's launch never sees it; without EDGESERVE_TUNED_DIR it is looked for under XDG_CONFIG_HOME.
+    assert load_profile("l4").tuned_path is None
+    monkeypatch.delenv("EDGESERVE_TUNED_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    write_tuned_profile("l4", {"n_parallel": 3}, note, directory=tmp_path / "xdg" / "edgeserve" / "tuned")
+    assert load_profile("l4").source("n_parallel") == "tuned"
+
+
+
+def test_tuned_profile_is_checked_like_a_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest.tuned import write_tuned_profile
+
+    with pytest.raises(ValueError, match="n_parallel"):
+        write_tuned_profile("l4", {"n_parallel": 0}, "x", directory=tmp_path)
+    (tmp_path / "l4.yaml").write_text("card: l4\ntuned_by: x\nslots: 3\n")
+    monkeypatch.setenv("EDGESERVE_TUNED_DIR", str(tmp_path))
+    with pytest.raises(ProfileError, match=r"l4.yaml: unknown setting\(s\) slots"):
+        load_profile("l4")
+    (tmp_path / "l4.yaml").write_text("card: t4\nn_parallel: 3\n")
+    with pytest.raises(ProfileError, match="another card"):
+        load_profile("l4")
