@@ -54,7 +54,7 @@ def test_start_script_serves_completions_on_the_cpu(tmp_path: Path, repo) -> Non
             time.sleep(0.5)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         reply = client.completions.create(
-            model="x", prompt="The capital of France is", max_tokens=5, temperature=0
+            model="edgeserve", prompt="The capital of France is", max_tokens=5, temperature=0
         )
         assert reply.choices[0].text
         status = json.loads((tmp_path / f"edgeserve-{port}" / "status.json").read_text())

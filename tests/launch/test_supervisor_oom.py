@@ -78,7 +78,7 @@ def test_ladder_steps_context_down_until_the_backend_serves(edgeserve_cmd: tuple
         from openai import OpenAI
 
         client = OpenAI(base_url=f"http://127.0.0.1:{plan.port}/v1", api_key="none", max_retries=0)
-        reply = client.completions.create(model="x", prompt="Hello", max_tokens=4, temperature=0)
+        reply = client.completions.create(model="edgeserve", prompt="Hello", max_tokens=4, temperature=0)
         assert reply.choices[0].text
     finally:
         sup.stop()
