@@ -69,6 +69,9 @@ def kit_env(kit: Path | None, wheels: Path | None, work: Path) -> dict[str, str]
         env["LLAMA_CPP_LIB_PATH"] = str(build / "lib")
         env["LD_LIBRARY_PATH"] = f"{build / 'lib'}:{env.get('LD_LIBRARY_PATH', '')}"
         env["PATH"] = f"{build / 'bin'}:{env['PATH']}"
+    else:
+        # setup_env.sh links llama-server and llama-bench into the environment's bin.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env["PYTHONPATH"] = ":".join([*paths, env.get("PYTHONPATH", "")]).rstrip(":")
     return env
 

@@ -108,7 +108,7 @@ def resolve_llama_settings(
 ) -> memory.LlamaFit:
     """The llama.cpp settings both llama-server and the embedded engine take, fitted to the budget."""
     n_parallel = pick_parallel(ctx, log)
-    n_ctx = pick_ctx(ctx, log)
+    n_ctx = pick_ctx(ctx, log, engine_caps=backend == "embedded")
     kv_type = pick_llama_kv_type(ctx, log)
     flash_attn = pick_flash_attn(ctx, kv_type, log)
     n_gpu_layers = pick_gpu_layers(ctx, log)

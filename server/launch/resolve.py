@@ -38,13 +38,19 @@ def pick_parallel(ctx: BuildContext, log: ReasonLog) -> int:
     return int(value)
 
 
-def pick_ctx(ctx: BuildContext, log: ReasonLog) -> int:
+def pick_ctx(ctx: BuildContext, log: ReasonLog, *, engine_caps: bool = False) -> int:
     """Context of one sequence. A profile/default value above the model's training context is capped to it
-    (cap_n_ctx, the engine's own rule); a pinned one is kept, with a warning in its reason."""
+    (cap_n_ctx, the engine's own rule); a pinned one is kept, with a warning in its reason, except where the
+    backend caps it anyway (`engine_caps`: the embedded engine), so the plan is budgeted for what will run."""
     value, source = ctx.setting("n_ctx")
     n_train = ctx.spec.n_ctx_train
     capped = cap_n_ctx(value, n_train)
     if capped != value:
+        if engine_caps:
+            log.add("n_ctx", capped, "derived",
+                    f"{source} value {value}: the embedded engine runs no sequence past the model's training "
+                    f"context {n_train}")
+            return int(capped)
         if ctx.is_pinned("n_ctx"):
             log.add("n_ctx", value, source, f"asked for; above the model's training context {n_train}")
             return int(value)

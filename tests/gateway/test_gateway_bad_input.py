@@ -41,6 +41,11 @@ CASES = [
     ("/v1/chat/completions", json.dumps({**GOOD, "top_k": -5}), "top_k", ""),
     ("/v1/chat/completions", json.dumps({**GOOD, "mystery": 1}), "mystery", "unknown field"),
     ("/v1/chat/completions", "[1, 2]", None, "JSON object"),
+    # SGLang's extensions are taken at the values sglang-router sends (tests/launch/test_router_cluster.py),
+    # refused at others.
+    ("/v1/completions", '{"model": "edgeserve", "prompt": "x", "no_stop_trim": true}', "no_stop_trim",
+     "stop sequences are trimmed"),
+    ("/v1/chat/completions", json.dumps({**GOOD, "skip_special_tokens": False}), "skip_special_tokens", ""),
     ("/v1/chat/completions", _nested(5000), None, ""),
 ]
 

@@ -71,3 +71,15 @@ def refused(reason: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def only(value: object, reason: str) -> AfterValidator:
+    """For an extension field that edgeserve takes at one value, the one its behaviour has (what SGLang's
+    router writes into every request it forwards): any other value is a 400 with `reason`."""
+
+    def check(given: Any) -> Any:
+        if given != value:
+            raise ValueError(reason)
+        return given
+
+    return AfterValidator(check)

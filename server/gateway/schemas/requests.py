@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from server.gateway.schemas.base import Request, refused
+from server.gateway.schemas.base import Request, only, refused
 from server.gateway.schemas.messages import ChatMessage
 from server.gateway.schemas.tools import ResponseFormat, Tool, ToolChoice
 
@@ -53,6 +53,13 @@ class SamplingFields(Request):
     ignore_eos: bool = False
     grammar: Annotated[str | None, Field(min_length=1)] = None
     json_schema: dict[str, Any] | None = None
+    # SGLang's extensions at the values edgeserve's behaviour has: sglang-router writes them into every
+    # request it forwards to a worker, so a gateway behind the router must take them; other values: a 400.
+    no_stop_trim: Annotated[bool, only(
+        False, "no_stop_trim true is not supported: stop sequences are trimmed")] = False
+    skip_special_tokens: Annotated[bool, only(
+        True, "skip_special_tokens false is not supported: special tokens are not detokenized")] = True
+    return_hidden_states: Annotated[bool, only(False, "hidden states are not returned")] = False
 
     @field_validator("logit_bias")
     @classmethod
@@ -162,6 +169,12 @@ class ChatCompletionRequest(SamplingFields):
         "reasoning_effort is not supported: this model has no reasoning mode")] = None
     verbosity: Annotated[Any, refused("verbosity is not supported")] = None
     web_search_options: Annotated[Any, refused("web search is not supported")] = None
+    # SGLang's, as sglang-router sends them (see SamplingFields); the reasoning pair does nothing on a model
+    # without a reasoning mode.
+    continue_final_message: Annotated[bool, only(
+        False, "continue_final_message true is not supported: the reply starts a new assistant turn")] = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     @field_validator("store")
     @classmethod
