@@ -50,6 +50,13 @@ let
     ++ setting "n_threads" "--n-threads"
     ++ setting "n_gpu_layers" "--n-gpu-layers"
     ++ setting "mem_fraction" "--mem-fraction"
+    ++ optionals (cfg.backend_sampling != null)
+      [ (if cfg.backend_sampling then "--backend-sampling" else "--no-backend-sampling") ]
+    ++ setting "model_name" "--model-name"
+    ++ setting "backend_port" "--backend-port"
+    ++ [ "--shutdown-grace-s" (toString cfg.shutdown_grace_s) ]
+    ++ optional (!cfg.gateway) "--no-gateway"
+    ++ optional cfg.force "--force"
     ++ cfg.extraArgs;
 
   # Prometheus scrapes the gateway where it listens (a wildcard address is reached on the loopback).
@@ -66,6 +73,8 @@ in
   imports = [
     (lib.mkRenamedOptionModule [ "services" "edgeserve" "ctx" ] [ "services" "edgeserve" "n_ctx" ])
     (lib.mkRenamedOptionModule [ "services" "edgeserve" "parallel" ] [ "services" "edgeserve" "n_parallel" ])
+    (lib.mkRenamedOptionModule [ "services" "edgeserve" "shutdownGraceS" ]
+      [ "services" "edgeserve" "shutdown_grace_s" ])
   ];
 
   options.services.edgeserve = {
@@ -190,12 +199,42 @@ in
       description = "SGLang --mem-fraction-static: weights + KV pool as a share of the GPU memory.";
     };
 
-    shutdownGraceS = mkOption {
+    backend_sampling = mkOption {
+      type = types.nullOr types.bool;
+      default = null;
+      description = "Sampler chains inside llama.cpp's decode graph (null: the launcher decides by the plan).";
+    };
+
+    model_name = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Model id served at /v1/models (null: the backend's, the file name).";
+    };
+
+    backend_port = mkOption {
+      type = types.nullOr types.port;
+      default = null;
+      description = "The backend's own port on the loopback, behind the gateway (null: 8080, SGLang 30000).";
+    };
+
+    gateway = mkOption {
+      type = types.bool;
+      default = true;
+      description = "edgeserve's gateway in front of llama-server / SGLang on `port` (false: the backend there).";
+    };
+
+    force = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Start even where the plan does not fit the memory free at start-up (not recommended).";
+    };
+
+    shutdown_grace_s = mkOption {
       type = types.ints.unsigned;
       default = 30;
       description = ''
-        Seconds the gateway lets requests in flight finish after a stop (shutdown_grace_s). systemd waits this
-        long plus 15 s (the backend's own stop) before it kills the service.
+        Seconds the gateway lets requests in flight finish after a stop. systemd waits this long plus 15 s (the
+        backend's own stop) before it kills the service.
       '';
     };
 
@@ -281,7 +320,6 @@ in
         XDG_CACHE_HOME = "/var/cache/edgeserve";
         LD_LIBRARY_PATH = "/run/opengl-driver/lib";
         PYTHONUNBUFFERED = "1";
-        EDGESERVE_SHUTDOWN_GRACE_S = toString cfg.shutdownGraceS;
       } // cfg.environment;
 
       serviceConfig = {
@@ -289,8 +327,8 @@ in
         ExecStart = "${executable} ${lib.escapeShellArgs launchArgs}";
         Restart = "on-failure";
         RestartSec = "5s";
-        # The gateway drains for shutdownGraceS, then the launcher stops its backend.
-        TimeoutStopSec = "${toString (cfg.shutdownGraceS + 15)}s";
+        # The gateway drains for shutdown_grace_s, then the launcher stops its backend.
+        TimeoutStopSec = "${toString (cfg.shutdown_grace_s + 15)}s";
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
 
         DynamicUser = true;

@@ -50,7 +50,7 @@
     n_parallel = 4; # measure it: edgeserve tune run --n-parallel 1,2,4,8 --n-ctx 4096
     kv_type = "q8_0";
     flash_attn = "on"; # llama.cpp's own flash-attention kernels run on Pascal
-    shutdownGraceS = 30; # requests in flight finish before a restart
+    shutdown_grace_s = 30; # requests in flight finish before a restart
     host = "0.0.0.0";
     port = 8000;
     openFirewall = true;

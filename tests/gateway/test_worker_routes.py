@@ -43,7 +43,7 @@ def test_load_counts_running_requests(shared_embedded_server: ServerProcess) -> 
         lines: list[AsyncIterator[str]] = []
         async with client, contextlib.AsyncExitStack() as stack:
             for i in range(2):
-                body = {"model": "any", "max_tokens": 256, "ignore_eos": True, "stream": True,
+                body = {"model": "edgeserve", "max_tokens": 256, "ignore_eos": True, "stream": True,
                         "messages": [{"role": "user", "content": f"Tell story {i}."}]}
                 response = await stack.enter_async_context(client.stream("POST", "/v1/chat/completions",
                                                                          json=body))
@@ -72,7 +72,7 @@ def test_prefix_reuse_is_counted(shared_embedded_server: ServerProcess) -> None:
 
     before = reused()
     for question in ("Who are you?", "What do you keep?"):
-        client.chat.completions.create(model="any", max_tokens=2, temperature=0, messages=[
+        client.chat.completions.create(model="edgeserve", max_tokens=2, temperature=0, messages=[
             {"role": "system", "content": system}, {"role": "user", "content": question}])
     assert reused() - before >= 100  # the second request took the system prompt from the first one's cells
 

@@ -106,7 +106,7 @@ def test_the_options_carry_the_launch_settings() -> None:
     # goes through environmentFile as EDGESERVE_API_KEY).
     wanted = set(LaunchRequest.model_fields) - {"model_path", "api_key"}
     assert wanted <= set(options), wanted - set(options)
-    assert {"model", "shutdownGraceS", "extraArgs", "environmentFile", "openFirewall", "nvidiaPersistenced",
+    assert {"model", "extraArgs", "environmentFile", "openFirewall", "nvidiaPersistenced",
             "venv", "package"} <= set(options)
     assert set(options["llamaCpp"]) == {"enable", "package"}
     assert options["llamaCpp"]["package"]["default"] == {"package": "llama-cpp",
@@ -115,7 +115,8 @@ def test_the_options_carry_the_launch_settings() -> None:
     assert options["grafana"]["enable"]["default"] is False
     assert set(options["backend"]["values"]) == set(backend_choices())
     assert set(options["flash_attn"]["values"]) == {"on", "off", "auto"}
-    assert options["shutdownGraceS"]["default"] == 30
+    assert options["shutdown_grace_s"]["default"] == 30
+    assert options["gateway"]["default"] is True and options["force"]["default"] is False
     for name in ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "n_threads"):
         assert options[name]["type"] == "null or positive integer", name
         assert options[name]["default"] is None
@@ -131,7 +132,8 @@ def test_a_disabled_service_defines_nothing() -> None:
 def test_the_unit_runs_launch_with_every_setting(tmp_path: Path) -> None:
     settings = {"enable": True, "backend": "llama-server", "card": "tesla-p4", "n_ctx": 4096, "n_parallel": 4,
                 "n_batch": 512, "n_ubatch": 256, "kv_type": "q8_0", "flash_attn": "on", "kv_unified": True,
-                "n_threads": 2, "n_gpu_layers": 20, "shutdownGraceS": 45}
+                "n_threads": 2, "n_gpu_layers": 20, "shutdown_grace_s": 45,
+                "model_name": "llama", "backend_port": 8181, "backend_sampling": True}
     data = _evaluate(settings)
     argv = _launch_argv(data)
     app = typer.Typer()
@@ -142,13 +144,13 @@ def test_the_unit_runs_launch_with_every_setting(tmp_path: Path) -> None:
     plan = _dry_run(argv, tmp_path / "status.json")
     assert plan["backend"] == "llama-server" and plan["card"] == "tesla-p4"
     for key in ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "kv_type", "flash_attn", "kv_unified",
-                "n_gpu_layers"):
+                "n_gpu_layers", "backend_sampling", "shutdown_grace_s"):
         assert plan[key] == settings[key], key
     # A fully offloaded llama-server plan leaves threads to llama.cpp; the flag still reaches the launcher.
     assert argv[argv.index("--n-threads") + 1] == "2"
     unit = _unit(data)
     assert unit["serviceConfig"]["TimeoutStopSec"] == "60s"  # the gateway's 45 s drain + 15 s
-    assert unit["environment"]["EDGESERVE_SHUTDOWN_GRACE_S"] == "45"
+    assert argv[argv.index("--shutdown-grace-s") + 1] == "45"
     assert unit["path"] == [{"package": "llama-cpp", "overriddenWith": {"cudaSupport": True}}]
     assert data["config"]["environment"]["systemPackages"] == unit["path"]
 
