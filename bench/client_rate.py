@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per client thread at 8 streams")
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every server (default: theirs)")
+    p.add_argument("--edgeserve-args", default="", help="more `edgeserve serve` options, e.g. '--kv-unified'")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.gpu = False

@@ -33,7 +33,7 @@ from loadtest.servers import ServerProcess, free_port, spawn, start_edgeserve
 from quantize.bundled import smollm2_path
 
 HUGE = ["--n-ctx", "100000000", "--n-parallel", "32"]  # the issue's: capped at the training context, it fits
-HUGER = ["--n-ctx", "100000000", "--n-parallel", "512"]
+HUGER = ["--n-ctx", "100000000", "--n-parallel", "256"]
 MODEL = "edgeserve"
 
 
@@ -69,9 +69,9 @@ def refusals(work: Path) -> list[dict[str, Any]]:
     half.write_bytes(data[: len(data) // 2])
     cases: list[tuple[str, list[str]]] = [
         ("serve --n-ctx 100000000 --n-parallel 32", [sys.executable, "-m", "server.cli.serve", *HUGE]),
-        ("serve --n-ctx 100000000 --n-parallel 512",
+        ("serve --n-ctx 100000000 --n-parallel 256",
          [sys.executable, "-m", "server.cli.serve", *HUGER]),
-        ("launch --backend embedded --n-ctx 100000000 --n-parallel 512",
+        ("launch --backend embedded --n-ctx 100000000 --n-parallel 256",
          [sys.executable, "-m", "server.cli.app", "launch", "--backend", "embedded", "--card", "cpu",
           *HUGER]),
         ("serve, model cut in half", [sys.executable, "-m", "server.cli.serve", "--model-path", str(half)]),

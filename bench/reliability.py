@@ -166,7 +166,8 @@ def oom_scenario(gateway: ServerProcess, doomed: ServerProcess, requests: int) -
     ok = 0
     for i in range(requests):
         reply = httpx.post(gateway.url + "/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": f"Question {i}: name a color."}], "max_tokens": 8})
+            "model": "edgeserve", "messages": [{"role": "user", "content": f"Question {i}: name a color."}],
+            "max_tokens": 8})
         ok += reply.status_code == 200 and bool(reply.json()["choices"][0]["message"]["content"])
     return {"primary_exit": code, "classified": failure.kind, "evidence": (failure.evidence or "")[:120],
             "requests": requests, "succeeded_on_fallback": ok}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -186,6 +187,7 @@ def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Nam
                "--max-queue", "4096", "--log-level", "warning"]
         if args.threads:
             cmd += ["--n-threads", str(args.threads)]
+        cmd += shlex.split(getattr(args, "edgeserve_args", None) or "")
         return Server(kind, cmd, env, port, "/ready", log)
     if kind in ("llama-server", "llama-server-bs"):
         cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-ngl", ngl,

@@ -43,7 +43,8 @@ CASES: dict[str, dict[str, object]] = {
 
 def _engine(threads: int | None, backend_sampling: bool | None, **kw: object) -> Engine:
     config = dict(model_path=str(smollm2_path()), n_ctx=256, n_parallel=SLOTS, n_batch=512,
-                  n_threads=threads, backend_sampling=backend_sampling)
+                  n_threads=threads, backend_sampling=backend_sampling,
+                  kv_unified=False)  # a cache per sequence: greedy output independent of the load
     config.update(kw)
     eng = Engine(EngineConfig(**config))  # type: ignore[arg-type]
     eng.start()

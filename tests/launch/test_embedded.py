@@ -52,21 +52,22 @@ def test_a_plans_values_arrive_in_the_engines_config(card: str, flags: dict[str,
 
 def test_the_plan_and_the_engine_use_one_kv_layout(plan_for) -> None:
     # Bug: the launcher kept ENGINE_DEFAULTS["kv_unified"] = True while the engine defaulted to False, so
-    # embedded plans were budgeted for a layout the engine never used. Now the plan decides (a cache per
-    # sequence on the CPU and for a few slots on a GPU, one pool for many slots on a GPU) and the engine is
+    # embedded plans were budgeted for a layout the engine never used. Now the plan decides (one pool on the
+    # CPU, a cache per sequence for a few slots on a GPU, one pool for many slots on a GPU) and the engine is
     # told.
     plan = plan_for("cpu", backend="embedded", n_parallel=4)
-    assert plan.kv_unified is False
-    assert _engine_of(plan).kv_unified is False
+    assert plan.kv_unified is True and _engine_of(plan).kv_unified is True
+    assert "CPU" in plan.reason("kv_unified").why  # type: ignore[union-attr]
+    single = plan_for("cpu", backend="embedded", n_parallel=1)
+    assert single.kv_unified is False and _engine_of(single).kv_unified is False
     few = plan_for("rtx-4090", backend="embedded", n_parallel=8)
     assert few.kv_unified is False and _engine_of(few).kv_unified is False
     gpu = plan_for("rtx-4090", backend="embedded", n_parallel=48, n_ctx=1024)
     assert gpu.kv_unified is True and _engine_of(gpu).kv_unified is True
     reason = gpu.reason("kv_unified")
     assert reason is not None and reason.source == "derived" and "GPU" in reason.why
-    unified = plan_for("cpu", backend="embedded", n_parallel=4, kv_unified=True)
-    assert unified.kv_unified is True and _engine_of(unified).kv_unified is True
-    assert unified.reason("kv_unified") is not None
+    per_sequence = plan_for("cpu", backend="embedded", n_parallel=4, kv_unified=False)
+    assert per_sequence.kv_unified is False and _engine_of(per_sequence).kv_unified is False
 
 
 def test_threads_reach_the_engine(plan_for) -> None:
