@@ -55,8 +55,8 @@ class EngineConfig(BaseModel):
     one sampled stream); beyond, one pool (a cache per sequence fell to 0.4x of llama-server at 64 mixed
     streams) and chains on the host, except those that would sort the whole vocabulary (top-p without
     top-k). On the CPU: one pool (with a cache per sequence one prompt prefills per step beside the
-    decoders, and 8 concurrent sampled requests made 1.09-1.23x the rate of sequential ones, against 1.64x
-    with one pool, llama-server's 1.37-1.52x: bench/client_rate.py), sampling on the host.
+    decoders, and 8 concurrent sampled requests made 1.09-1.44x the rate of sequential ones, against
+    1.64-1.73x with one pool and llama-server's 1.24-1.52x: bench/client_rate.py), sampling on the host.
     `overlap` turns a step's tokens into text and events while the device
     computes the next; None: where the output layer is on a GPU (on the CPU it only delays each event by a
     step). `cpu_extra_bufts` None turns llama.cpp's CPU weight repacking off only where the CPU lists AMX and

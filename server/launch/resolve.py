@@ -210,8 +210,8 @@ def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: 
         if not on_gpu:
             log.add("kv_unified", True, "derived",
                     "the output layer on the CPU: one pool lets every new prompt prefill in the same step "
-                    "(8 concurrent requests 1.64x the rate of sequential ones against 1.09-1.23x with a "
-                    "cache per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
+                    "(8 concurrent requests 1.64-1.73x the rate of sequential ones against 1.09-1.44x "
+                    "with a cache per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
             return True
         if n_parallel <= MANY_STREAMS:
             return False
