@@ -143,7 +143,12 @@ def test_the_document_has_a_block_per_experiment(report: ModuleType, rows: dict[
         report.replace_section("no blocks", "flash_attn", body)
 
 
-@pytest.mark.skipif(shutil.which("llama-bench") is None, reason="no llama-bench on PATH (a llama.cpp build)")
+# setup_env.sh links the llama.cpp tools it builds into the environment's bin, beside this Python.
+TOOLS_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+@pytest.mark.skipif(shutil.which("llama-bench", path=TOOLS_PATH) is None,
+                    reason="no llama-bench on PATH or in the environment (a llama.cpp build)")
 def test_run_all_on_the_cpu(tmp_path: Path) -> None:
     """The whole runner with the real llama-bench, tiny sizes and one thread, into a copy of the document."""
     from quantize.bundled import default_model_path
@@ -153,7 +158,8 @@ def test_run_all_on_the_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(HERE / "run_all.py"), "--quick", "--model", str(default_model_path()),
          "--only", "flash_attn,cuda_graphs", "--doc", str(doc), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": TOOLS_PATH})
     assert proc.returncode == 0, proc.stderr
     text = doc.read_text()
     fa_block = text.split("<!-- experiment:flash_attn -->")[1].split("<!-- /experiment:flash_attn -->")[0]
