@@ -14,6 +14,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -30,6 +31,7 @@ from server.launch.toolchain import probe_toolchain
 pytest.importorskip("sglang_router", reason="sglang-router (edgeserve[cluster]) is not installed")
 
 BOXES = 3
+SLOTS = 2  # n_parallel of every box
 MODEL = "smollm2"
 CHAT = "/v1/chat/completions"
 TIMEOUT_S = 180.0
@@ -73,7 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     spec = ReplicaCluster.model_validate({
         "model_name": MODEL,
         # One engine thread per box: three boxes share two cores (see tests/gateway/conftest.py).
-        "settings": {"n_ctx": 1024, "n_parallel": 2, "n_threads": 1},
+        "settings": {"n_ctx": 1024, "n_parallel": SLOTS, "n_threads": 1},
         "router": {"port": free_port(), "prometheus_port": free_port()},
         "boxes": [{"host": "127.0.0.1", "port": free_port()} for _ in range(BOXES)],
     })
@@ -208,14 +210,22 @@ def test_kill9_of_a_box_under_load(cluster: Cluster) -> None:
     assert cluster.router_metric("smg_worker_cb_transitions_total", worker=url, to="open") >= 1
 
     # The box's supervisor restarts its gateway; the router takes it back once its breaker lets a request
-    # through (cb_timeout_duration_secs) and the box answers. The pings share no prefix with anything sent
-    # before, so cache_aware gives each to the box with the least cached: the restarted one.
+    # through (cb_timeout_duration_secs) and the box answers. cache_aware sends a prompt with no cached prefix
+    # to the box with the least cached, which need not be the restarted one (the router may keep what it had
+    # routed there): so the pings go in waves of twice the boxes' slots, and once the live boxes run more than
+    # balance_abs_threshold requests beyond the restarted one the router gives it the next by load.
     client = cluster.client()
     deadline = time.monotonic() + 120
     served = 0.0
-    while time.monotonic() < deadline and served == 0:
-        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+
+    def ping(_: int) -> None:
+        client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True},
                                        messages=[{"role": "user", "content": f"{uuid.uuid4().hex} ping"}])
+
+    while time.monotonic() < deadline and served == 0:
+        with ThreadPoolExecutor(2 * BOXES * SLOTS) as pool:
+            list(pool.map(ping, range(2 * BOXES * SLOTS)))
         try:
             served = cluster.served()[victim]  # the restarted gateway counts from zero
         except httpx.HTTPError:
