@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.engine.chat_template import ChatTemplate
@@ -47,9 +48,31 @@ class Member:
         bound = snap.max_queue if is_failover else self.config.queue_size
         return snap.in_flight < snap.limit or snap.waiting < bound
 
+    def state(self) -> str:
+        """For /ready: up, down, or out for good with the reason it did not start."""
+        if self.start_error:
+            return f"out: {self.start_error}"
+        return "up" if self.is_available() else "down"
+
     def has_free_slot(self) -> bool:
         snap = self.gate.snapshot()
         return snap.in_flight < snap.limit and snap.waiting == 0
+
+
+def describe(members: Sequence[Member], exclude: set[str]) -> str:
+    """Why no member can take a request, one clause per member (for the 503's message)."""
+    parts = []
+    for m in members:
+        if m.name in exclude:
+            why = "failed on this request"
+        elif m.start_error:
+            why = f"did not start ({m.start_error[:120]})"
+        elif not m.is_up():
+            why = "down"
+        else:
+            why = f"breaker {m.breaker.state}, probe in {m.breaker.seconds_until_probe():.1f} s"
+        parts.append(f"{m.name}: {why}")
+    return "; ".join(parts)
 
 
 def failure_reason(exc: BaseException) -> str:

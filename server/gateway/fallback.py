@@ -35,7 +35,7 @@ from server.gateway.backends.base import (
 from server.gateway.backends.features import EMBEDDINGS
 from server.gateway.breaker import CircuitBreaker
 from server.gateway.chain_config import ChainConfig, MemberConfig, build_member_backend
-from server.gateway.chain_member import Member, StallError, failure_reason
+from server.gateway.chain_member import Member, StallError, describe, failure_reason
 from server.gateway.reliability_metrics import ChainMetrics, MemberSnapshot, watch_supervisors
 from server.gateway.resume import (
     StreamProgress,
@@ -122,7 +122,8 @@ class FallbackBackend:
             backend = m.backend
             if m.is_available() and EMBEDDINGS in supported_features(backend) and isinstance(backend, Embeds):
                 return await backend.embed(inputs)
-        raise BackendUnavailableError("no available backend of the chain embeds: " + self._describe(set()))
+        raise BackendUnavailableError(
+            "no available backend of the chain embeds: " + describe(self.members, set()))
 
     async def start(self) -> None:
         """Start every backend; one that cannot start (e.g. out of memory) stays out with its breaker open."""
@@ -252,7 +253,8 @@ class FallbackBackend:
                     f"the prompt does not fit the context of any available backend (largest: {longest})",
                     param="messages" if job.kind == "chat" else "prompt")
             self.metrics.refused.labels(reason="no_backend").inc()
-            raise BackendUnavailableError("no backend of the chain is available: " + self._describe(exclude))
+            raise BackendUnavailableError(
+                "no backend of the chain is available: " + describe(self.members, exclude))
         # A free slot now beats a queue; among queues, the order of the chain.
         ordered = [c for c in candidates if c[0].has_free_slot()] + [
             c for c in candidates if not c[0].has_free_slot() and c[0].has_room(is_failover=is_failover)]
@@ -281,22 +283,7 @@ class FallbackBackend:
 
     def member_states(self) -> dict[str, str]:
         """Each member's state for /ready: up, down, or out for good with the reason it did not start."""
-        return {m.name: (f"out: {m.start_error}" if m.start_error else "up" if m.is_available() else "down")
-                for m in self.members}
-
-    def _describe(self, exclude: set[str]) -> str:
-        parts = []
-        for m in self.members:
-            if m.name in exclude:
-                why = "failed on this request"
-            elif m.start_error:
-                why = f"did not start ({m.start_error[:120]})"
-            elif not m.is_up():
-                why = "down"
-            else:
-                why = f"breaker {m.breaker.state}, probe in {m.breaker.seconds_until_probe():.1f} s"
-            parts.append(f"{m.name}: {why}")
-        return "; ".join(parts)
+        return {m.name: m.state() for m in self.members}
 
     async def _prepare(self, member: Member, job: GenerationJob) -> GenerationJob:
         """A resumed chat for a remote goes as a raw completion when its chat template is known."""
