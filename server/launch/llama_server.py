@@ -113,7 +113,7 @@ def resolve_llama_settings(
     flash_attn = pick_flash_attn(ctx, kv_type, log)
     n_gpu_layers = pick_gpu_layers(ctx, log)
     n_batch, n_ubatch = pick_batches(ctx, n_parallel, log)
-    kv_unified = pick_kv_unified(ctx, n_parallel, n_gpu_layers, log)
+    kv_unified = pick_kv_unified(ctx, n_parallel, n_gpu_layers, log, embedded=backend == "embedded")
     wanted = memory.LlamaFit(
         n_ctx=n_ctx,
         n_parallel=n_parallel,

@@ -199,7 +199,8 @@ def pick_batches(ctx: BuildContext, n_parallel: int, log: ReasonLog) -> tuple[in
     return int(b), int(ub)
 
 
-def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: ReasonLog) -> bool:
+def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: ReasonLog, *,
+                    embedded: bool = False) -> bool:
     """llama.cpp's unified KV cache (one pool of n_ctx * n_parallel cells, each sequence still at most
     n_ctx); only meaningful with several sequences. Unset: the engine's rule (EngineConfig.unified_on)."""
     value, source = ctx.setting("kv_unified")
@@ -207,13 +208,13 @@ def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: 
         return False
     if value is None:
         on_gpu = bool(ctx.gpus) and n_gpu_layers >= ctx.spec.n_layer + 1
-        if not on_gpu:
+        if not on_gpu and embedded:  # measured for the engine; llama-server keeps its own layout
             log.add("kv_unified", True, "derived",
                     "the output layer on the CPU: one pool lets every new prompt prefill in the same step "
                     "(8 concurrent requests 1.64-1.73x the rate of sequential ones against 1.09-1.44x "
                     "with a cache per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
             return True
-        if n_parallel <= MANY_STREAMS:
+        if not on_gpu or n_parallel <= MANY_STREAMS:
             return False
         log.add("kv_unified", True, "derived",
                 f"over {MANY_STREAMS} slots on the GPU: with one pool llama.cpp runs a step that mixes "

@@ -58,6 +58,7 @@ def test_the_plan_and_the_engine_use_one_kv_layout(plan_for) -> None:
     plan = plan_for("cpu", backend="embedded", n_parallel=4)
     assert plan.kv_unified is True and _engine_of(plan).kv_unified is True
     assert "CPU" in plan.reason("kv_unified").why  # type: ignore[union-attr]
+    assert plan_for("cpu", backend="llama-server", n_parallel=4).kv_unified is False  # llama-server's own
     single = plan_for("cpu", backend="embedded", n_parallel=1)
     assert single.kv_unified is False and _engine_of(single).kv_unified is False
     few = plan_for("rtx-4090", backend="embedded", n_parallel=8)
