@@ -1,103 +1,146 @@
-"""llama.cpp's CPU threads on a machine whose cores are shared: decode speed of the embedded engine by thread
-count and OpenMP wait policy, on an idle machine and with a CPU hog beside it.
+"""llama.cpp's CPU threads and how they wait: ms per token and the longest step of `edgeserve serve` and
+llama-server by OpenMP wait policy, on an idle machine and beside busy neighbours, in one run.
 
-    python bench/cpu_threads.py [--threads 1,2] [--streams 1,4] [--tokens 48] [--hogs 0,1]
+    python bench/cpu_threads.py [--model M.gguf] [--servers edgeserve,llama-server] [--streams 1,8]
+        [--hogs 0,1,2] [--policies unset,ACTIVE,PASSIVE,spin=10000,spin=100000,spin=1000000] [--rounds 2]
 
-Each cell runs in a fresh process (OMP_WAIT_POLICY is read when llama.cpp's OpenMP runtime loads): the
-bundled SmolLM2, `streams` greedy requests of `tokens` tokens at once, EOS ignored; a hog is a process that
-spins on one core for the whole cell. Prints a table and writes cpu_threads.json to --out.
+Each (server, policy) starts fresh (OpenMP reads its environment when llama.cpp loads) with its default
+threads, then for every neighbour count (a neighbour spins on one core for the whole cell) and stream count
+sends `streams` streamed completions of `--tokens` tokens at once (temperature 0, EOS ignored, the same
+short prompt). Per cell: ms per token (a stream's time from its first to its last token / tokens - 1, median
+over the streams) and the inter-token gaps' p99 and maximum (one token per stream per step: a gap is a
+step). Policies: `unset` (GNU OpenMP's own default: spin about 300,000 rounds, then sleep), ACTIVE (spin),
+PASSIVE (sleep at once), spin=N (GOMP_SPINCOUNT=N: spin N rounds, then sleep). Rounds alternate the
+order of the policies. Writes cpu_threads.json to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import httpx
+from serving_servers import REPO, Server, edgeserve_cmd, free_port, kit_env
 
-CELL = r"""
-import asyncio, json, sys, time
-sys.path.insert(0, {repo!r})
-import server  # noqa: F401  (llama.cpp before numpy)
-from quantize.bundled import default_model_path
-from server.engine.engine import Engine, EngineConfig
-from server.engine.types import SamplingParams
-
-threads, streams, tokens = {threads}, {streams}, {tokens}
-eng = Engine(EngineConfig(model_path=str(default_model_path()), n_ctx=512, n_parallel=max(streams, 1),
-                          n_threads=threads))
-eng.start()
-
-async def one(i):
-    n = 0
-    prompt = eng.tokenize(f"Story number {{i}}: once upon a time")
-    async for ev in eng.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)):
-        n += len(ev.token_ids)
-    return n
-
-async def all_():
-    return await asyncio.gather(*(one(i) for i in range(streams)))
-
-asyncio.run(all_())  # warm-up
-t0 = time.perf_counter()
-n = sum(asyncio.run(all_()))
-print(json.dumps({{"tokens_per_s": n / (time.perf_counter() - t0)}}))
-eng.stop()
-"""
-
-HOG = "import time\nwhile True:\n    pass\n"
+HOG = "while True:\n    pass\n"
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
-def cell(threads: int, streams: int, tokens: int, policy: str, timeout_s: float) -> float | None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy != "default":
+def policy_env(base: dict[str, str], policy: str) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy in ("ACTIVE", "PASSIVE"):
         env["OMP_WAIT_POLICY"] = policy
-    code = CELL.format(repo=str(REPO), threads=threads, streams=streams, tokens=tokens)
-    try:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                             timeout=timeout_s, check=True)
-    except subprocess.TimeoutExpired:
-        return None  # collapsed: slower than tokens / timeout
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+    elif policy.startswith("spin="):
+        env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
+    elif policy != "unset":
+        raise SystemExit(f"unknown policy {policy!r}: unset, ACTIVE, PASSIVE or spin=N")
+    return env
+
+
+def start_server(kind: str, model: Path, slots: int, env: dict[str, str], work: Path, tag: str) -> Server:
+    port = free_port()
+    log = work / f"{kind}-{tag}.log"
+    if kind == "edgeserve":
+        cmd = [*edgeserve_cmd(env), "--model-path", str(model), "--port", str(port), "--n-parallel",
+               str(slots), "--n-ctx", "1024", "--log-level", "warning"]
+        return Server(kind, cmd, env, port, "/ready", log)
+    cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+           "-c", str(slots * 1024)]
+    return Server(kind, cmd, env, port, "/health", log)
+
+
+async def stream_times(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> list[float]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    times = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                payload = json.loads(line[5:])
+                if any(c.get("text") for c in payload.get("choices") or ()):
+                    times.append(time.perf_counter())
+    return times
+
+
+async def cell(url: str, model: str, streams: int, tokens: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=None) as client:
+        runs = await asyncio.gather(*(stream_times(client, url, model, tokens) for _ in range(streams)))
+    per_token = [(t[-1] - t[0]) / (len(t) - 1) * 1000 for t in runs if len(t) > 1]
+    gaps = sorted((b - a) * 1000 for t in runs for a, b in itertools.pairwise(t))
+    return {"ms_per_token": statistics.median(per_token), "gap_p99_ms": gaps[int(0.99 * (len(gaps) - 1))],
+            "gap_max_ms": gaps[-1], "gap_p50_ms": gaps[len(gaps) // 2]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--streams", default="1,4")
-    p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--hogs", default="0,1")
-    p.add_argument("--policies", default="default,PASSIVE")
-    p.add_argument("--timeout-s", type=float, default=180.0)
+    p.add_argument("--model", type=Path, help="GGUF (default: the bundled SmolLM2-135M)")
+    p.add_argument("--servers", default="edgeserve,llama-server")
+    p.add_argument("--policies", default="unset,ACTIVE,PASSIVE,spin=10000,spin=100000,spin=1000000")
+    p.add_argument("--streams", default="1,8")
+    p.add_argument("--hogs", default="0,1,2")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeserve-cpu-threads")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = p.parse_args()
-    rows = []
-    ints = [[int(x) for x in getattr(args, k).split(",")] for k in ("hogs", "threads", "streams")]
-    grid = itertools.product(ints[0], args.policies.split(","), ints[1], ints[2])
-    for hogs, policy, threads, streams in grid:
-        hog_procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
-        try:
-            time.sleep(0.5)
-            tps = cell(threads, streams, args.tokens, policy, args.timeout_s)
-        finally:
-            for h in hog_procs:
-                h.kill()
-                h.wait()
-        rows.append({"hogs": hogs, "policy": policy, "threads": threads, "streams": streams,
-                     "tokens_per_s": tps})
-        floor = args.tokens * streams / args.timeout_s
-        shown = f"{tps:.1f}" if tps is not None else f"< {floor:.2f} (timeout)"
-        print(f"hogs {hogs}  OMP_WAIT_POLICY {policy:8s}  threads {threads}  streams {streams}: {shown} t/s",
-              flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_threads.json").write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=1))
+    base = kit_env(None, None, args.work)
+    if args.model is None:
+        sys.path.insert(0, str(REPO))
+        from quantize.bundled import default_model_path
+
+        args.model = default_model_path()
+    streams = [int(x) for x in args.streams.split(",")]
+    hogs = [int(x) for x in args.hogs.split(",")]
+    policies = args.policies.split(",")
+    rows = []
+    for rnd in range(args.rounds):
+        order = policies if rnd % 2 == 0 else policies[::-1]
+        for kind, policy in itertools.product(args.servers.split(","), order):
+            server = start_server(kind, args.model, max(streams), policy_env(base, policy), args.work,
+                                  f"{policy}-{rnd}")
+            try:
+                model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+                asyncio.run(cell(server.url, model, 1, 8))  # warm-up
+                for n_hogs in hogs:
+                    procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n_hogs)]
+                    try:
+                        time.sleep(0.5)
+                        for c in streams:
+                            got = asyncio.run(cell(server.url, model, c, args.tokens))
+                            row = {"round": rnd, "server": kind, "policy": policy, "hogs": n_hogs,
+                                   "streams": c, **got}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                    finally:
+                        for h in procs:
+                            h.kill()
+                            h.wait()
+            finally:
+                server.stop()
+    report = {"cpus": os.cpu_count(), "model": args.model.name, "tokens": args.tokens, "rows": rows}
+    (args.out / "cpu_threads.json").write_text(json.dumps(report, indent=1))
+    print("\n| server | policy | hogs | streams | ms/token (per round) | gap p99 ms | gap max ms |")
+    print("|---|---|---:|---:|---|---:|---:|")
+    keyed: dict[tuple[str, str, int, int], list[dict[str, float]]] = {}
+    for r in rows:
+        keyed.setdefault((r["server"], r["policy"], r["hogs"], r["streams"]), []).append(r)
+    for (kind, policy, n_hogs, c), got in keyed.items():
+        ms = [g["ms_per_token"] for g in got]
+        print(f"| {kind} | {policy} | {n_hogs} | {c} | {statistics.median(ms):.1f} "
+              f"({', '.join(f'{x:.1f}' for x in ms)}) | {max(g['gap_p99_ms'] for g in got):.0f} | "
+              f"{max(g['gap_max_ms'] for g in got):.0f} |")
 
 
 if __name__ == "__main__":

@@ -30,16 +30,19 @@ WORDS = _WORDS.split()
 
 @dataclass(frozen=True)
 class Shape:
-    """One request shape. `prompt_tokens` is a fixed length, or (low, high) for lengths drawn log-uniformly
-    per request; `sampling` holds the request's sampling fields (what a chat client sends)."""
+    """One request shape. `prompt_tokens` is a fixed length, or (low, high) for lengths drawn per request
+    (log-uniformly, or uniformly with `uniform`); `sampling` holds the request's sampling fields (what a chat
+    client sends). A `varied` shape draws each request's route and sampling fields itself (`vary`)."""
 
     name: str
-    route: str  # "completions" | "chat"
+    route: str  # "completions" | "chat" | "mixed" (each request draws one)
     sampling: dict[str, Any]
     prompt_tokens: int | tuple[int, int]
     rounds: int = 2
     about: str = ""
     only_levels: tuple[int, ...] | None = None  # stream counts this shape runs at (None: all asked for)
+    uniform: bool = False
+    varied: bool = False
 
     def levels_for(self, levels: list[int]) -> list[int]:
         return [c for c in levels if self.only_levels is None or c in self.only_levels]
@@ -48,7 +51,32 @@ class Shape:
         if isinstance(self.prompt_tokens, int):
             return self.prompt_tokens
         lo, hi = self.prompt_tokens
+        if self.uniform:
+            return rng.randint(lo, hi)
         return round(lo * (hi / lo) ** rng.random())
+
+    def request(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
+        """This request's route and sampling fields."""
+        if not self.varied:
+            return self.route, dict(self.sampling)
+        return rng.choice(("chat", "completions")), vary(rng)
+
+
+def vary(rng: random.Random) -> dict[str, Any]:
+    """Sampling fields as different clients send them: every request its own temperature and top_p, some a
+    top_k, a min_p, penalties (OpenAI's presence/frequency, llama.cpp's repeat)."""
+    out: dict[str, Any] = {"temperature": round(rng.uniform(0.6, 1.1), 2),
+                           "top_p": round(rng.uniform(0.9, 1.0), 2)}
+    if rng.random() < 0.3:
+        out["top_k"] = rng.choice((20, 40, 64))
+    if rng.random() < 0.3:
+        out["min_p"] = rng.choice((0.02, 0.05, 0.1))
+    if rng.random() < 0.3:
+        out["presence_penalty"] = round(rng.uniform(0.0, 0.5), 2)
+        out["frequency_penalty"] = round(rng.uniform(0.0, 0.5), 2)
+    if rng.random() < 0.15:
+        out["repeat_penalty"] = 1.1
+    return out
 
 
 SAMPLED_LEVELS = (1, 8, 32, 64)
@@ -70,6 +98,11 @@ SHAPES: dict[str, Shape] = {
     "chat": Shape("chat", "chat", {"temperature": 0.7, "top_p": 0.95}, (32, 1024),
                   about="chat completions, temperature 0.7 + top_p 0.95, prompts of 32-1024 tokens",
                   only_levels=SAMPLED_LEVELS),
+    "mixed": Shape("mixed", "mixed", {}, (30, 1500), uniform=True, varied=True,
+                   about="what users send: half chat, half completions, prompts of 30-1,500 tokens drawn "
+                         "uniformly, every request its own temperature (0.6-1.1) and top_p (0.9-1.0), some a "
+                         "top_k, min_p, presence/frequency or repeat penalty",
+                   only_levels=SAMPLED_LEVELS),
 }
 
 
@@ -135,10 +168,10 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _body(shape: Shape, prompt: str, gen: int, model: str) -> dict[str, Any]:
+def _body(route: str, sampling: dict[str, Any], prompt: str, gen: int, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": gen, "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True}, **shape.sampling}
-    if shape.route == "chat":
+                            "stream_options": {"include_usage": True}, **sampling}
+    if route == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -166,13 +199,15 @@ def _content(payload: dict[str, Any]) -> bool:
 
 async def request(client: httpx.AsyncClient, url: str, shape: Shape, prompt: str, gen: int, model: str,
                   stream: int = 0, rnd: int = 0, origin: float = 0.0) -> Sample:
-    """One streamed request; tokens from the usage chunk (every server here sends one when asked)."""
-    path = "/v1/chat/completions" if shape.route == "chat" else "/v1/completions"
+    """One streamed request; tokens from the usage chunk (every server here sends one when asked). A varied
+    shape draws the route and sampling from the prompt, so every server gets the same request."""
+    route, sampling = shape.request(random.Random(prompt))
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
     times: list[float] = []
     finish = False
     usage: dict[str, Any] | None = None
     t0 = time.perf_counter()
-    async with client.stream("POST", url + path, json=_body(shape, prompt, gen, model)) as response:
+    async with client.stream("POST", url + path, json=_body(route, sampling, prompt, gen, model)) as response:
         if response.status_code != 200:
             raise ValueError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in sse_lines(response):

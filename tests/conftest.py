@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Tests are not users: pytest, several servers and their clients share a small CI machine's cores, and
+# llama.cpp's OpenMP threads that spin at a barrier there hold a core from the thread that is late (a step
+# once took 3 s instead of 17 ms). Every server a test starts inherits this; users get llama.cpp's own
+# default (docs/BENCHMARKS.md, "CPU threads and how they wait").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # The one Llama-3.1-8B config of the tests (shapes from its Hugging Face config.json).
 LLAMA_31_8B_CONFIG: dict[str, object] = {
     "architectures": ["LlamaForCausalLM"],

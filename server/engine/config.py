@@ -10,7 +10,6 @@ edgeserve; the KV pool is n_ctx * n_parallel cells.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,6 +27,7 @@ MIN_N_CTX = 16
 FlashAttn = Literal["on", "off", "auto"]
 # llama.cpp's pooling for /v1/embeddings; none: no embeddings (OpenAI's answer is one vector per input).
 Pooling = Literal["mean", "cls", "last", "none"]
+CoreMode = Literal["process", "thread"]
 NCtx = Annotated[
     int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
 ]
@@ -111,6 +111,16 @@ class EngineConfig(BaseModel):
         description="how /v1/embeddings pools token vectors: mean, cls, last, or none (no embeddings)",
     )
     verbose: bool = Field(default=False, description="llama.cpp's own log on stderr")
+    kv_cells_override: int | None = Field(
+        default=None, ge=1,
+        description="schedule as if the KV pool held only this many cells (vLLM's num_gpu_blocks_override: "
+        "a smaller budget than llama.cpp's cache, to exercise preemption in tests)",
+    )
+    core: CoreMode = Field(
+        default="process",
+        description="where the engine core (the step loop that owns llama.cpp) runs: a process of its own, "
+        "or a thread of the gateway's (for tests)",
+    )
 
     @field_validator("n_ubatch")
     @classmethod
@@ -137,6 +147,15 @@ class EngineConfig(BaseModel):
             return self.n_parallel > 1
         return self.n_parallel > MANY_STREAMS
 
+    def sample_in_graph(self, output_on_gpu: bool, sorts_vocabulary: bool) -> bool:
+        """backend_sampling as given, else whether a request's chain runs inside llama.cpp's decode graph by
+        what was measured for this device and slot count (`sorts_vocabulary`: SamplingParams' own)."""
+        if self.backend_sampling is not None:
+            return self.backend_sampling
+        if not output_on_gpu:
+            return False
+        return self.n_parallel <= MANY_STREAMS or sorts_vocabulary
+
     @property
     def n_ctx_total(self) -> int:
         """The KV pool in tokens: what llama.cpp's cparams.n_ctx gets."""
@@ -159,46 +178,3 @@ class EngineConfig(BaseModel):
         from quantize.bundled import resolve_model_path
 
         return resolve_model_path(self.model_path)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's state and counters (counters only grow).
-
-    `kv_used_cells` are cells held by running sequences, `kv_cached_cells` cells kept by idle slots for prefix
-    reuse (given back first when the cache runs short). Step figures: a step is one llama_decode; its tokens
-    are one per decoding sequence plus prefill chunks; `max_step_seqs` > 1 means sequences shared steps.
-    """
-
-    is_ready: bool
-    n_slots: int
-    running: int
-    waiting: int
-    kv_used_cells: int
-    kv_cached_cells: int
-    kv_total_cells: int
-    preemptions_total: int
-    steps_total: int
-    step_tokens_total: int
-    last_step_tokens: int
-    last_step_seqs: int
-    max_step_tokens: int
-    max_step_seqs: int
-    prompt_tokens_total: int
-    generated_tokens_total: int
-    prefix_reused_tokens_total: int
-    requests_finished_total: int
-    requests_cancelled_total: int
-    # tokens whose sampler chain ran inside llama.cpp's decode graph (the rest were sampled on the host)
-    sampled_in_graph_total: int = 0
-    # cumulative seconds of the decode thread per step phase (server.engine.step_profile.PHASES)
-    step_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def kv_usage(self) -> float:
-        """Share of the KV cache held by running sequences, 0..1."""
-        return self.kv_used_cells / self.kv_total_cells if self.kv_total_cells else 0.0
-
-    @property
-    def mean_step_tokens(self) -> float:
-        return self.step_tokens_total / self.steps_total if self.steps_total else 0.0

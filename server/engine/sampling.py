@@ -26,12 +26,6 @@ PENALTY_LAST_N = 64
 GRAMMAR_BAN = -1.0e9
 
 
-def sorts_vocabulary(params: SamplingParams) -> bool:
-    """Whether a host chain for `params` may have to order the whole vocabulary: top-p with no top-k in
-    front (on a flat distribution llama.cpp's adaptive sort falls back to a full sort of 128k entries)."""
-    return not params.is_greedy and params.top_k == 0 and params.top_p < 1.0
-
-
 def _has_penalties(params: SamplingParams) -> bool:
     return params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 

@@ -48,6 +48,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def sorts_vocabulary(self) -> bool:
+        """Whether a host chain may have to order the whole vocabulary: top-p with no top-k in front (on a
+        flat distribution llama.cpp's adaptive sort falls back to a full sort of 128k entries)."""
+        return not self.is_greedy and self.top_k == 0 and self.top_p < 1.0
+
 
 @dataclass(frozen=True)
 class StreamEvent:

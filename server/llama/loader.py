@@ -111,6 +111,22 @@ def load_model(
     return int(model)
 
 
+def load_vocab(path: str | Path, *, log: LogCapture | None = None) -> int:
+    """A model with its vocabulary and metadata only (no weights, no device): what a process that tokenizes
+    and detokenizes needs. An empty device list keeps llama.cpp from touching (holding memory on) a GPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaLoadError(f"model file not found: {path}")
+    mparams = lc.llama_model_default_params()
+    mparams.vocab_only = True
+    no_devices = (ctypes.c_void_p * 1)(None)
+    mparams.devices = ctypes.addressof(no_devices)
+    model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise LlamaLoadError(f"llama.cpp could not read the vocabulary of {path}{_reason(log)}")
+    return int(model)
+
+
 def devices() -> tuple[str, ...]:
     """The devices this llama.cpp build can compute on, as "<name> (<description>)" (ggml's registry)."""
     lib = ctypes.CDLL(str(Path(lc._base_path) / "libggml.so"))

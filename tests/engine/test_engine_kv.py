@@ -35,13 +35,13 @@ TIGHT_KV_CELLS = 256
 @pytest.fixture(scope="module")
 def tight(engine_threads):
     eng = Engine(EngineConfig(model_path=str(smollm2_path()), n_ctx=256, n_parallel=4, n_batch=N_BATCH,
-                              n_ubatch=N_BATCH, n_threads=engine_threads, kv_unified=True, flash_attn="on"))
+                              n_ubatch=N_BATCH, n_threads=engine_threads, kv_unified=True, flash_attn="on",
+                              # A sequence may use n_ctx tokens and the unified pool is n_ctx x n_parallel
+                              # cells, so sequences alone never outgrow it from a configuration; preemption is
+                              # the safety net for a pool that runs short anyway. The scheduler gets a smaller
+                              # budget than llama.cpp's cache so that the net is exercised.
+                              kv_cells_override=TIGHT_KV_CELLS, core="thread"))
     eng.start()
-    # A sequence may use n_ctx tokens and the unified pool is n_ctx x n_parallel cells, so sequences alone
-    # never outgrow it from a configuration; preemption is the safety net for a pool that runs short
-    # anyway. The scheduler is given a smaller budget than llama.cpp's cache so that the net is exercised.
-    assert eng._loop is not None
-    eng._loop.sched.kv_cells = TIGHT_KV_CELLS
     yield eng
     eng.stop()
 
@@ -57,13 +57,15 @@ def chat(engine: Engine, text: str) -> list[int]:
     return engine.tokenize(engine.apply_chat_template([{"role": "user", "content": text}]))
 
 
-def test_kv_exhaustion_preempts_and_every_sequence_completes_unchanged(
-    tight: Engine, reference, questions, drive
-) -> None:
+def test_kv_exhaustion_preempts_and_every_sequence_completes(tight: Engine, questions, drive) -> None:
+    # Not compared with the serial reference token for token: with one pool shared by four sequences,
+    # llama.cpp's CPU kernels gave logits up to 0.3 apart from one sequence alone on an AMD EPYC (greedy
+    # tokens then part ways, with or without flash attention, before any preemption, and with the engine
+    # before the core had a process of its own too). What a preemption must keep is checked exactly: every
+    # token streamed before it, the count, the text.
     prompts = [chat(tight, q) for q in questions[:4]]
     max_tokens = 60
     assert sum(len(p) + max_tokens for p in prompts) > tight.stats().kv_total_cells  # cannot all fit
-    expected = [reference.generate(p, max_tokens, ignore_eos=True, chunk=N_BATCH) for p in prompts]
     before = tight.stats().preemptions_total
 
     async def together() -> list:
@@ -74,7 +76,7 @@ def test_kv_exhaustion_preempts_and_every_sequence_completes_unchanged(
     stats = tight.stats()
     assert stats.preemptions_total > before
     assert [r.finish_reason for r in results] == ["length"] * 4
-    assert [r.tokens for r in results] == expected
+    assert [len(r.tokens) for r in results] == [max_tokens] * 4
     for r in results:  # what was streamed before a preemption is kept: the text is exactly the tokens' text
         assert r.text == tight.detokenize(list(r.tokens))
         assert [e.completion_tokens for e in r.events] == list(range(1, max_tokens + 1))
@@ -125,12 +127,11 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(
 def test_real_vocabulary_multibyte_characters_are_never_split(tight: Engine) -> None:
     text = "Emoji 🙂🚀, accents café, 日本語 text"
     ids = tight.tokenize(text, add_special=False)
-    loop = tight._loop
-    assert loop is not None
-    pieces = [loop.rt.piece(t) for t in ids]
+    vocab = tight.vocabulary
+    pieces = [vocab.piece(t) for t in ids]
     split = [p for p in pieces if not _is_utf8(p)]
     assert split, "the test needs a character whose bytes span several tokens"
-    detok = IncrementalDetokenizer(loop.rt.piece)
+    detok = IncrementalDetokenizer(vocab.piece)
     deltas = [detok.push(t) for t in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) + detok.flush() == text

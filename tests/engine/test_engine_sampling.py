@@ -22,7 +22,7 @@ import pytest
 from quantize.bundled import smollm2_path
 from server.engine.engine import Engine, EngineConfig
 from server.engine.errors import InvalidGrammarError
-from server.engine.sampling import PENALTY_LAST_N, sorts_vocabulary
+from server.engine.sampling import PENALTY_LAST_N
 from server.engine.types import SamplingParams
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived a"
@@ -238,9 +238,7 @@ def test_in_graph_sampling_survives_preemption(drive, engine_threads: int | None
     # Four sequences that each grow to ~100 tokens in a unified pool cut down to 256 cells after start-up (a
     # configuration never outgrows its pool: preemption is the safety net): they cannot all fit, so the
     # newest are preempted and recomputed; their chains leave the graph and come back as clones.
-    eng = _engine(engine_threads, True, n_ctx=256, n_parallel=4, kv_unified=True)
-    assert eng._loop is not None
-    eng._loop.sched.kv_cells = 256
+    eng = _engine(engine_threads, True, n_ctx=256, n_parallel=4, kv_unified=True, kv_cells_override=256)
     try:
         prompts = [eng.tokenize(f"{word}: {PROMPT}") for word in ("One", "Two", "Three", "Four")]
         params = [SamplingParams(max_tokens=84, temperature=0.9, top_k=40, seed=s, ignore_eos=True)
@@ -273,10 +271,10 @@ def test_automatic_choice_keeps_sampling_on_the_host_without_a_gpu(drive, engine
 
 
 def test_sorts_vocabulary_picks_top_p_without_top_k() -> None:
-    assert sorts_vocabulary(SamplingParams(temperature=0.7, top_p=0.95))
-    assert not sorts_vocabulary(SamplingParams(temperature=0.7, top_p=0.95, top_k=40))
-    assert not sorts_vocabulary(SamplingParams(temperature=0.0, top_p=0.95))
-    assert not sorts_vocabulary(SamplingParams(temperature=0.7))
+    assert SamplingParams(temperature=0.7, top_p=0.95).sorts_vocabulary
+    assert not SamplingParams(temperature=0.7, top_p=0.95, top_k=40).sorts_vocabulary
+    assert not SamplingParams(temperature=0.0, top_p=0.95).sorts_vocabulary
+    assert not SamplingParams(temperature=0.7).sorts_vocabulary
 
 
 @pytest.mark.parametrize("kv_unified", [False, True])

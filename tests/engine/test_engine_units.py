@@ -7,7 +7,7 @@ import pytest
 from server.engine.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from server.engine.config import MIN_N_CTX, EngineConfig, cap_n_ctx
 from server.engine.detokenizer import IncrementalDetokenizer, complete_utf8_len
-from server.engine.scheduler import common_prefix_len
+from server.engine.kv_cache import common_prefix_len
 from server.engine.stops import StopMatcher
 
 

@@ -77,6 +77,8 @@ class EmbeddedBackend:
         engine = Engine(self.config, on_step=self._on_step)
         # Loading reads the whole model: seconds for a big one, so not on the event loop.
         await asyncio.to_thread(engine.start)
+        # From now on this loop reads the core, so a core that dies while idle is seen and started again.
+        engine.attach()
         self._engine = engine
 
     async def stop(self) -> None:
@@ -197,13 +199,15 @@ class EmbeddedBackend:
             raise BackendError("embeddings are off on this server (pooling none)", status_code=400,
                                code="unsupported_feature", retryable=False, param="model")
         try:
-            # On a worker thread: the embedding context has its own lock and never blocks the decode loop.
-            result = await asyncio.to_thread(engine.embed, inputs)
+            # The core embeds on a context and a thread of its own: a step never waits for it.
+            result = await engine.embed(inputs)
         except PromptTooLongError as exc:
             raise ContextLengthExceededError(f"an input is too long: {exc}", param="input") from exc
         except (InvalidTokenError, EmptyPromptError) as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param="input") from exc
+        except EngineNotReadyError as exc:
+            raise BackendUnavailableError(str(exc)) from exc
         except EngineError as exc:
             raise BackendError(str(exc), status_code=500, code="engine_error") from exc
         vectors = tuple(tuple(float(x) for x in v) for v in result.vectors)
