@@ -8,6 +8,7 @@ from quantize.budget.estimate import (
     estimate,
     level_table,
 )
+from quantize.budget.problems import BudgetProblem, Effect, ProblemKind
 from quantize.budget.types import BACKENDS, Backend, Budget, GpuBudget, LevelTable, TableRow
 
 __all__ = [
@@ -16,8 +17,11 @@ __all__ = [
     "DEFAULT_HEADROOM_FRACTION",
     "Backend",
     "Budget",
+    "BudgetProblem",
+    "Effect",
     "GpuBudget",
     "LevelTable",
+    "ProblemKind",
     "TableRow",
     "best_level",
     "estimate",

@@ -10,15 +10,18 @@ context included. `n_ctx` is the context of ONE sequence everywhere; the KV pool
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from quantize.budget import llama as bl
+from quantize.budget import problems
+from quantize.budget.problems import BudgetProblem, ProblemKind, has_kind
+from quantize.budget.request import BudgetRequest
 from quantize.budget.sglang import SGLANG_METADATA_BYTES, SglangSettings, sglang_settings, weights_per_gpu
 from quantize.budget.types import BACKENDS, Backend, Budget, GpuBudget, LevelTable, TableRow
-from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
+from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, needs_flash_attn
 from quantize.model.levels import LEVELS, QuantLevel, get_level, level_for_ftype
 from quantize.model.spec import TOKEN_EMBD, ModelSpec
 from quantize.model.tensor_types import spec_at_level
-from quantize.model.units import MIB
 from server.hardware.cards import GpuSet
 from server.hardware.target import CpuTarget, Target
 
@@ -26,23 +29,22 @@ DEFAULT_HEADROOM_FRACTION = 0.05
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a backend's memory model worked out: its cells and batches as it runs them, and each device."""
+
+    kv_cells: int
+    kv_cells_per_stream: int
+    n_batch: int
+    n_ubatch: int
+    per_gpu: tuple[GpuBudget, ...]
+    host_bytes: int
+    sglang: SglangSettings | None = None
+
+
 def _quant_name(spec: ModelSpec) -> str:
     lv = level_for_ftype(spec.file_type)
     return lv.name if lv else (spec.file_type_name or "unknown")
-
-
-def _check_kv(backend: Backend, kv_type: str, flash_attn: bool) -> list[str]:
-    if backend == "sglang":
-        if kv_type not in SGLANG_KV_TYPES:
-            return [f"SGLang takes --kv-cache-dtype {'|'.join(SGLANG_KV_TYPES)}, not {kv_type!r}"]
-        return []
-    if kv_type not in LLAMA_KV_TYPES:
-        return [f"llama.cpp KV type must be one of {', '.join(LLAMA_KV_TYPES)}, got {kv_type!r}"]
-    if is_quantized_kv(kv_type) and not flash_attn:
-        return [
-            f"a quantized V cache ({kv_type}) requires flash attention in llama.cpp; use --flash-attn or f16"
-        ]
-    return []
 
 
 def estimate(
@@ -73,84 +75,134 @@ def estimate(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if n_ctx <= 0 or n_parallel <= 0:
         raise ValueError(f"n_ctx and n_parallel must be positive, got {n_ctx} and {n_parallel}")
-    kv = kv_type or ("auto" if backend == "sglang" else "f16")
     is_estimated = False
     if level is not None:
         lv = get_level(level)
         if spec.file_type != lv.llama_ftype:
             spec = spec_at_level(spec, lv)
             is_estimated = True
-    reasons = _check_kv(backend, kv, flash_attn)
-    if isinstance(target, CpuTarget):
-        if backend == "sglang":
-            raise ValueError("SGLang needs an NVIDIA GPU (SM80+); the CPU runs llama.cpp backends only")
-    elif backend == "sglang":
-        if not target.card.can_run_sglang:
-            major, minor = target.card.compute_capability
-            raise ValueError(
-                f"SGLang cannot run on {target.card.name} (compute capability {major}.{minor}; "
-                "SGLang needs SM80+): use --backend llama-server or embedded"
-            )
-        if kv.startswith("fp8") and not target.card.can_fp8_kv:
-            reasons.append(f"FP8 KV cache needs hardware FP8 (SM89+); {target.card.name} lacks it")
-        return _sglang(
-            target, spec, n_ctx, n_parallel, kv, mem_fraction, headroom_fraction, reasons, is_estimated
-        )  # fmt: skip
-    elif flash_attn and not target.card.has_flash_attn_kernels:
-        reasons.append(f"llama.cpp has no flash-attention kernels for {target.card.name}")
-    return _llama(
-        target, spec, backend, n_ctx, n_parallel, kv, flash_attn, n_batch, n_ubatch, kv_unified,
-        swa_full, n_outputs_max, headroom_fraction, reasons, is_estimated
-    )  # fmt: skip
-
-
-# fmt: off
-def _llama(
-    target: Target, spec: ModelSpec, backend: Backend, n_ctx: int, n_parallel: int, kv: str,
-    flash_attn: bool, n_batch: int, n_ubatch: int, kv_unified: bool, swa_full: bool | None,
-    n_outputs_max: int | None, headroom_fraction: float, reasons: list[str], is_estimated: bool,
-) -> Budget:
-    is_cpu = isinstance(target, CpuTarget)
-    n_dev = 1 if isinstance(target, CpuTarget) else target.count
-    swa = swa_full if swa_full is not None else backend == "embedded"
-    outputs = n_outputs_max if n_outputs_max is not None else (n_parallel if backend == "llama-server" else 0)
-    sizes = bl.context_sizes(
-        spec,
-        n_ctx * n_parallel,
-        n_parallel,
+    sglang = backend == "sglang"
+    if sglang:
+        _check_sglang_target(target)
+    req = BudgetRequest(
+        target=target,
+        spec=spec,
+        is_estimated=is_estimated,
+        backend=backend,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        kv_type=kv_type or ("auto" if sglang else "f16"),
+        flash_attn=True if sglang else flash_attn,
         n_batch=n_batch,
         n_ubatch=n_ubatch,
-        kv_unified=kv_unified,
-        swa_full=swa,
-        n_outputs_max=outputs,
+        kv_unified=False if sglang else kv_unified,
+        swa_full=swa_full if swa_full is not None else backend == "embedded",
+        n_outputs_max=(
+            n_outputs_max if n_outputs_max is not None else (n_parallel if backend == "llama-server" else 0)
+        ),
+        mem_fraction=mem_fraction,
+        headroom_fraction=headroom_fraction,
     )
-    kv_ok = not any("llama.cpp KV type" in r for r in reasons)
-    notes: list[str] = []
-    if spec.n_ctx_train and n_ctx > spec.n_ctx_train:
-        notes.append(f"{n_ctx} tokens per sequence exceed the trained context of {spec.n_ctx_train}")
+    found = _settings_problems(req)
+    return _sglang(req, found) if sglang else _llama(req, found)
+
+
+def _check_sglang_target(target: Target) -> None:
+    if isinstance(target, CpuTarget):
+        raise ValueError("SGLang needs an NVIDIA GPU (SM80+); the CPU runs llama.cpp backends only")
+    if not target.card.can_run_sglang:
+        major, minor = target.card.compute_capability
+        raise ValueError(
+            f"SGLang cannot run on {target.card.name} (compute capability {major}.{minor}; "
+            "SGLang needs SM80+): use --backend llama-server or embedded"
+        )
+
+
+def _settings_problems(req: BudgetRequest) -> list[BudgetProblem]:
+    """What is wrong with the settings themselves, before any memory is counted."""
+    kv, card = req.kv_type, req.card
+    found = []
+    if req.backend == "sglang":
+        if kv not in SGLANG_KV_TYPES:
+            found.append(problems.sglang_kv_type(kv))
+        if kv.startswith("fp8") and card is not None and not card.can_fp8_kv:
+            found.append(problems.no_fp8(card.name))
+        return found
+    if kv not in LLAMA_KV_TYPES:
+        found.append(problems.llama_kv_type(kv))
+    elif needs_flash_attn(kv) and not req.flash_attn:
+        found.append(problems.flash_attn_missing(kv))
+    if req.flash_attn and card is not None and not card.has_flash_attn_kernels:
+        found.append(problems.no_flash_attn_kernels(card.name))
+    return found
+
+
+def _llama(req: BudgetRequest, found: list[BudgetProblem]) -> Budget:
+    """llama.cpp's memory model (llama-server and the embedded engine)."""
+    spec = req.spec
+    sizes = bl.context_sizes(
+        spec,
+        req.n_ctx_total,
+        req.n_parallel,
+        n_batch=req.n_batch,
+        n_ubatch=req.n_ubatch,
+        kv_unified=req.kv_unified,
+        swa_full=req.swa_full,
+        n_outputs_max=req.n_outputs_max,
+    )
+    # llama.cpp sizes no KV for a cache type it does not know; the budget is invalid anyway
+    kv_ok = not has_kind(found, ProblemKind.LLAMA_KV_TYPE)
+    logits_host = bl.output_buffer_bytes(spec, sizes, req.n_outputs_max)
+    embd_bytes = sum(t.n_bytes for t in spec.tensors if t.name == TOKEN_EMBD)
+    layout = _Layout(
+        kv_cells=sizes.n_ctx,
+        kv_cells_per_stream=sizes.n_ctx_seq,
+        n_batch=sizes.n_batch,
+        n_ubatch=sizes.n_ubatch,
+        per_gpu=_llama_devices(req, sizes, logits_host, kv_ok=kv_ok),
+        host_bytes=0 if req.is_cpu else embd_bytes + logits_host,
+    )
+    return _assemble(req, layout, found, _llama_notes(req, sizes))
+
+
+def _llama_notes(req: BudgetRequest, sizes: bl.LlamaContextSizes) -> list[str]:
+    spec, notes = req.spec, []
+    if spec.n_ctx_train and req.n_ctx > spec.n_ctx_train:
+        notes.append(f"{req.n_ctx} tokens per sequence exceed the trained context of {spec.n_ctx_train}")
     if spec.has_swa:
         notes.append(
             f"sliding window {spec.sliding_window}: {sum(spec.swa_layers)} of {spec.n_layer} layers keep "
-            f"{sizes.swa_cells} cells per stream" + (" (swa_full)" if swa else "")
+            f"{sizes.swa_cells} cells per stream" + (" (swa_full)" if req.swa_full else "")
         )
-    memory = target.ram_bytes if isinstance(target, CpuTarget) else target.memory_bytes_per_gpu
-    card = None if isinstance(target, CpuTarget) else target.card
+    if req.n_devices > 1:
+        notes.append(
+            f"layer split over {req.n_devices} GPUs with pipeline parallelism "
+            f"({bl.SCHED_MAX_COPIES} copies of graph inputs)"
+        )
+    return notes
+
+
+def _llama_devices(
+    req: BudgetRequest, sizes: bl.LlamaContextSizes, logits_host: int, *, kv_ok: bool
+) -> tuple[GpuBudget, ...]:
+    """Each device's share under llama.cpp; on the CPU one process holds it all (the mmapped file,
+    token_embd included, and the logits buffer)."""
+    spec, card = req.spec, req.card
     overhead = (
         bl.CPU_OVERHEAD_BYTES
         if card is None
         else bl.cuda_overhead_bytes(card.sm_count, card.compute_capability)
     )
-    embd_bytes = sum(t.n_bytes for t in spec.tensors if t.name == TOKEN_EMBD)
-    logits_host = bl.output_buffer_bytes(spec, sizes, outputs)
-    per_gpu: list[GpuBudget] = []
-    for share in bl.device_shares(
-        spec, sizes, n_dev, kv, flash_attn=flash_attn, is_cuda=not is_cpu, kv_ok=kv_ok
-    ):
-        # on the CPU one process holds it all: the mmapped file (token_embd included) and the logits buffer
-        weights = spec.weights_bytes if is_cpu else share.weights_bytes
-        comp = share.compute_bytes + (logits_host if is_cpu else 0)
+    shares = bl.device_shares(
+        spec, sizes, req.n_devices, req.kv_type,
+        flash_attn=req.flash_attn, is_cuda=not req.is_cpu, kv_ok=kv_ok,
+    )
+    out = []
+    for share in shares:
+        weights = spec.weights_bytes if req.is_cpu else share.weights_bytes
+        comp = share.compute_bytes + (logits_host if req.is_cpu else 0)
         total = weights + share.kv_bytes + comp + overhead
-        per_gpu.append(
+        out.append(
             GpuBudget(
                 index=share.index,
                 layers=share.layers,
@@ -160,42 +212,30 @@ def _llama(
                 compute_bytes=comp,
                 overhead_bytes=overhead,
                 total_bytes=total,
-                memory_bytes=memory,
-                headroom_bytes=memory - total,
-                fits=total <= memory * (1 - headroom_fraction),
+                memory_bytes=req.memory_bytes,
+                headroom_bytes=req.memory_bytes - total,
+                fits=total <= req.usable_bytes,
             )
         )
-    if n_dev > 1:
-        notes.append(
-            f"layer split over {n_dev} GPUs with pipeline parallelism "
-            f"({bl.SCHED_MAX_COPIES} copies of graph inputs)"
-        )
-    return _assemble(
-        target, spec, backend, n_ctx, sizes.n_ctx, sizes.n_ctx_seq, n_parallel, kv, flash_attn,
-        sizes.n_batch, sizes.n_ubatch, kv_unified, per_gpu, memory, headroom_fraction, reasons, notes,
-        is_estimated, host=0 if is_cpu else embd_bytes + logits_host, sglang=None
-    )  # fmt: skip
-# fmt: on
+    return tuple(out)
 
 
-# fmt: off
-def _sglang(
-    target: GpuSet, spec: ModelSpec, n_ctx: int, n_parallel: int, kv: str, mem_fraction: float | None,
-    headroom_fraction: float, reasons: list[str], is_estimated: bool,
-) -> Budget:
-    memory = target.memory_bytes_per_gpu
-    tp = target.count
-    if max(spec.n_head_kv) % tp and tp % max(spec.n_head_kv):
-        reasons.append(f"{max(spec.n_head_kv)} KV heads do not split over TP {tp}")
+def _sglang(req: BudgetRequest, found: list[BudgetProblem]) -> Budget:
+    """SGLang's memory model: tensor parallel over the GPUs, a static fraction holding weights and pool."""
+    assert isinstance(req.target, GpuSet)
+    spec, memory, tp = req.spec, req.memory_bytes, req.target.count
+    heads = max(spec.n_head_kv)
+    if heads % tp and tp % heads:
+        found = [*found, problems.kv_heads_split(heads, tp)]
     s = sglang_settings(
         memory,
         spec,
         tp=tp,
-        n_ctx=n_ctx,
-        n_parallel=n_parallel,
-        kv_type=kv,
-        mem_fraction=mem_fraction,
-        headroom_fraction=headroom_fraction,
+        n_ctx=req.n_ctx,
+        n_parallel=req.n_parallel,
+        kv_type=req.kv_type,
+        mem_fraction=req.mem_fraction,
+        headroom_fraction=req.headroom_fraction,
     )
     weights = weights_per_gpu(spec, tp)
     # CUDA/torch context (+ NCCL) before start-up, plus SGLang's constant metadata; the rest of its reserve is
@@ -207,10 +247,9 @@ def _sglang(
         f"mem_fraction {s.mem_fraction} (SGLang's default here: "
         f"{s.sglang_default_mem_fraction}); KV pool {s.kv_pool_tokens} tokens"
     ]
-    if s.kv_pool_tokens < n_ctx * n_parallel:
-        reasons.append(
-            f"the KV pool holds {s.kv_pool_tokens} tokens, fewer than the {n_ctx * n_parallel} asked for"
-        )
+    pool_holds = s.kv_pool_tokens >= req.n_ctx_total
+    if not pool_holds:
+        found = [*found, problems.kv_pool_short(s.kv_pool_tokens, req.n_ctx_total)]
     if spec.has_swa:
         notes.append("SWA layers counted with a full cache (SGLang's hybrid SWA pool is not modelled)")
     per_gpu = tuple(
@@ -223,74 +262,61 @@ def _sglang(
             total_bytes=total,
             memory_bytes=memory,
             headroom_bytes=memory - total,
-            fits=total <= memory * (1 - headroom_fraction) and s.kv_pool_tokens >= n_ctx * n_parallel,
+            fits=total <= req.usable_bytes and pool_holds,
         )
         for i in range(tp)
     )
-    return _assemble(
-        target, spec, "sglang", n_ctx, s.kv_pool_tokens, s.n_ctx, n_parallel, kv, True,
-        s.chunked_prefill_size, s.chunked_prefill_size, False, list(per_gpu), memory, headroom_fraction,
-        reasons, notes, is_estimated, host=0, sglang=s
-    )  # fmt: skip
-# fmt: on
-
-
-# fmt: off
-def _assemble(
-    target: Target, spec: ModelSpec, backend: Backend, n_ctx: int, kv_cells: int,
-    kv_cells_per_stream: int, n_parallel: int, kv: str, flash_attn: bool, n_batch: int, n_ubatch: int,
-    kv_unified: bool, per_gpu: list[GpuBudget], memory: int, headroom_fraction: float, reasons: list[str],
-    notes: list[str], is_estimated: bool, *, host: int, sglang: SglangSettings | None,
-) -> Budget:
-    worst = max(per_gpu, key=lambda g: g.total_bytes)
-    invalid = any(
-        "requires flash attention" in r or "KV type" in r or "kv-cache-dtype" in r or "FP8 KV" in r
-        for r in reasons
+    layout = _Layout(
+        kv_cells=s.kv_pool_tokens,
+        kv_cells_per_stream=s.n_ctx,
+        n_batch=s.chunked_prefill_size,
+        n_ubatch=s.chunked_prefill_size,
+        per_gpu=per_gpu,
+        host_bytes=0,
+        sglang=s,
     )
-    fits = all(g.fits for g in per_gpu) and not invalid and not any("KV pool holds" in r for r in reasons)
-    if not fits and not reasons:
-        reasons = [
-            *reasons,
-            f"needs {worst.total_bytes / MIB:,.0f} MiB on a device; "
-            f"{memory * (1 - headroom_fraction) / MIB:,.0f} MiB usable",
-        ]
-    card_name = "CPU (system RAM)" if isinstance(target, CpuTarget) else target.card.name
+    return _assemble(req, layout, found, notes)
+
+
+def _assemble(req: BudgetRequest, layout: _Layout, found: list[BudgetProblem], notes: list[str]) -> Budget:
+    worst = max(layout.per_gpu, key=lambda g: g.total_bytes)
+    if not found and not all(g.fits for g in layout.per_gpu):
+        # Nothing else explains it: say what the fullest device needs against what it may use.
+        found = [problems.over_memory(worst.total_bytes, req.usable_bytes)]
+    memory = req.memory_bytes
     return Budget(
-        card=target.card_id,
-        card_name=card_name,
-        gpus=target.count,
-        backend=backend,
-        model=spec.name,
-        quant=_quant_name(spec),
-        is_estimated_quant=is_estimated,
-        n_ctx=n_ctx,
-        n_ctx_total=n_ctx * n_parallel,
-        kv_cells=kv_cells,
-        kv_cells_per_stream=kv_cells_per_stream,
-        n_parallel=n_parallel,
-        kv_type=kv,
-        flash_attn=flash_attn,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        kv_unified=kv_unified,
+        card=req.target.card_id,
+        card_name=req.device_name,
+        gpus=req.target.count,
+        backend=req.backend,
+        model=req.spec.name,
+        quant=_quant_name(req.spec),
+        is_estimated_quant=req.is_estimated,
+        n_ctx=req.n_ctx,
+        n_ctx_total=req.n_ctx_total,
+        kv_cells=layout.kv_cells,
+        kv_cells_per_stream=layout.kv_cells_per_stream,
+        n_parallel=req.n_parallel,
+        kv_type=req.kv_type,
+        flash_attn=req.flash_attn,
+        n_batch=layout.n_batch,
+        n_ubatch=layout.n_ubatch,
+        kv_unified=req.kv_unified,
         weights_bytes=worst.weights_bytes,
         kv_bytes=worst.kv_bytes,
         compute_bytes=worst.compute_bytes,
         overhead_bytes=worst.overhead_bytes,
         total_bytes=worst.total_bytes,
         memory_bytes=memory,
-        usable_bytes=int(memory * (1 - headroom_fraction)),
-        headroom_fraction=headroom_fraction,
+        usable_bytes=int(req.usable_bytes),
+        headroom_fraction=req.headroom_fraction,
         headroom_bytes=memory - worst.total_bytes,
-        fits=fits,
-        is_valid=not invalid,
-        host_bytes=host,
-        per_gpu=tuple(per_gpu),
-        sglang=sglang,
-        reasons=tuple(reasons),
+        host_bytes=layout.host_bytes,
+        per_gpu=layout.per_gpu,
+        sglang=layout.sglang,
+        problems=tuple(found),
         notes=tuple(notes),
     )
-# fmt: on
 
 
 def best_level(

@@ -1,11 +1,15 @@
-"""The values the budget calculator returns (quantize.budget): Budget, per-device GpuBudget, LevelTable."""
+"""The values the budget calculator returns (quantize.budget): Budget, per-device GpuBudget, LevelTable.
+
+A Budget's verdicts and reasons are derived from its typed problems (quantize.budget.problems), so they
+cannot disagree with them."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from quantize.budget.problems import BudgetProblem, ProblemKind, blocks_fit, has_kind, is_valid
 from quantize.budget.sglang import SglangSettings
 
 Backend = Literal["llama-server", "embedded", "sglang"]
@@ -65,13 +69,35 @@ class Budget(BaseModel):
     usable_bytes: int = Field(description="memory * (1 - headroom_fraction)")
     headroom_fraction: float
     headroom_bytes: int = Field(description="memory - total (negative: does not fit at all)")
-    fits: bool
-    is_valid: bool = Field(description="False when the settings cannot start (e.g. quantized V without FA)")
     host_bytes: int = Field(description="host memory besides the GPU: token_embd, logits buffer")
     per_gpu: tuple[GpuBudget, ...] = ()
     sglang: SglangSettings | None = None
-    reasons: tuple[str, ...] = ()
+    problems: tuple[BudgetProblem, ...] = Field(
+        default=(), description="what is wrong with the settings; each kind decides its effect on the verdict"
+    )
     notes: tuple[str, ...] = ()
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fits(self) -> bool:
+        """Every device fits its usable memory and no problem stands in the way."""
+        return all(g.fits for g in self.per_gpu) and not blocks_fit(self.problems)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def is_valid(self) -> bool:
+        """False when the settings cannot start (e.g. a quantized V cache without flash attention)."""
+        return is_valid(self.problems)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """The problems' messages, in order: what `edgeserve plan` and refusals print."""
+        return tuple(p.message for p in self.problems)
+
+    def has(self, kind: ProblemKind) -> bool:
+        """Whether the budget has a problem of this kind (decide on kinds, never on the reasons' text)."""
+        return has_kind(self.problems, kind)
 
 
 class TableRow(BaseModel):

@@ -36,5 +36,17 @@ def kv_element_bytes(name: str) -> float:
 
 
 def is_quantized_kv(name: str) -> bool:
-    """A quantized llama.cpp cache: its V half needs flash attention."""
+    """A quantized llama.cpp cache type (q8_0, q4_0, ...)."""
     return name in LLAMA_KV_TYPES and name not in _UNQUANTIZED
+
+
+def needs_flash_attn(kv_type: str) -> bool:
+    """Whether llama.cpp runs this cache type only with flash attention: a quantized V cache (its context
+    refuses to start otherwise). The one home of the rule: the engine's settings, the budget and the launch
+    plan ask it."""
+    return is_quantized_kv(kv_type)
+
+
+def flash_attn_needed(kv_type: str) -> str:
+    """The one wording of that rule; each caller adds the remedy in its own terms (flag, setting, key)."""
+    return f"a {kv_type} V cache needs flash attention"

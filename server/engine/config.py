@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from quantize.model.kv_types import LLAMA_KV_TYPES, is_quantized_kv, kv_ggml_type
+from quantize.model.kv_types import LLAMA_KV_TYPES, flash_attn_needed, kv_ggml_type, needs_flash_attn
 
 # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
 MAX_SEQUENCES = 256
@@ -36,6 +36,14 @@ NCtx = Annotated[
 def cap_n_ctx(n_ctx: int, n_ctx_train: int | None) -> int:
     """The one cap at the model's training context (0 or None: the model does not say)."""
     return min(n_ctx, n_ctx_train) if n_ctx_train else n_ctx
+
+
+def default_kv_unified(n_parallel: int, output_on_gpu: bool) -> bool:
+    """The engine's kv_unified when none is given: what was measured fastest for this device and slot count
+    (EngineConfig's docstring says where). The one home of the rule: the launch plan asks it too."""
+    if not output_on_gpu:
+        return n_parallel > 1
+    return n_parallel > MANY_STREAMS
 
 
 class EngineConfig(BaseModel):
@@ -135,17 +143,15 @@ class EngineConfig(BaseModel):
             raise ValueError("n_batch must be at least n_parallel: every running sequence decodes each step")
         if self.kv_type not in LLAMA_KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(LLAMA_KV_TYPES)}")
-        if is_quantized_kv(self.kv_type) and self.flash_attn == "off":
-            raise ValueError(f"a {self.kv_type} V cache needs flash attention: flash_attn on or auto")
+        if needs_flash_attn(self.kv_type) and self.flash_attn == "off":
+            raise ValueError(f"{flash_attn_needed(self.kv_type)}: flash_attn on or auto")
         return self
 
     def unified_on(self, output_on_gpu: bool) -> bool:
         """kv_unified as given, else what was measured fastest for this device and slot count."""
         if self.kv_unified is not None:
             return self.kv_unified
-        if not output_on_gpu:
-            return self.n_parallel > 1
-        return self.n_parallel > MANY_STREAMS
+        return default_kv_unified(self.n_parallel, output_on_gpu)
 
     def sample_in_graph(self, output_on_gpu: bool, sorts_vocabulary: bool) -> bool:
         """backend_sampling as given, else whether a request's chain runs inside llama.cpp's decode graph by

@@ -18,6 +18,7 @@ from server.engine.errors import ModelLoadError
 from server.engine.types import Placement
 from server.engine.vocab import Vocabulary
 from server.llama import loader
+from server.llama.offload import offload_layers
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class LlamaRuntime(Vocabulary):
         self.ctx: int = ctx
         n_layer = lc.llama_model_n_layer(model)
         supported = bool(lc.llama_supports_gpu_offload())
-        wanted = n_layer + 1 if config.n_gpu_layers < 0 else min(config.n_gpu_layers, n_layer + 1)
+        every = offload_layers(n_layer)
+        wanted = every if config.n_gpu_layers < 0 else min(config.n_gpu_layers, every)
         self.placement = Placement(devices=loader.devices(), gpu_offload_supported=supported, n_layer=n_layer,
                                    n_gpu_layers=wanted if supported else 0, output_on_gpu=self.output_on_gpu,
                                    kv_unified=self.kv_unified)

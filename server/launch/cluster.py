@@ -22,6 +22,7 @@ from server.launch.plan import LaunchPlan
 from server.launch.registry import get_backend
 from server.launch.request import LaunchRequest
 from server.launch.resolve import PlanError
+from server.llama.offload import offload_layers
 
 ClusterBackend = Literal["sglang", "llama-server"]
 DEFAULT_RPC_PORT = 50052
@@ -152,7 +153,7 @@ def cluster_commands(
             "gpus": spec.gpus_per_node,
             "rpc_servers": tuple(f"{n.host}:{spec.rpc_port}" for n in workers),
             # The remote devices take layers only as offloaded ones: all of them, over every device.
-            "n_gpu_layers": plan.n_layer + 1 if plan.n_layer else plan.n_gpu_layers,
+            "n_gpu_layers": offload_layers(plan.n_layer) if plan.n_layer else plan.n_gpu_layers,
         }
     )
     head = backend.finish(head)

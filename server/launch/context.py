@@ -12,6 +12,7 @@ from server.launch.plan import QuantFile, Reason, Scalar, Source
 from server.launch.profile import ResolvedProfile
 from server.launch.request import LaunchRequest
 from server.launch.toolchain import Toolchain
+from server.llama.offload import is_full_offload
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class BuildContext:
     @property
     def gpus(self) -> int:
         return self.target.count
+
+    def all_on_gpu(self, n_gpu_layers: int) -> bool:
+        """Whether `n_gpu_layers` puts every layer, the output layer included, on this target's GPUs (before
+        a LaunchPlan exists: the plan's own is_full_offload asks the same rule)."""
+        return bool(self.gpus) and is_full_offload(n_gpu_layers, self.spec.n_layer)
 
     def setting(self, name: str) -> tuple[Any, Source]:
         """A profile value and where it came from (cli / env / profile / default)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quantize.model.kv_types import LLAMA_KV_TYPES
+from quantize.model.kv_types import LLAMA_KV_TYPES, needs_flash_attn
 from quantize.model.units import MIB
 from server.hardware.cards import UnknownCardError, get_card
 from server.hardware.oom import Failure
@@ -28,6 +28,7 @@ from server.hardware.target import CPU_ID
 from server.launch import memory
 from server.launch.plan import LaunchPlan, Reason, StepTaken
 from server.launch.registry import get_backend
+from server.llama.offload import offload_layers
 
 RUNGS = ("context", "parallel", "mem_fraction", "kv_type", "quant", "gpu_layers", "cpu")
 MIN_LADDER_CTX = 1024
@@ -104,12 +105,14 @@ def _step_kv_type(plan: LaunchPlan, failure: Failure) -> Step | None:
         if plan.kv_type in ("auto", "bf16") and _can_fp8(plan.card):
             return {"kv_type": "fp8_e4m3"}, "fp8 KV cache: half the bytes per token"
         return None
-    if plan.flash_attn == "off" or plan.kv_type not in LLAMA_KV_TYPES:
-        return None  # a quantized V cache needs flash attention
+    if plan.kv_type not in LLAMA_KV_TYPES:
+        return None
     current = "f16" if plan.kv_type in ("f32", "bf16") else plan.kv_type
     if current not in LLAMA_KV_LADDER or current == LLAMA_KV_LADDER[-1]:
         return None
     new = LLAMA_KV_LADDER[LLAMA_KV_LADDER.index(current) + 1]
+    if plan.flash_attn == "off" and needs_flash_attn(new):
+        return None  # off because the card lacks the kernels or the user said so: no quantized cache then
     return {"kv_type": new, "flash_attn": "on"}, f"{new} KV cache: fewer bytes per token"
 
 
@@ -125,7 +128,7 @@ def _step_quant(plan: LaunchPlan, failure: Failure) -> Step | None:
 def _step_gpu_layers(plan: LaunchPlan, failure: Failure) -> Step | None:
     if plan.n_gpu_layers is None or plan.n_layer is None or plan.gpus == 0:
         return None
-    quarter = math.ceil((plan.n_layer + 1) / 4)
+    quarter = math.ceil(offload_layers(plan.n_layer) / 4)
     if plan.n_gpu_layers <= quarter:
         return None
     new = plan.n_gpu_layers - quarter

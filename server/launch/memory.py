@@ -16,6 +16,7 @@ from server.hardware.target import CpuTarget
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import LaunchPlan, MemoryEstimate
 from server.launch.resolve import halve_ctx
+from server.llama.offload import offload_layers
 
 # The budget's context floor when fitting a profile value (the user can still ask for less).
 FIT_MIN_CTX = 1024
@@ -67,7 +68,7 @@ def _to_estimate(b: Budget, capacity_bytes: int | None) -> MemoryEstimate:
 
 def _scale_offload(m: MemoryEstimate, n_gpu_layers: int, n_layer: int) -> MemoryEstimate:
     """Partial offload: weights and KV move with their layers (the budget models full offload only)."""
-    share = n_gpu_layers / (n_layer + 1)
+    share = n_gpu_layers / offload_layers(n_layer)
     return m.model_copy(
         update={"weights_bytes": int(m.weights_bytes * share), "kv_bytes": int(m.kv_bytes * share)}
     )
@@ -106,7 +107,7 @@ def fit_llama(
 
     b = budget(n_ctx, n_parallel)
     first = b
-    if ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1:
+    if ctx.all_on_gpu(n_gpu_layers):
         while not b.fits and b.is_valid and not ctx.is_pinned("n_ctx") and n_ctx > FIT_MIN_CTX:
             n_ctx = max(FIT_MIN_CTX, halve_ctx(n_ctx))
             b = budget(n_ctx, n_parallel)
@@ -124,7 +125,7 @@ def fit_llama(
         if n_parallel != fit.n_parallel:
             log.add("n_parallel", n_parallel, "derived", f"{fit.n_parallel} sequences do not fit the budget")
     mem = _to_estimate(b, capacity)
-    if ctx.gpus and n_gpu_layers < ctx.spec.n_layer + 1:
+    if ctx.gpus and not ctx.all_on_gpu(n_gpu_layers):
         mem = _scale_offload(mem, n_gpu_layers, ctx.spec.n_layer)
     log.add(
         "expected_total_bytes",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from server.engine.config import FlashAttn
+from server.llama.offload import is_full_offload, offload_layers
 
 Source = Literal["profile", "tuned", "cli", "env", "derived", "default"]
 Scalar = str | int | float | bool | None
@@ -164,9 +165,11 @@ class LaunchPlan(BaseModel):
         if (
             self.n_layer is not None
             and self.n_gpu_layers is not None
-            and self.n_gpu_layers > self.n_layer + 1
+            and self.n_gpu_layers > offload_layers(self.n_layer)
         ):
-            raise ValueError(f"n_gpu_layers {self.n_gpu_layers} exceeds n_layer + 1 = {self.n_layer + 1}")
+            raise ValueError(
+                f"n_gpu_layers {self.n_gpu_layers} exceeds n_layer + 1 = {offload_layers(self.n_layer)}"
+            )
         return self
 
     @property
@@ -175,10 +178,11 @@ class LaunchPlan(BaseModel):
 
     @property
     def is_full_offload(self) -> bool:
+        """Every layer on the GPU, the output layer included (server.llama.offload's rule)."""
         return (
             self.n_layer is not None
             and self.n_gpu_layers is not None
-            and self.n_gpu_layers >= self.n_layer + 1
+            and is_full_offload(self.n_gpu_layers, self.n_layer)
         )
 
     def reason(self, setting: str) -> Reason | None:

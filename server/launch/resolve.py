@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantize.model.kv_types import LLAMA_KV_TYPES, SGLANG_KV_TYPES, is_quantized_kv
-from server.engine.config import MANY_STREAMS, cap_n_ctx
+from quantize.model.kv_types import (
+    LLAMA_KV_TYPES,
+    SGLANG_KV_TYPES,
+    flash_attn_needed,
+    is_quantized_kv,
+    needs_flash_attn,
+)
+from server.engine.config import MANY_STREAMS, cap_n_ctx, default_kv_unified
 from server.hardware.target import CPU_ID
 from server.launch.backend_speed import backend_sampling_wins
 from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import Source
+from server.llama.offload import offload_layers
 
 SGLANG_FP8_KV = ("fp8_e4m3", "fp8_e5m2")
 # The smallest context halve_ctx steps down to (llama.cpp pads contexts to 256 cells).
@@ -118,12 +125,10 @@ def pick_flash_attn(ctx: BuildContext, kv_type: str, log: ReasonLog) -> str:
             raise PlanError(f"llama.cpp's flash attention kernels need Pascal or newer; {card.id} is older")
         log.add("flash_attn", "off", "derived", f"{card.id} predates llama.cpp's flash attention kernels")
         return "off"
-    if value != "on" and is_quantized_kv(kv_type):
+    if value != "on" and needs_flash_attn(kv_type):
         if ctx.is_pinned("flash_attn"):
-            raise PlanError(
-                f"a {kv_type} V cache needs flash attention on; drop flash_attn={value} or use f16"
-            )
-        log.add("flash_attn", "on", "derived", f"a {kv_type} V cache needs flash attention")
+            raise PlanError(f"{flash_attn_needed(kv_type)} on; drop flash_attn={value} or use f16")
+        log.add("flash_attn", "on", "derived", flash_attn_needed(kv_type))
         return "on"
     log.add("flash_attn", value, source, "flash attention (llama.cpp's own kernels)")
     return str(value)
@@ -131,7 +136,7 @@ def pick_flash_attn(ctx: BuildContext, kv_type: str, log: ReasonLog) -> str:
 
 def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
     """Layers on the GPU, counting the output layer as llama.cpp does (n_layer + 1 = all); 0 on the CPU."""
-    n_all = ctx.spec.n_layer + 1
+    n_all = offload_layers(ctx.spec.n_layer)
     if ctx.gpus == 0:
         log.add("n_gpu_layers", 0, "derived", "no GPU: every layer on the CPU")
         return 0
@@ -153,7 +158,7 @@ def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
 
 def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> int | None:
     """CPU threads, set only when some layers run on the CPU."""
-    if ctx.gpus and n_gpu_layers >= ctx.spec.n_layer + 1:
+    if ctx.all_on_gpu(n_gpu_layers):
         return None
     value, source = ctx.setting("n_threads")
     if value is None:
@@ -202,20 +207,21 @@ def pick_batches(ctx: BuildContext, n_parallel: int, log: ReasonLog) -> tuple[in
 def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: ReasonLog, *,
                     embedded: bool = False) -> bool:
     """llama.cpp's unified KV cache (one pool of n_ctx * n_parallel cells, each sequence still at most
-    n_ctx); only meaningful with several sequences. Unset: the engine's rule (EngineConfig.unified_on)."""
+    n_ctx); only meaningful with several sequences. Unset: the engine's rule (default_kv_unified), except
+    that llama-server on the CPU keeps its own layout (the CPU's rule was measured for the engine only)."""
     value, source = ctx.setting("kv_unified")
     if n_parallel < 2:
         return False
     if value is None:
-        on_gpu = bool(ctx.gpus) and n_gpu_layers >= ctx.spec.n_layer + 1
-        if not on_gpu and embedded:  # measured for the engine; llama-server keeps its own layout
+        on_gpu = ctx.all_on_gpu(n_gpu_layers)
+        if not default_kv_unified(n_parallel, on_gpu) or (not on_gpu and not embedded):
+            return False
+        if not on_gpu:
             log.add("kv_unified", True, "derived",
                     "the output layer on the CPU: one pool lets every new prompt prefill in the same step "
                     "(8 concurrent requests 1.64-1.73x the rate of sequential ones against 1.09-1.44x "
                     "with a cache per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
             return True
-        if not on_gpu or n_parallel <= MANY_STREAMS:
-            return False
         log.add("kv_unified", True, "derived",
                 f"over {MANY_STREAMS} slots on the GPU: with one pool llama.cpp runs a step that mixes "
                 "decoding and prefilling sequences whole, not cut per sequence (a cache per sequence fell "
@@ -235,7 +241,7 @@ def pick_backend_sampling(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) 
     if value is not None:
         log.add("backend_sampling", bool(value), source, "sampling inside llama.cpp's decode graph")
         return bool(value)
-    on_gpu = bool(ctx.gpus) and n_gpu_layers >= ctx.spec.n_layer + 1
+    on_gpu = ctx.all_on_gpu(n_gpu_layers)
     measured = backend_sampling_wins()
     if not on_gpu or measured is None:
         return None

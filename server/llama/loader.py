@@ -18,6 +18,7 @@ import llama_cpp.llama_cpp as lc
 
 from quantize.model.kv_types import kv_ggml_type
 from server.llama.log import LogCapture
+from server.llama.offload import is_full_offload
 
 # llama.cpp offloads min(n_gpu_layers, n_layer + 1) layers: a large number means all of them.
 ALL_LAYERS = 999
@@ -151,7 +152,7 @@ def output_on_gpu(model: int, n_gpu_layers: int) -> bool:
     n_layer + 1, so only a full offload puts it there)."""
     if not lc.llama_supports_gpu_offload():
         return False
-    return n_gpu_layers < 0 or n_gpu_layers > lc.llama_model_n_layer(model)
+    return is_full_offload(n_gpu_layers, lc.llama_model_n_layer(model))
 
 
 @dataclass(frozen=True)
