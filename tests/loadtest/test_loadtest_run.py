@@ -175,8 +175,9 @@ def test_cpu_tune_writes_every_output_and_launch_uses_the_tuned_profile(tmp_path
 @pytest.mark.slow
 def test_a_saved_tune_is_the_tuned_profile_apply_would_write(tmp_path: Path) -> None:
     out = tmp_path / "tune"
+    # As long a run as the search test's: on a busy machine a shorter one may finish no request (no winner).
     proc = _tune(["--backend", "embedded", "--card", "cpu", "--n-parallel", "1", "--n-ctx", "512",
-                  "--duration", "2", "--drain", "10", "--prompt-lengths", "short",
+                  "--duration", "5", "--drain", "30", "--prompt-lengths", "short",
                   "--max-prompt-tokens", "64", "--max-tokens", "8", "--max-ttft-p95-ms", "600000",
                   "--save", "--json", "--out", str(out)], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
