@@ -43,7 +43,7 @@ def tune(name: str, backend: str, card: str, space: dict[str, str], model: Path,
            "--duration", str(args.duration), "--drain", "60",
            "--max-ttft-p95-ms", str(args.max_ttft_p95_ms),
            "--prompt-lengths", "short,medium,long", "--max-prompt-tokens", "1024", "--max-tokens", "128",
-           "--tuned-dir", str(args.out / "tuned"), "--title", f"GPU tune: {name}", "--out", str(out),
+           "--title", f"GPU tune: {name}", "--out", str(out),
            "--json"]
     paths = (str(ROOT), os.environ.get("PYTHONPATH"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}

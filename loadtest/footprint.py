@@ -1,6 +1,7 @@
-"""The memory a backend holds while it serves: its processes' GPU memory (NVML, per process) where the plan
-runs on GPUs, else their resident memory (VmRSS from /proc). A backend is its whole process group (SGLang's
-scheduler processes, llama-server under a wrapper), so every member counts.
+"""The memory a backend holds while it serves: GPU memory per process on GPUs, else resident memory.
+
+GPU memory is read through NVML, per process, where the plan runs on GPUs; else VmRSS from /proc. A backend is
+its whole process group (SGLang's scheduler processes, llama-server under a wrapper), so every member counts.
 """
 
 from __future__ import annotations

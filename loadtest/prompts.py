@@ -1,5 +1,6 @@
-"""The prompts the load tests send: `loadtest/data/prompts.jsonl`, text written for edgeserve (short
-questions, medium instructions, long passages with a task), read as package data.
+"""The prompts the load tests send: `loadtest/data/prompts.jsonl`, read as package data.
+
+The text is written for edgeserve: short questions, medium instructions, long passages with a task.
 
 One JSON object a line with `id`, `length` (short | medium | long) and `prompt`, the shape outside load tools
 read too (servebench's `--prompts FILE.jsonl` takes the `prompt` field).

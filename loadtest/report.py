@@ -1,6 +1,9 @@
-"""Tuning reports: report.md with seed 004's two tables measured ("Batch Size Impact", "Context Length
-Impact"), the batch-size and efficiency tables and every run; two PNGs: throughput against latency per
-setting, and memory against context (measured and the VRAM calculator's prediction)."""
+"""Tuning reports: report.md with seed 004's two tables measured, and two PNGs.
+
+The tables are "Batch Size Impact" and "Context Length Impact", then the batch-size and efficiency tables and
+every run; the PNGs show throughput against latency per setting, and memory against context (measured and the
+VRAM calculator's prediction).
+"""
 
 from __future__ import annotations
 
@@ -222,9 +225,13 @@ def write_report(result: TuneResult, out_dir: Path, *, stem: str = "report", tit
         s = best.setting
         pick = (f"**Chosen: n_parallel {s.n_parallel}, n_ctx {s.n_ctx}, n_batch {s.n_batch}, n_ubatch "
                 f"{s.n_ubatch}** ({result.choice.reason}).")
+        pick += f" Run it: `{result.launch_command()}`."
         if result.profile_path:
-            pick += (f" Written as the card's tuned profile (`{Path(result.profile_path).name}` in the tuned "
-                     "profiles folder): `edgeserve launch` uses it.")
+            pick += (f" Saved as the card's tuned profile (`{Path(result.profile_path).name}` in the tuned "
+                     f"profiles folder): `edgeserve launch` uses it until `edgeserve tune forget --card "
+                     f"{result.card}`.")
+        else:
+            pick += " Not saved: `edgeserve tune apply results.json` makes it the card's tuned profile."
     else:
         pick = f"**Nothing chosen:** {result.choice.reason}."
     head = context or (f"{result.date}, {result.machine}; backend {result.backend} on card {result.card}; "

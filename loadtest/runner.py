@@ -1,6 +1,8 @@
-"""The tuner's side effects: each setting planned by the launcher's own planner (the backend, argv and
-memory budget `edgeserve launch` would use), started under the launcher's supervisor, warmed up, loaded with
-Locust at the load points `search.sweep_rates` asks for, its memory read, stopped.
+"""The tuner's side effects: each setting planned, started, warmed up, loaded, measured and stopped.
+
+Each setting is planned by the launcher's own planner (the backend, argv and memory budget `edgeserve launch`
+would use), started under the launcher's supervisor, warmed up, loaded with Locust at the load points
+`search.sweep_rates` asks for, and its memory read before it stops.
 
 Each setting runs in its own folder under the output: plan.json, server.log, and per load point Locust's CSVs,
 its log and summary.json.
@@ -25,7 +27,7 @@ from loadtest.search import sweep_rates
 from loadtest.selection import Load, LoadPoint, Setting, Skipped, Slo, Trial
 from loadtest.servers import free_port
 from loadtest.summary import LoadSummary
-from loadtest.workload import CHAT_PATH, Workload
+from loadtest.workload import CHAT_PATH, TEMPLATE_TOKENS, Workload
 from quantize.model.units import MIB
 from server.hardware.target import Target, resolve_target
 from server.launch.plan import LaunchPlan
@@ -159,10 +161,14 @@ class LaunchBench:
         return self._checks[setting]
 
     def _check(self, setting: Setting) -> Skipped | None:
-        need = self.config.workload.request_tokens
+        workload = self.config.workload
+        need = workload.request_tokens
         if need > setting.n_ctx:
-            return Skipped(setting=setting, why=f"a request needs up to {need} tokens, a sequence gets "
-                                                f"{setting.n_ctx}")
+            # Said with its parts and the way out: the defaults alone (1024 + 64) overflow --n-ctx 1024.
+            return Skipped(setting=setting, why=(
+                f"a request needs up to {need} tokens (--max-prompt-tokens {workload.max_prompt_tokens} + "
+                f"{TEMPLATE_TOKENS} for the chat template + --max-tokens {workload.max_tokens}), a sequence "
+                f"gets n_ctx {setting.n_ctx}: give a longer --n-ctx or lower --max-prompt-tokens"))
         try:
             plan = self.plan(setting)
         except ValueError as exc:  # PlanError: the backend refuses these values

@@ -1,6 +1,7 @@
-"""The search over settings, as pure functions of two callables: `check(setting)` (the VRAM calculator's
-verdict, free) and `measure(setting)` (start the server, load it, stop it: the cost). Tests run the same
-functions on a response surface given as a table.
+"""The search over settings and the grid, as pure functions of a fit check and a measure callable.
+
+The callables are `check(setting)` (the VRAM calculator's verdict, free) and `measure(setting)` (start the
+server, load it, stop it: the cost). Tests run the same functions on a response surface given as a table.
 
 The grid measures every setting that fits. The search, after skipping what does not fit:
 1. n_parallel at the shortest context and the middle batch sizes, coarse to fine: every other value upwards,
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from loadtest.selection import (
     Choice,
@@ -65,6 +66,14 @@ class Space(BaseModel):
         if not values:
             raise ValueError("give at least one value")
         return tuple(sorted(set(values)))
+
+    @model_validator(mode="after")
+    def _some_setting(self) -> Space:
+        if not self.grid():
+            ubatches, batches = (", ".join(map(str, values)) for values in (self.n_ubatch, self.n_batch))
+            raise ValueError(f"no setting to try: every n_ubatch ({ubatches}) is larger than every n_batch "
+                             f"({batches}), and llama.cpp caps n_ubatch at n_batch")
+        return self
 
     def grid(self) -> tuple[Setting, ...]:
         return expand_grid(self.n_parallel, self.n_ctx, self.n_batch, self.n_ubatch)
@@ -181,7 +190,7 @@ class _Runs:
     def result(self, strategy: Strategy) -> SearchResult:
         trials = tuple(self.trials.values())
         return SearchResult(strategy=strategy, trials=trials, skipped=tuple(self.skipped),
-                            choice=choose(trials, self.slo))
+                            choice=choose(trials, self.slo, self.skipped))
 
 
 def run_grid(space: Space, check: Check, measure: Measure, slo: Slo) -> SearchResult:

@@ -1,5 +1,8 @@
-"""The tuner's judgements as pure functions: the settings a tune may try, whether a load run met the SLOs, a
-setting's goodput, and which measured setting to keep."""
+"""The tuner's judgements as pure functions: settings, SLO verdicts, goodput and the choice.
+
+They say which settings a tune may try, whether a load run met the SLOs, a setting's goodput, and which
+measured setting to keep.
+"""
 
 from __future__ import annotations
 
@@ -190,14 +193,29 @@ def _ttft_at_best(trial: Trial, slo: Slo) -> float:
     return float("inf") if p95 is None else p95
 
 
-def choose(trials: Sequence[Trial], slo: Slo) -> Choice:
-    """The trial with the highest goodput.
+# How many skipped settings a "nothing was tried" answer names; the report lists them all.
+SKIPPED_LISTED = 8
+
+
+def nothing_tried(skipped: Sequence[Skipped]) -> str:
+    """Why a tune measured nothing, in words: each skipped setting with the reason it was not started."""
+    if not skipped:
+        return "no settings were tried"
+    listed = "; ".join(f"{s.setting.label}: {s.why}" for s in skipped[:SKIPPED_LISTED])
+    more = len(skipped) - SKIPPED_LISTED
+    which = "the only setting was" if len(skipped) == 1 else f"all {len(skipped)} settings were"
+    return (f"no settings were tried: {which} skipped before starting ({listed}"
+            + (f"; and {more} more, listed in report.md" if more > 0 else "") + ")")
+
+
+def choose(trials: Sequence[Trial], slo: Slo, skipped: Sequence[Skipped] = ()) -> Choice:
+    """The trial with the highest goodput (`skipped`: the settings never started, named when nothing ran).
 
     Goodputs within `tie_tolerance` of the best count as equal (measurement noise); among those the longest
     context wins (what a user can send), then the lowest TTFT p95, then fewer sequences, then less memory.
     """
     if not trials:
-        return Choice(best=None, reason="no settings were tried")
+        return Choice(best=None, reason=nothing_tried(skipped))
     scored = [(goodput(t, slo), t) for t in trials]
     top = max(g for g, _ in scored)
     if top <= 0:

@@ -1,6 +1,7 @@
-"""Servers on 127.0.0.1 for benchmarks and tests: edgeserve's gateway, with one backend or a fallback
-chain, and llama-cpp-python's own server (the "remote" llama.cpp backend and the baseline edgeserve is
-compared with).
+"""Servers on 127.0.0.1 for benchmarks and tests: edgeserve's gateway and llama-cpp-python's server.
+
+The gateway runs with one backend or a fallback chain; llama-cpp-python's own server is the "remote" llama.cpp
+backend and the baseline edgeserve is compared with.
 
 Every wait is bounded; every process is stopped by its own pid when done. The Prometheus text helpers read
 what the servers report.

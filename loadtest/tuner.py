@@ -1,5 +1,10 @@
-"""`edgeserve tune`: find n_parallel, n_ctx, n_batch and n_ubatch for this card by measuring them under load,
-and write the winner as the tuned profile `edgeserve launch` reads.
+"""`edgeserve tune run|report|apply|forget`: measure settings under load, report, keep the winner if asked.
+
+`run` finds n_parallel, n_ctx, n_batch and n_ubatch for this card and prints the winner with the
+`edgeserve launch` flags that reproduce it. It keeps nothing on the machine unless `--save` makes the winner
+the card's tuned profile, which every later `edgeserve launch` on the card uses: a tune over a few settings,
+or on a busy machine, must not decide later launches unasked. `apply` keeps a finished tune's winner from its
+results.json; `forget` removes the tuned profile.
 
 Every setting is planned by the launcher (the backend it would pick, or --backend), skipped when the VRAM
 calculator says it does not fit, started under the supervisor, warmed up, loaded with Locust and stopped. The
@@ -29,10 +34,10 @@ from loadtest.result import TuneResult, summary_json
 from loadtest.runner import BenchConfig, LaunchBench
 from loadtest.search import Space, efficiency, run_strategy
 from loadtest.selection import Slo, goodput
-from loadtest.tuned import tuned_note, write_tuned_profile
+from loadtest.tuned import NoWinnerError, forget_tuned_profile, save_winner, tuned_profile_path
 from loadtest.workload import Workload
-from server.hardware.target import GpuSet
-from server.launch.profile import load_profile
+from server.hardware.target import GpuSet, resolve_target
+from server.launch.profile import FORGET_TUNED, load_profile
 from server.launch.registry import backend_choices
 from server.launch.request import LaunchRequest
 
@@ -84,7 +89,12 @@ def _show(result: TuneResult, console: Console) -> None:
                       f"{peak.tokens_per_s:.1f}" if peak else "-",
                       f"{peak.ttft_p95_ms:.0f}" if peak and peak.ttft_p95_ms is not None else "-",
                       f"{t.memory_bytes / 2**20:,.0f}" if t.memory_bytes else "-", mark)
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    skipped = result.skipped()
+    if skipped and result.trials():  # with nothing tried, the choice's reason lists them
+        console.print(f"not started ({len(skipped)}): " + "; ".join(f"{k.setting.label}: {k.why}"
+                                                                   for k in skipped), highlight=False)
     console.print(result.choice.reason, highlight=False)
     if result.efficiency:
         e = result.efficiency
@@ -103,7 +113,33 @@ def _write(result: TuneResult, out_dir: Path, title: str, context: str) -> dict[
     return {"results": str(results), "report": str(files.markdown), "plots": ",".join(map(str, files.plots))}
 
 
-app = typer.Typer(name="tune", help="Load-test settings with Locust, pick the best, write the tuned profile.",
+def _keep(result: TuneResult, console: Console) -> None:
+    """What to do with the winner: the flags that run it, and whether it is now the card's tuned profile."""
+    command = result.launch_command()
+    if command is None:
+        return
+    console.print(f"run the winner: {command}", highlight=False, soft_wrap=True, markup=False)
+    if result.profile_path:
+        console.print(f"saved as the {result.card} tuned profile: {result.profile_path} (every `edgeserve "
+                      f"launch` on this card uses it; undo: {FORGET_TUNED} --card {result.card})",
+                      highlight=False, soft_wrap=True, markup=False)
+    else:
+        results = Path(result.bench.out_dir) / "results.json"
+        console.print(f"not saved: `edgeserve tune apply {results}` makes it this card's tuned profile (or "
+                      "run with --save)", highlight=False, soft_wrap=True, markup=False)
+
+
+def _read(results: Path) -> TuneResult:
+    try:
+        return TuneResult.model_validate_json(results.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _fail(f"cannot read {results}: {exc.strerror}") from None
+    except ValidationError as exc:
+        raise _fail(f"{results} is not a tune results file: {exc.errors()[0].get('msg')}") from None
+
+
+TUNED_DIR_HELP = "tuned profiles folder (default: EDGESERVE_TUNED_DIR, else XDG_CONFIG_HOME/edgeserve/tuned)"
+app = typer.Typer(name="tune", help="Load-test settings with Locust, pick the best, keep it if asked.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -149,17 +185,20 @@ def run_command(
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.7,
     api_key: Annotated[str | None, typer.Option(help="API key the backends are started with")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for everything the tune writes")] = None,
-    write_profile: Annotated[bool, typer.Option(help="write the winner as the card's tuned profile")] = True,
-    tuned_dir: Annotated[Path | None, typer.Option(
-        help="tuned profiles folder (default: EDGESERVE_TUNED_DIR, else XDG_CONFIG_HOME/edgeserve/tuned)")
-    ] = None,
+    save: Annotated[bool, typer.Option(
+        "--save", help="make the winner this card's tuned profile, which every later `edgeserve launch` on "
+                       "it uses (default: only report it; `edgeserve tune apply` keeps it later)")] = False,
+    tuned_dir: Annotated[Path | None, typer.Option(help=TUNED_DIR_HELP)] = None,
     title: Annotated[str, typer.Option(help="report title")] = "edgeserve tune",
     context: Annotated[str, typer.Option(help="a line under the title (default: date, machine, model)")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON on stdout")] = False,
 ) -> None:
-    """Measure settings under load, choose the best, write the tuned profile."""
+    """Measure settings under load, choose the best; --save keeps it as the card's tuned profile."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    if tuned_dir is not None and not save:
+        raise _fail("--tuned-dir says where --save writes the tuned profile: give --save too, or leave both "
+                    "out (the winner is reported either way, and `edgeserve tune apply` keeps it later)")
     console = err if as_json else Console()
     try:
         request = LaunchRequest(backend=backend, card=card, gpus=gpus,
@@ -182,8 +221,9 @@ def run_command(
         first = bench.plan(space.grid()[0])  # fail fast on a backend or model that cannot run at all
     except ValidationError as exc:
         problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem.get("loc", ())) or "option"
-        raise _fail(f"{where}: {problem.get('msg')}") from None
+        where = ".".join(str(p) for p in problem.get("loc", ()))
+        message = str(problem.get("msg")).removeprefix("Value error, ")
+        raise _fail(f"{where}: {message}" if where else message) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,19 +253,15 @@ def run_command(
         bench=bench_config.model_copy(update={"request": request.model_copy(update={"api_key": None}),
                                               "workload": workload.model_copy(update={"api_key": None})}),
         search=search, grid=grid, efficiency=efficiency(search, grid, slo) if search and grid else None)
-    best = result.choice.best
-    if best is not None and write_profile:
-        note = tuned_note(today, result.choice.goodput_rps, slo.describe(), result.model, result.backend)
-        values = {**best.setting.values(), "preferred_backend": first.backend}
-        path = write_tuned_profile(result.card, values, note, tuned_dir)
-        result = result.model_copy(update={"profile_path": str(path)})
+    if save and result.choice.best is not None:
+        result = result.model_copy(update={"profile_path": str(save_winner(result, tuned_dir))})
     files = _write(result, out_dir, title, context)
     _show(result, console)
-    console.print(f"report: {files['report']}" + (f"; tuned profile: {result.profile_path}"
-                                                  if result.profile_path else ""), highlight=False)
+    console.print(f"report: {files['report']}", highlight=False)
+    _keep(result, console)
     if as_json:
         typer.echo(json.dumps(summary_json(result, files), indent=2))
-    if best is None:
+    if result.choice.best is None:
         raise typer.Exit(code=1)
 
 
@@ -239,12 +275,7 @@ def report_command(
     stem: Annotated[str, typer.Option(help="file name of the report and its plots, no suffix")] = "report",
 ) -> None:
     """Re-render report.md and its plots from results.json."""
-    try:
-        result = TuneResult.model_validate_json(results.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _fail(f"cannot read {results}: {exc.strerror}") from None
-    except ValidationError as exc:
-        raise _fail(f"{results} is not a tune results file: {exc.errors()[0].get('msg')}") from None
+    result = _read(results)
     from loadtest.report import write_report
 
     files = write_report(result, out or results.parent, stem=stem, title=title, context=context)
@@ -252,8 +283,42 @@ def report_command(
     Console().print(f"report: {files.markdown}", highlight=False)
 
 
+@app.command("apply")
+def apply_command(
+    results: Annotated[Path, typer.Argument(help="results.json written by `run`")],
+    tuned_dir: Annotated[Path | None, typer.Option(help=TUNED_DIR_HELP)] = None,
+) -> None:
+    """Make a finished tune's winner its card's tuned profile (what `run --save` would have written)."""
+    result = _read(results)
+    try:
+        path = save_winner(result, tuned_dir)
+    except NoWinnerError as exc:
+        raise _fail(f"{results}: {exc}") from None
+    except ValueError as exc:  # a value the launcher would refuse (a results file edited by hand)
+        raise _fail(f"{results}: the winner is not a valid profile: {exc}") from None
+    typer.echo(f"wrote {path}: every `edgeserve launch` on {result.card} now runs the winner of the tune on "
+               f"{result.date} (undo: {FORGET_TUNED} --card {result.card})")
+
+
+@app.command("forget")
+def forget_command(
+    card: Annotated[str, typer.Option(help="card id, 'cpu', or auto (detect)")] = "auto",
+    tuned_dir: Annotated[Path | None, typer.Option(help=TUNED_DIR_HELP)] = None,
+) -> None:
+    """Remove the card's tuned profile: `edgeserve launch` goes back to the packaged profile."""
+    try:
+        card_id = resolve_target(card).card_id
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    path = tuned_profile_path(card_id, tuned_dir)
+    if forget_tuned_profile(path):
+        typer.echo(f"removed {path}: `edgeserve launch` on {card_id} uses the packaged profile again")
+    else:
+        typer.echo(f"no tuned profile for {card_id} ({path} does not exist): nothing to remove")
+
+
 def register(cli: typer.Typer) -> None:
-    """Add this group as `edgeserve tune` (run / report)."""
+    """Add this group as `edgeserve tune` (run / report / apply / forget)."""
     cli.add_typer(app, name="tune")
 
 

@@ -1,5 +1,7 @@
-"""The load a Locust run offers: which requests (chat or completions, streamed or not, in what mix), their
-prompts (from the shipped set) and sampling, fixed output lengths, the offered rate and the load shape.
+"""The load a Locust run offers: requests, prompts, sampling, output length, rate and shape.
+
+It says which requests go (chat or completions, streamed or not, in what mix), with which prompts (from the
+shipped set) and sampling, how many tokens each generates, at what offered rate and in what load shape.
 
 The locustfile runs inside Locust's own process, so the tuner hands it the workload through
 EDGESERVE_LOADTEST_* environment variables; `Workload.to_env()` and `Workload.from_env()` are the two

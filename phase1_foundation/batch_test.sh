@@ -10,7 +10,8 @@
 #
 # --n-ctx is the context of ONE sequence (the KV pool is n_ctx x n_parallel); --ctx and --parallel are accepted
 # as before. Options given here override the defaults below (the last occurrence of an option wins), e.g.
-# `--strategy search --n-ctx 4096,8192 --write-profile` makes it a tune that writes the card's tuned profile.
+# `--strategy search --n-ctx 4096,8192 --save` makes it a tune that keeps its winner as the card's tuned profile
+# (nothing is kept without --save; `edgeserve tune apply DIR/results.json` keeps it later).
 # Results land in DIR (default loadtest-results/batch-<time>): results.json, report.md and its PNGs, and per
 # setting its plan, the server log and Locust's CSVs. Exit status 1 when no setting met the SLOs.
 set -euo pipefail
@@ -30,7 +31,6 @@ exec "$python" -m loadtest.tuner run \
   --n-parallel 1,2,4,8 \
   --n-ctx 4096 \
   --duration 30 \
-  --no-write-profile \
   --out "loadtest-results/batch-$(date +%Y%m%d-%H%M%S)" \
   --title "edgeserve batch-size test (seed 004)" \
   "$@"

@@ -1,5 +1,8 @@
-"""A model's facts from whatever the user names: a GGUF file, a Hugging Face checkpoint folder or its
-config.json (header and config only: no weights are read)."""
+"""A model's facts from whatever the user names, with no weights read.
+
+The name may be a GGUF file, a Hugging Face checkpoint folder or its config.json; only the header or the
+config is read.
+"""
 
 from __future__ import annotations
 

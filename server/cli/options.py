@@ -1,6 +1,8 @@
-"""Options the commands share, under one name each: the option is the setting's name (`--n-ctx` fills
-`n_ctx`, as the field of the profile, the plan and the engine), and the short spellings existing scripts use
-(`--ctx`, `--parallel`, `--threads`, ...) stay as second names of the same option."""
+"""Options the commands share, under one name each: the setting's own, with older spellings as aliases.
+
+`--n-ctx` fills `n_ctx`, as the field of the profile, the plan and the engine; the short spellings existing
+scripts use (`--ctx`, `--parallel`, `--threads`, ...) stay as second names of the same option.
+"""
 
 from __future__ import annotations
 

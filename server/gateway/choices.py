@@ -1,5 +1,8 @@
-"""The choices of one request as its deltas arrive: text, logprobs, tool calls, finish and token counts per
-choice index, and the totals usage reports (prompt once, completions summed)."""
+"""The choices of one request as its deltas arrive, and the totals its usage reports.
+
+Per choice index: text, logprobs, tool calls, finish and token counts; usage counts the prompt once and sums
+the completions.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics, one CollectorRegistry per app (so several apps can live in one process, e.g. tests).
+"""Prometheus metrics, one CollectorRegistry per app, so several apps can share a process (tests do).
 
 Request-path figures are observed as requests go; engine, queue and GPU figures are read at scrape time.
 """

@@ -1,5 +1,8 @@
-"""The model names a gateway answers to: the `served_model_names` setting, else the model's own id and the
-alias "edgeserve" (the README's examples send it, and many clients send one fixed name)."""
+"""The model names a gateway answers to; a request for another name gets 404 model_not_found.
+
+The names are the `served_model_names` setting, else the model's own id and the alias "edgeserve" (the
+README's examples send it, and many clients send one fixed name).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Structured output: response_format (json_object, json_schema), llama-server's `json_schema` and `grammar`
-fields -> one OutputConstraint, with the GBNF grammar llama.cpp's grammar sampler enforces.
+"""Structured output: response_format, `json_schema` or `grammar` -> one OutputConstraint with its GBNF.
+
+The request's response_format (json_object, json_schema) or llama-server's `json_schema` and `grammar` fields
+become one OutputConstraint, with the GBNF grammar llama.cpp's grammar sampler enforces.
 
 JSON schemas become GBNF through llama-cpp-python's converter (llama_cpp.llama_grammar, a port of llama.cpp's
 json_schema_to_grammar). It enforces structure, types, enum/const, required properties, string patterns,

@@ -1,6 +1,8 @@
-"""Tool calls out of generated text: the generic prompt's JSON ({"name", "arguments"} or a list of them) and
-the common native forms (Hermes / Qwen `<tool_call>...</tool_call>`, Mistral `[TOOL_CALLS]`, Llama 3's
-`{"name", "parameters"}`), turned into OpenAI tool calls with `call_...` ids.
+"""Tool calls out of generated text, in the generic prompt's JSON or the common native forms.
+
+The generic prompt's JSON is {"name", "arguments"} or a list of them; the native forms are Hermes / Qwen
+`<tool_call>...</tool_call>`, Mistral `[TOOL_CALLS]` and Llama 3's `{"name", "parameters"}`. Either becomes
+OpenAI tool calls with `call_...` ids.
 
 `ToolCallStream` does it on a stream: text that may still become a call is held back; at the end the held
 text comes out as tool-call deltas (id and name first, then the arguments) or, when it was no call after

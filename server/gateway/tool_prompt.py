@@ -1,6 +1,8 @@
-"""Tools into the prompt: the request's tools as a ToolSpec, the prompt the embedded engine renders (the
-model's own template where it renders tools, else edgeserve's generic tool prompt), and the grammar that
-makes a required or named call well formed on any model.
+"""Tools into the prompt: the request's tools, the prompt that shows them, the grammar of a forced call.
+
+The request's tools become a ToolSpec; the embedded engine renders them with the model's own template where it
+renders tools, else with edgeserve's generic tool prompt; the grammar makes a required or named call well
+formed on any model.
 
 The generic prompt (templates/tool_prompt.jinja) lists each function with the JSON schema of its arguments
 and asks for a call as a JSON object {"name": ..., "arguments": {...}} (or a list of them); earlier calls in

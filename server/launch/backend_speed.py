@@ -1,5 +1,7 @@
-"""Measured speed of the embedded engine against llama-server, as the `auto` backend rule and the llama-server
-builder use it: backend_speed.yaml (package data), written from docs/BENCHMARKS.md.
+"""Measured speed of the embedded engine against llama-server, as the backend choice uses it.
+
+The `auto` backend rule and the llama-server builder read it from backend_speed.yaml (package data), written
+from docs/BENCHMARKS.md.
 
 A measurement holds for the GPU it ran on; the plan's reasons quote it with that GPU, the model and the date,
 so a user on another card can see what the choice rests on.

@@ -1,6 +1,7 @@
-"""make_plan: the edge that gathers the facts (detected card, model file, profile, installed programs) and
-hands them to the pure builders. Everything here that touches the machine is a read: NVML, /proc, the model
-header, the profiles, PATH.
+"""make_plan: the edge that gathers the facts and hands them to the pure builders.
+
+The facts are the detected card, the model file, the profile and the installed programs. Everything here that
+touches the machine is a read: NVML, /proc, the model header, the profiles, PATH.
 """
 
 from __future__ import annotations

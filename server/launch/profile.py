@@ -1,5 +1,7 @@
-"""Per-card launch profiles: `profiles/<card id, - as _>.yaml` beside this module, overridden by EDGESERVE_*
-variables and CLI flags.
+"""Per-card launch profiles, with the tuned profile, EDGESERVE_* variables and CLI flags over them.
+
+The packaged profiles are `profiles/<card id, - as _>.yaml` beside this module; a card's tuned profile is the
+file `edgeserve tune` saved in `tuned_dir()`.
 
 Precedence, highest first: CLI flag > EDGESERVE_<KEY> environment variable > the card's tuned profile (what
 `edgeserve tune` measured best on this machine, `tuned_dir()`) > the card's YAML > the default here.
@@ -38,6 +40,8 @@ PROFILES = "profiles"
 # with what result, and becomes part of the plan's reasons.
 TUNED_DIR_ENV = "EDGESERVE_TUNED_DIR"
 TUNED_BY = "tuned_by"
+# The command that removes a card's tuned profile: a plan that uses one says how to undo it.
+FORGET_TUNED = "edgeserve tune forget"
 
 BackendChoice = Literal["auto", "sglang", "llama-server", "embedded"]
 

@@ -17,6 +17,7 @@ from server.launch import embedded, llama_server, sglang
 from server.launch.backend_speed import engine_verdict
 from server.launch.context import BuildContext
 from server.launch.plan import LaunchPlan, Reason
+from server.launch.profile import FORGET_TUNED
 from server.launch.resolve import PlanError, gpu_env
 
 _DEVICE_VARS = ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES")
@@ -188,7 +189,10 @@ def build_plan(ctx: BuildContext) -> LaunchPlan:
     note = ctx.profile.tuned_by
     reasons = (reason, *(r for r in plan.reasons if r.setting != "backend"))
     if note:
+        # Where the file is and how to drop it: a tuned value outlives the tune that wrote it.
+        undo = f"{ctx.profile.tuned_path}; undo: {FORGET_TUNED} --card {ctx.card_id}"
         reasons = tuple(
-            r.model_copy(update={"why": f"{r.why}; {note}"}) if r.source == "tuned" else r for r in reasons
+            r.model_copy(update={"why": f"{r.why}; {note} ({undo})"}) if r.source == "tuned" else r
+            for r in reasons
         )
     return plan.model_copy(update={"reasons": reasons})

@@ -1,5 +1,6 @@
-"""SGLang's model gateway (`sglang-router`) in front of several edgeserve boxes: its command, and why each
-setting has its value.
+"""SGLang's model gateway (`sglang-router`) in front of several edgeserve boxes: its command.
+
+Each setting of the command comes with why it has its value.
 
 Every box runs an edgeserve gateway (the embedded engine, or a gateway over llama-server / SGLang), which is
 an SGLang-shaped HTTP worker for the router (server/gateway/routes/worker.py). The router's defaults are made

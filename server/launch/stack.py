@@ -1,5 +1,6 @@
-"""What `edgeserve launch` runs: the planned backend under its supervisor and, in front of llama-server or
-SGLang, edgeserve's gateway under a supervisor of its own.
+"""What `edgeserve launch` runs: the backend under its supervisor, and a gateway in front if it needs one.
+
+In front of llama-server or SGLang, edgeserve's gateway runs under a supervisor of its own.
 
 The gateway starts once the backend is healthy (until then it would only answer 503). A stop (SIGTERM,
 SIGINT) goes to the gateway first and waits for its drain (its grace period, then its streams end properly),

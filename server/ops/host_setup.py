@@ -1,5 +1,6 @@
-"""`edgeserve host-setup` as a pure function: the GPUs' NVML figures and what the operator asked for in, the
-exact nvidia-smi commands out (seed 001's host tuning, done safely).
+"""`edgeserve host-setup` as a pure function: NVML figures and a request in, nvidia-smi commands out.
+
+The request is what the operator asked for; the commands are exact, seed 001's host tuning done safely.
 
 By default only persistence mode is turned on; power limits, clocks and the compute mode change only when
 asked, and a value outside what NVML reports for that card (the power-limit range, the supported application

@@ -1,5 +1,8 @@
-"""The doctor's edge: look at this machine once and return a HostSnapshot (NVML, llama.cpp, SGLang, NCCL,
-disk, ports, the plan). Nothing here judges; nothing here raises for a missing part."""
+"""The doctor's edge: look at this machine once and return a HostSnapshot.
+
+It reads NVML, llama.cpp, SGLang, NCCL, the disk, the ports and the plan. Nothing here judges; nothing here
+raises for a missing part.
+"""
 
 from __future__ import annotations
 

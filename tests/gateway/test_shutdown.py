@@ -86,6 +86,7 @@ def test_sigterm_ends_every_stream_properly_and_the_server_exits(tmp_path: Path)
     finally:
         server.stop()
     assert code is not None, "the server did not exit after its grace period"
+    assert code == 0, "a drained stop is a clean exit, not death by SIGTERM (-15)"
     for result in (long, short):
         assert result["status"] == 200
         assert result["ended"] == "closed", result["ended"]  # never a cut connection

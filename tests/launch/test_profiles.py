@@ -132,7 +132,9 @@ def test_tuned_profile_lies_between_the_card_profile_and_env(
     plan = plan_for("rtx-4090", backend="llama-server")
     reason = plan.reason("n_parallel")
     assert reason is not None and reason.source == "tuned" and plan.n_parallel == 12
-    assert reason.why.endswith(note) and "tuned profile" in reason.why
+    assert "tuned profile" in reason.why and note in reason.why
+    # A tuned value outlives its tune: the plan says which file holds it and how to drop it.
+    assert reason.why.endswith(f"({path}; undo: edgeserve tune forget --card rtx-4090)")
     # Another card's launch never sees it; without EDGESERVE_TUNED_DIR it is looked for under XDG_CONFIG_HOME.
     assert load_profile("l4").tuned_path is None
     monkeypatch.delenv("EDGESERVE_TUNED_DIR")

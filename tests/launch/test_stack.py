@@ -1,18 +1,21 @@
 """`edgeserve launch`'s stack for real on the CPU: a backend under its supervisor with edgeserve's gateway in
 front; clients go through the gateway; a stop drains the gateway (streams end with [DONE]) before anything is
-killed, and leaves no process behind."""
+killed, and leaves no process behind; a SIGTERM to `edgeserve launch` ends it with status 0."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from loadtest.servers import free_port
+from loadtest.servers import free_port, spawn
 from quantize.model.units import GIB
 from server.hardware.target import CpuTarget
 from server.launch.front import gateway_plan, stop_timeout_s
@@ -67,3 +70,23 @@ def test_the_gateway_in_front_serves_and_a_stop_drains_it_first() -> None:
         time.sleep(0.1)
     assert not any(pid and group_members(pid) for pid in pids), "processes left behind"
     assert {s.state for s in stack.supervisors} == {"stopped"}
+
+
+def test_launch_exits_0_after_a_sigterm_drain(tmp_path: Path) -> None:
+    """`edgeserve launch` as a service manager runs it: SIGTERM stops it cleanly, so its status is 0 (a unit
+    or a wrapper checking `$? == 0` sees no failure), and the backend it ran drained and exited 0 too."""
+    port = free_port()
+    server = spawn([*EDGESERVE, "launch", "--backend", "embedded", "--card", "cpu", "--n-parallel", "1",
+                    "--n-ctx", "512", "--port", str(port), "--shutdown-grace-s", "2", "--no-ladder"],
+                   tmp_path / "launch.log", port, "edgeserve launch").wait_ready(timeout_s=180)
+    try:
+        reply = httpx.post(server.url + "/v1/completions", timeout=120,
+                           json={"model": "edgeserve", "prompt": "Hello", "max_tokens": 2})
+        assert reply.status_code == 200
+        os.kill(server.pid, signal.SIGTERM)
+        code = server.wait_exit(60)
+    finally:
+        server.stop()
+    log = "\n".join(server.log_tail(60))
+    assert code == 0, log
+    assert "backend stopped (exit 0)" in log

@@ -1,17 +1,19 @@
 """Locust and the tuner against real servers on loopback with the bundled SmolLM2-135M: a headless Locust run
-against `edgeserve serve`, and a bounded CPU tune through the launcher whose tuned profile the next
-`edgeserve launch` picks up."""
+against `edgeserve serve`, and bounded CPU tunes through the launcher that keep their winner as the tuned
+profile only when asked (`--save`, `tune apply`) until `tune forget`."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,13 +100,28 @@ def _tune(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.Com
                           text=True, env=env, timeout=timeout, check=False, cwd=ROOT)
 
 
+def _edgeserve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """An edgeserve command that reads (or writes) the tuned profiles under `tmp_path` only."""
+    env = {**os.environ, "EDGESERVE_TUNED_DIR": str(tmp_path / "tuned")}
+    proc = subprocess.run([sys.executable, "-m", "server.cli.app", *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def _cpu_plan(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    plan: dict[str, Any] = json.loads(_edgeserve(["launch", "--card", "cpu", *flags, "--dry-run", "--json"],
+                                                 tmp_path).stdout)
+    return plan
+
+
 @pytest.mark.slow
 def test_cpu_tune_writes_every_output_and_launch_uses_the_tuned_profile(tmp_path: Path) -> None:
     out = tmp_path / "tune"
     proc = _tune(["--strategy", "search", "--backend", "embedded", "--card", "cpu", "--n-parallel", "1,2",
                   "--n-ctx", "512,1024", "--duration", "5", "--drain", "30",
                   "--prompt-lengths", "short,medium", "--max-prompt-tokens", "120", "--max-tokens", "8",
-                  "--max-ttft-p95-ms", "600000", "--write-profile", "--json", "--out", str(out)], tmp_path)
+                  "--max-ttft-p95-ms", "600000", "--json", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     answer = json.loads(proc.stdout)
     result = TuneResult.model_validate_json((out / "results.json").read_text())
@@ -127,16 +144,53 @@ def test_cpu_tune_writes_every_output_and_launch_uses_the_tuned_profile(tmp_path
         assert Path(name).read_bytes()[:4] == b"\x89PNG"
     assert "runs" in proc.stderr  # the progress display
 
-    # The next `edgeserve launch` on this card takes the tuned values, and says where they came from.
-    env = {**os.environ, "EDGESERVE_TUNED_DIR": str(tmp_path / "tuned")}
-    launch = subprocess.run([sys.executable, "-m", "server.cli.app", "launch", "--card", "cpu", "--dry-run",
-                             "--json"], capture_output=True, text=True, env=env, timeout=120, check=True,
-                            cwd=ROOT)
-    plan = json.loads(launch.stdout)
+    # Without --save nothing is kept: the answer names the winner and the flags that run it as measured.
+    assert not (tmp_path / "tuned").exists() and answer["profile"] is None and result.profile_path is None
+    assert answer["launch"] == result.launch_command()
+    assert "run the winner: edgeserve launch --backend embedded --card cpu" in proc.stderr
+    assert "not saved: `edgeserve tune apply" in proc.stderr
+    plan = _cpu_plan(tmp_path, *shlex.split(answer["launch"])[2:])
+    assert (plan["n_parallel"], plan["n_ctx"]) == (best.setting.n_parallel, best.setting.n_ctx)
+    assert "tuned" not in {r["source"] for r in _cpu_plan(tmp_path)["reasons"]}
+
+    # `tune apply` keeps it: the next `edgeserve launch` on this card takes the tuned values, and says where
+    # they came from and how to undo it.
+    applied = _edgeserve(["tune", "apply", str(out / "results.json")], tmp_path)
+    profile = tmp_path / "tuned" / "cpu.yaml"
+    assert f"wrote {profile}" in applied.stdout
+    plan = _cpu_plan(tmp_path)
     assert (plan["n_parallel"], plan["n_ctx"]) == (best.setting.n_parallel, best.setting.n_ctx)
     reasons = {r["setting"]: r for r in plan["reasons"]}
     assert reasons["n_parallel"]["source"] == "tuned"
     assert f"from edgeserve tune on {date.today().isoformat()} (goodput" in reasons["n_parallel"]["why"]
+    assert f"({profile}; undo: edgeserve tune forget --card cpu)" in reasons["n_parallel"]["why"]
+
+    # `tune forget` removes it, and the launcher is back on the packaged profile.
+    forgot = _edgeserve(["tune", "forget", "--card", "cpu"], tmp_path)
+    assert f"removed {profile}" in forgot.stdout and not profile.exists()
+    assert "tuned" not in {r["source"] for r in _cpu_plan(tmp_path)["reasons"]}
+    assert "nothing to remove" in _edgeserve(["tune", "forget", "--card", "cpu"], tmp_path).stdout
+
+
+@pytest.mark.slow
+def test_a_saved_tune_is_the_tuned_profile_apply_would_write(tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    # As long a run as the search test's: on a busy machine a shorter one may finish no request (no winner).
+    proc = _tune(["--backend", "embedded", "--card", "cpu", "--n-parallel", "1", "--n-ctx", "512",
+                  "--duration", "5", "--drain", "30", "--prompt-lengths", "short",
+                  "--max-prompt-tokens", "64", "--max-tokens", "8", "--max-ttft-p95-ms", "600000",
+                  "--save", "--json", "--out", str(out)], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    profile = tmp_path / "tuned" / "cpu.yaml"
+    assert json.loads(proc.stdout)["profile"] == str(profile)
+    assert "saved as the cpu tuned profile" in proc.stderr
+    saved = profile.read_text()
+    reasons = {r["setting"]: r for r in _cpu_plan(tmp_path)["reasons"]}
+    assert reasons["n_parallel"]["source"] == "tuned" and reasons["n_ctx"]["source"] == "tuned"
+    _edgeserve(["tune", "forget", "--card", "cpu"], tmp_path)
+    assert not profile.exists()
+    _edgeserve(["tune", "apply", str(out / "results.json")], tmp_path)
+    assert profile.read_text() == saved
 
 
 @pytest.mark.slow
@@ -148,7 +202,7 @@ def test_tune_records_a_backend_that_does_not_come_up(
     monkeypatch.setenv("EDGESERVE_ENGINE__N_UBATCH", "lots")
     proc = _tune(["--card", "cpu", "--n-parallel", "1", "--n-ctx", "512",
                   "--duration", "1", "--prompt-lengths", "short", "--max-prompt-tokens", "64",
-                  "--write-profile", "--out", str(out)], tmp_path, timeout=300)
+                  "--save", "--out", str(out)], tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     result = TuneResult.model_validate_json((out / "results.json").read_text())
     assert result.choice.best is None and result.grid is not None and result.profile_path is None

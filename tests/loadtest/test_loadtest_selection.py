@@ -4,10 +4,14 @@ settings, SLO verdicts, goodput, the choice, the report and results.json."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from loadtest.prompts import LENGTHS, data_text, select, shipped_prompts
@@ -29,6 +33,9 @@ from loadtest.selection import (
 from loadtest.summary import LoadSummary, Recorder, percentile
 from loadtest.tuner import parse_int_list
 from loadtest.workload import ENV_PREFIX, Workload, parse_mix, request_body
+from server.launch.request import LaunchRequest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _point(rps: float, ttft_ms: float, *, users: int = 4, rate: float | None = None, failed: int = 0,
@@ -172,6 +179,12 @@ def test_choose_highest_goodput_and_breaks_ties_towards_the_longer_context() -> 
     assert choice.goodput_rps == pytest.approx(3.9)
     assert choose([_trial(1, 1.0, 5000.0)], slo).best is None
     assert choose([], slo).reason == "no settings were tried"
+    skipped = [Skipped(setting=Setting(n_parallel=p, n_ctx=1024), why="a request needs up to 1120 tokens")
+               for p in range(1, 11)]
+    reason = choose([], slo, skipped).reason
+    assert reason.startswith("no settings were tried: all 10 settings were skipped before starting (np1 ")
+    assert "np8 ctx1024 b2048 ub512: a request needs up to 1120 tokens" in reason
+    assert "np9 " not in reason and "and 2 more, listed in report.md" in reason
 
 
 def test_trial_needs_points_or_a_reason() -> None:
@@ -223,4 +236,59 @@ def test_tune_result_round_trips_and_summarises(tmp_path: Path) -> None:
     assert summary["best"]["n_parallel"] == 2 and summary["best"]["n_ctx"] == 8192
     assert summary["runs"] == {"search": {"runs": 3, "starts": 3}, "grid": {"runs": 4, "starts": 4}}
     assert summary["profile"] == "/x/cpu.yaml" and summary["skipped"] == 1
+    # The flags that run the winner as it was measured: the backend, the card and model only where the tune
+    # named them, the searched settings and those it held fixed.
+    assert summary["launch"] == ("edgeserve launch --backend embedded --n-parallel 2 --n-ctx 8192 "
+                                 "--n-batch 2048 --n-ubatch 512")
+    request = LaunchRequest(card="cpu", model_path="/m/my model.gguf", n_threads=1, kv_type="q8_0")
+    held = result.model_copy(update={"bench": result.bench.model_copy(update={"request": request})})
+    assert held.launch_argv() == (
+        "edgeserve", "launch", "--backend", "embedded", "--card", "cpu", "--model-path", "/m/my model.gguf",
+        "--n-parallel", "2", "--n-ctx", "8192", "--n-batch", "2048", "--n-ubatch", "512", "--n-threads", "1",
+        "--kv-type", "q8_0")
+    assert "'/m/my model.gguf'" in (held.launch_command() or "")
     json.dumps(summary)  # plain JSON
+
+
+def _tune_cli(args: list[str], tuned: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGESERVE_TUNED_DIR": str(tuned)}
+    return subprocess.run([sys.executable, "-m", "loadtest.tuner", *args], capture_output=True, text=True,
+                          env=env, timeout=60, check=False, cwd=ROOT)
+
+
+def test_apply_keeps_a_finished_tunes_winner_and_forget_removes_it(tmp_path: Path) -> None:
+    from loadtest.tuned import save_winner
+
+    result = _result(tmp_path).model_copy(update={"profile_path": None})
+    results = tmp_path / "results.json"
+    results.write_text(result.model_dump_json())
+    tuned = tmp_path / "tuned"
+    proc = _tune_cli(["apply", str(results)], tuned)
+    assert proc.returncode == 0, proc.stderr
+    path = tuned / "cpu.yaml"
+    assert f"wrote {path}" in proc.stdout and "undo: edgeserve tune forget --card cpu" in proc.stdout
+    written = yaml.safe_load(path.read_text())
+    assert written["tuned_by"].startswith("from edgeserve tune on 2026-11-29 (goodput ")
+    assert (written["n_parallel"], written["n_ctx"], written["preferred_backend"]) == (2, 8192, "embedded")
+    # What `run --save` writes: the same file, note and all.
+    assert save_winner(result, tmp_path / "saved").read_text() == path.read_text()
+
+    proc = _tune_cli(["forget", "--card", "cpu"], tuned)
+    assert proc.returncode == 0 and f"removed {path}" in proc.stdout and not path.exists()
+    proc = _tune_cli(["forget", "--card", "cpu"], tuned)
+    assert proc.returncode == 0 and "no tuned profile for cpu" in proc.stdout
+
+
+def test_apply_refuses_a_tune_without_a_winner(tmp_path: Path) -> None:
+    result = _result(tmp_path)
+    slo = Slo(max_ttft_p95_ms=1.0)  # nothing met it
+    search = result.search.model_copy(update={"choice": choose(result.search.trials, slo)})  # type: ignore[union-attr]
+    results = tmp_path / "results.json"
+    results.write_text(result.model_copy(update={"search": search, "slo": slo}).model_dump_json())
+    proc = _tune_cli(["apply", str(results)], tmp_path / "tuned")
+    assert proc.returncode == 2
+    assert "the tune chose no setting, so there is nothing to keep: none of the 3 settings met the SLOs" in (
+        " ".join(proc.stderr.split()))
+    assert "Traceback" not in proc.stderr and not (tmp_path / "tuned").exists()
+    proc = _tune_cli(["apply", str(tmp_path / "missing.json")], tmp_path / "tuned")
+    assert proc.returncode == 2 and "cannot read" in proc.stderr

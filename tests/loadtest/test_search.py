@@ -133,3 +133,26 @@ def test_sweep_rates_bisects_the_offered_rate_below_capacity() -> None:
     assert goodput(trial, slo) == pytest.approx(5.0)
     # The unpaced run meets a looser SLO: one run, goodput = capacity.
     assert len(sweep_rates(measure_load, users=4, slo=Slo(max_ttft_p95_ms=1000.0), steps=3)) == 1
+
+
+def test_a_search_that_tries_nothing_says_why_each_setting_was_skipped() -> None:
+    space = Space(n_parallel=(1, 2), n_ctx=(1024,), n_batch=(2048,), n_ubatch=(512,))
+
+    def too_short(s: Setting) -> Skipped:
+        return Skipped(setting=s, why=f"a request needs up to 1120 tokens, a sequence gets n_ctx {s.n_ctx}")
+
+    def never(s: Setting) -> Trial:
+        raise AssertionError(f"{s.label} was started")
+
+    for run in (run_search, run_grid):
+        result = run(space, too_short, never, Slo())
+        assert result.choice.best is None and not result.trials and len(result.skipped) == 2
+        reason = result.choice.reason
+        assert reason.startswith("no settings were tried: all 2 settings were skipped before starting")
+        assert "np1 ctx1024 b2048 ub512: a request needs up to 1120 tokens" in reason
+        assert "np2 ctx1024 b2048 ub512: a request needs" in reason
+
+
+def test_a_space_with_no_setting_is_refused_with_why() -> None:
+    with pytest.raises(ValueError, match=r"n_ubatch \(1024\) is larger than every n_batch \(256, 512\)"):
+        Space(n_parallel=(1,), n_ctx=(1024,), n_batch=(256, 512), n_ubatch=(1024,))

@@ -1,5 +1,7 @@
-"""Several choices from a server that has no `n`: one request per choice, their deltas merged into one
-stream with each choice's index (as a server with `n` would send them)."""
+"""Several choices from a server that has no `n`: one request per choice, merged into one stream.
+
+Each delta carries its choice's index, as a server with `n` would send them.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""What a request asks of a backend beyond plain sampling: an output constraint, tools, several choices,
-logit bias. A backend declares the features it supports; the gateway refuses, before sending, a request that
-asks a backend for one it lacks, and the fallback chain only hands a request to members that have them all.
+"""What a request asks of a backend beyond plain sampling, and what each backend supports.
+
+The features are an output constraint, tools, several choices and logit bias. A backend declares the features
+it supports; the gateway refuses, before sending, a request that asks a backend for one it lacks, and the
+fallback chain only hands a request to members that have them all.
 """
 
 from __future__ import annotations
