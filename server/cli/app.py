@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from loadtest import tuner as tune_cmd
+from server.cli import bundle as bundle_cmd
 from server.cli import cluster as cluster_cmd
 from server.cli import doctor as doctor_cmd
 from server.cli import gpu as gpu_cmd
@@ -23,7 +24,7 @@ app = typer.Typer(
 )
 
 for module in (gpu_cmd, doctor_cmd, host_setup_cmd, plan_cmd, quantize_cmd, launch_cmd, cluster_cmd,
-               serve_cmd, tune_cmd):
+               serve_cmd, tune_cmd, bundle_cmd):
     module.register(app)
 
 
