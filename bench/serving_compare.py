@@ -40,6 +40,7 @@ from serving_servers import (
     kit_env,
     llama_batched_bench,
     llama_bench_tg,
+    parse_kind,
     start,
 )
 
@@ -79,7 +80,7 @@ def per_step_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 def run_level(server: Server, model_id: str, shape_name: str, c: int, gen: int, wpt: float,
               seed: int) -> Run:
     shape = SHAPES[shape_name]
-    is_edgeserve = server.name == "edgeserve"
+    is_edgeserve = server.name.startswith("edgeserve")
     before = engine_counters(server) if is_edgeserve else {}
     wall, results = asyncio.run(load(server.url, model_id, shape, c, gen, wpt, seed))
     profile = per_step_ms(before, engine_counters(server)) if is_edgeserve else None
@@ -104,18 +105,22 @@ def bench_model(model: Path, args: argparse.Namespace, env: dict[str, str]) -> d
     shapes = args.shapes.split(",")
     levels = [int(x) for x in args.levels.split(",")]
     slots = max(levels)
-    # Room for the longest mixed prompt plus the generated tokens, in every slot.
-    n_ctx_seq = 1024 + args.gen_tokens + 64
+    # Room for the longest prompt of the shapes plus the generated tokens, in every slot.
+    longest = max(s.prompt_tokens if isinstance(s.prompt_tokens, int) else s.prompt_tokens[1]
+                  for s in map(SHAPES.__getitem__, shapes))
+    n_ctx_seq = max(1024, longest) + args.gen_tokens + 64
     runs: list[Run] = []
     for kind in args.servers.split(","):
         server = start(kind, model, slots, n_ctx_seq, args, env, args.work)
+        server_slots = parse_kind(kind, slots)[3]
         try:
             model_id = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
             wpt = words_per_token(server.url, model_id)
-            asyncio.run(load(server.url, model_id, SHAPES["sampled"], min(8, slots), 8, wpt, 1))  # warm-up
+            warm = min(8, server_slots)
+            asyncio.run(load(server.url, model_id, SHAPES["sampled"], warm, 8, wpt, 1))  # warm-up
             for shape in shapes:
                 for c in levels:
-                    if c not in SHAPES[shape].levels_for(levels):
+                    if c not in SHAPES[shape].levels_for(levels) or c > server_slots:
                         continue
                     run = run_level(server, model_id, shape, c, args.gen_tokens, wpt, 1000 * c)
                     runs.append(run)
@@ -125,11 +130,13 @@ def bench_model(model: Path, args: argparse.Namespace, env: dict[str, str]) -> d
             if args.keep_logs:
                 tail = server.log.read_text(errors="replace")[-200_000:]
                 (args.out / f"{model.stem}-{kind}.log").write_text(tail)
-    limits = llama_batched_bench(model, levels, 256, args.gen_tokens, args, env)
+    s_pp: dict[int, float] = {}
+    limits = llama_batched_bench(model, levels, args.bench_prompt, args.gen_tokens, args, env, s_pp)
     tg = llama_bench_tg(model, args.gen_tokens, args, env)
     return {"model": model.name, "model_bytes": model.stat().st_size, "llama_bench_tg_tokens_per_s": tg,
-            "batched_bench_s_tg": {str(k): v for k, v in limits.items()}, "slots": slots,
-            "runs": [asdict(r) for r in runs]}
+            "batched_bench_s_tg": {str(k): v for k, v in limits.items()},
+            "batched_bench_s_pp": {str(k): v for k, v in s_pp.items()},
+            "batched_bench_prompt": args.bench_prompt, "slots": slots, "runs": [asdict(r) for r in runs]}
 
 
 def main() -> None:
@@ -145,6 +152,7 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--levels", default=None, help="stream counts (GPU 1,8,16,32,64; CPU 1,8)")
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--bench-prompt", type=int, default=256, help="llama-batched-bench's prompt (-npp)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every server")
     p.add_argument("--cpu", action="store_true", help="no GPU even if one is present")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="JSON goes here")

@@ -173,12 +173,34 @@ def edgeserve_cmd(env: dict[str, str]) -> list[str]:
     return [sys.executable, "-m", "server.cli.serve"]
 
 
+# edgeserve's KV layouts and sampling places, as `edgeserve@<variant>` server kinds: one KV pool (`pool`) or a
+# cache per sequence (`seq`), sampler chains on the host or inside llama.cpp's decode graph.
+EDGESERVE_VARIANTS = {
+    "pool-host": ["--kv-unified", "--no-backend-sampling"],
+    "pool-graph": ["--kv-unified", "--backend-sampling"],
+    "seq-host": ["--no-kv-unified", "--no-backend-sampling"],
+    "seq-graph": ["--no-kv-unified", "--backend-sampling"],
+}
+
+
+def parse_kind(spec: str, default_slots: int) -> tuple[str, str, list[str], int]:
+    """`kind[@variant][:slots]` -> (name, kind, extra edgeserve arguments, slots)."""
+    name, _, slots = spec.partition(":")
+    kind, _, variant = name.partition("@")
+    if variant and (kind != "edgeserve" or variant not in EDGESERVE_VARIANTS):
+        known = ",".join(EDGESERVE_VARIANTS)
+        raise SystemExit(f"unknown server {spec!r}: variants are edgeserve@{{{known}}}")
+    return spec, kind, EDGESERVE_VARIANTS.get(variant, []), int(slots) if slots else default_slots
+
+
 def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Namespace, env: dict[str, str],
           work: Path) -> Server:
-    """One server with `slots` sequences of `n_ctx_seq` tokens each. Kinds: edgeserve, llama-server,
+    """One server with `slots` sequences of `n_ctx_seq` tokens each. Kinds: edgeserve (edgeserve@VARIANT:
+    a KV layout and sampling place of EDGESERVE_VARIANTS; `:N` after a kind sets its slots), llama-server,
     llama-server-bs (llama-server with --backend-sampling), llama-cpp-python."""
+    name, kind, variant_args, slots = parse_kind(kind, slots)
     port = free_port()
-    log = work / f"{kind}-{slots}.log"
+    log = work / f"{name.replace('@', '-').replace(':', '-')}-{slots}.log"
     ngl = "99" if args.gpu else "0"
     if kind == "edgeserve":
         # --n-ctx is one sequence's context; the step budget is llama-server's default -b.
@@ -187,8 +209,8 @@ def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Nam
                "--max-queue", "4096", "--log-level", "warning"]
         if args.threads:
             cmd += ["--n-threads", str(args.threads)]
-        cmd += shlex.split(getattr(args, "edgeserve_args", None) or "")
-        return Server(kind, cmd, env, port, "/ready", log)
+        cmd += variant_args + shlex.split(getattr(args, "edgeserve_args", None) or "")
+        return Server(name, cmd, env, port, "/ready", log)
     if kind in ("llama-server", "llama-server-bs"):
         cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-ngl", ngl,
                "-np", str(slots), "-c", str(slots * n_ctx_seq)]
@@ -198,7 +220,7 @@ def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Nam
             cmd += ["--backend-sampling"]
         if args.threads:
             cmd += ["-t", str(args.threads)]
-        return Server(kind, cmd, env, port, "/health", log)
+        return Server(name, cmd, env, port, "/health", log)
     cmd = [
         sys.executable,
         "-m",
@@ -230,8 +252,9 @@ def llama_bench_tg(model: Path, gen: int, args: argparse.Namespace, env: dict[st
 
 
 def llama_batched_bench(model: Path, levels: list[int], prompt: int, gen: int, args: argparse.Namespace,
-                        env: dict[str, str]) -> dict[int, float]:
-    """llama-batched-bench: S_TG (decode t/s of B sequences side by side) by B, the C++ limit of batching."""
+                        env: dict[str, str], pp: dict[int, float] | None = None) -> dict[int, float]:
+    """llama-batched-bench: S_TG (decode t/s of B sequences side by side) by B, the C++ limit of batching;
+    S_PP (prompt t/s) by B into `pp` when given."""
     if not shutil.which("llama-batched-bench", path=env["PATH"]):
         return {}
     n_ctx = max(levels) * (prompt + gen) + 256
@@ -248,4 +271,6 @@ def llama_batched_bench(model: Path, levels: list[int], prompt: int, gen: int, a
         if line.startswith("{"):
             row = json.loads(line)
             limits[int(row["pl"])] = float(row["speed_tg"])
+            if pp is not None:
+                pp[int(row["pl"])] = float(row["speed_pp"])
     return limits

@@ -57,8 +57,10 @@ class CoreClient:
             # The core imports edgeserve from where this front did, whatever the working directory.
             path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
             env = {**os.environ, "PYTHONPATH": path}
-            argv = [sys.executable, "-m", "server.engine.core_proc", "--config",
-                    self.config.model_dump_json(), "--in-fd", str(core_in), "--out-fd", str(core_out),
+            # The engine's own fields only: a chain member extends EngineConfig with its own.
+            config = self.config.model_dump_json(include=set(EngineConfig.model_fields))
+            argv = [sys.executable, "-m", "server.engine.core_proc", "--config", config,
+                    "--in-fd", str(core_in), "--out-fd", str(core_out),
                     "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
             self._proc = subprocess.Popen(argv, pass_fds=(core_in, core_out), env=env)
             os.close(core_in)

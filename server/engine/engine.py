@@ -259,14 +259,15 @@ class Engine:
     def _on_core_exit(self, client: CoreClient) -> None:
         """The core's pipe closed: fail what was in flight and (unless stopping) start a new core."""
         loop = self._loop
-        self._detach()
         self._ready.clear()
         if self._stopping:
+            self._detach()
             return
         why = client.exit_description()
         log.error("the engine core died (%s): failing %d requests in flight and starting it again", why,
                   len(self._requests))
         self._fail_open(EngineError(f"the engine core died ({why}); it is being started again"))
+        self._detach()
         client.stop(timeout_s=1.0)
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]

@@ -85,7 +85,7 @@ def test_abort_frees_the_slot_and_llama_cpps_cells(core) -> None:
 
 
 def test_a_stop_found_by_the_front_keeps_the_prefix_for_reuse(core) -> None:
-    eng, sent = core
+    eng, _ = core
     prompt = tuple(eng.rt.tokenize("Name three colors."))
     eng.post(AddRequest(3, prompt, (SamplingParams(max_tokens=50, temperature=0.0),)))
     run_steps(eng, 3)

@@ -16,8 +16,8 @@ MAX_TOKENS = 24
 
 
 # The CPU's own way (events before the next step, sampling on the host) with the core in a thread of this
-# process, and a GPU's (sampler chains inside the decode graph, outputs while the next step runs) with the core
-# in a process of its own, both run here on the CPU.
+# process, and a GPU's (sampler chains inside the decode graph, outputs while the next step runs) with the
+# core in a process of its own, both run here on the CPU.
 @pytest.fixture(scope="module", params=[(False, False, "thread"), (True, True, "process")],
                 ids=["host", "in_graph_overlap"])
 def engine(request: pytest.FixtureRequest, engine_threads):

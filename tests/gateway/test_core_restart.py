@@ -17,8 +17,9 @@ from loadtest.servers import ServerProcess, start_edgeserve
 
 
 def core_pid(gateway_pid: int) -> int:
-    """The gateway's child that runs the engine core."""
-    children = Path(f"/proc/{gateway_pid}/task/{gateway_pid}/children").read_text().split()
+    """The gateway's child that runs the engine core (started from whichever of its threads)."""
+    children = [c for task in Path(f"/proc/{gateway_pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
     cores = [int(c) for c in children
              if b"server.engine.core_proc" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(cores) == 1, f"expected one engine core among {children}"
