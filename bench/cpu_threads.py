@@ -1,7 +1,8 @@
 """llama.cpp's CPU threads and how they wait: ms per token and the longest step of `edgeserve serve` and
 llama-server by OpenMP wait policy, on an idle machine and beside busy neighbours, in one run.
 
-    python bench/cpu_threads.py [--model M.gguf] [--servers edgeserve,llama-server] [--streams 1,8]
+    python bench/cpu_threads.py [--model M.gguf] [--servers edgeserve,edgeserve-fixed,llama-server]
+        [--streams 1,8]
         [--hogs 0,1,2] [--policies unset,ACTIVE,PASSIVE,spin=10000,spin=100000,spin=1000000] [--rounds 2]
 
 Each (server, policy) starts fresh (OpenMP reads its environment when llama.cpp loads) with its default
@@ -47,11 +48,15 @@ def policy_env(base: dict[str, str], policy: str) -> dict[str, str]:
 
 
 def start_server(kind: str, model: Path, slots: int, env: dict[str, str], work: Path, tag: str) -> Server:
+    """edgeserve (its default: threads follow the free cores), edgeserve-fixed (every CPU, always), or
+    llama-server (its default: every CPU)."""
     port = free_port()
     log = work / f"{kind}-{tag}.log"
-    if kind == "edgeserve":
+    if kind.startswith("edgeserve"):
         cmd = [*edgeserve_cmd(env), "--model-path", str(model), "--port", str(port), "--n-parallel",
                str(slots), "--n-ctx", "1024", "--log-level", "warning"]
+        if kind == "edgeserve-fixed":
+            cmd += ["--n-threads", str(len(os.sched_getaffinity(0)))]
         return Server(kind, cmd, env, port, "/ready", log)
     cmd = ["llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
            "-c", str(slots * 1024)]
@@ -72,24 +77,34 @@ async def stream_times(client: httpx.AsyncClient, url: str, model: str, tokens: 
     return times
 
 
-async def cell(url: str, model: str, streams: int, tokens: int) -> dict[str, float]:
+async def cell(url: str, model: str, streams: int, tokens: int, timeout_s: float) -> dict[str, float]:
+    """The cell's figures; a cell that does not finish within `timeout_s` is a collapse (its figures are
+    what arrived by then, and `collapsed` is 1)."""
     async with httpx.AsyncClient(timeout=None) as client:
-        runs = await asyncio.gather(*(stream_times(client, url, model, tokens) for _ in range(streams)))
+        tasks = [asyncio.ensure_future(stream_times(client, url, model, tokens)) for _ in range(streams)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            return {"ms_per_token": timeout_s * 1000 / tokens, "gap_p99_ms": timeout_s * 1000,
+                    "gap_max_ms": timeout_s * 1000, "gap_p50_ms": timeout_s * 1000, "collapsed": 1}
+        runs = [t.result() for t in done]
     per_token = [(t[-1] - t[0]) / (len(t) - 1) * 1000 for t in runs if len(t) > 1]
     gaps = sorted((b - a) * 1000 for t in runs for a, b in itertools.pairwise(t))
     return {"ms_per_token": statistics.median(per_token), "gap_p99_ms": gaps[int(0.99 * (len(gaps) - 1))],
-            "gap_max_ms": gaps[-1], "gap_p50_ms": gaps[len(gaps) // 2]}
+            "gap_max_ms": gaps[-1], "gap_p50_ms": gaps[len(gaps) // 2], "collapsed": 0}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="GGUF (default: the bundled SmolLM2-135M)")
-    p.add_argument("--servers", default="edgeserve,llama-server")
+    p.add_argument("--servers", default="edgeserve,edgeserve-fixed,llama-server")
     p.add_argument("--policies", default="unset,ACTIVE,PASSIVE,spin=10000,spin=100000,spin=1000000")
     p.add_argument("--streams", default="1,8")
     p.add_argument("--hogs", default="0,1,2")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--timeout-s", type=float, default=60.0, help="a cell slower than this has collapsed")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeserve-cpu-threads")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = p.parse_args()
@@ -112,13 +127,13 @@ def main() -> None:
                                   f"{policy}-{rnd}")
             try:
                 model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-                asyncio.run(cell(server.url, model, 1, 8))  # warm-up
+                asyncio.run(cell(server.url, model, 1, 8, args.timeout_s))  # warm-up
                 for n_hogs in hogs:
                     procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n_hogs)]
                     try:
                         time.sleep(0.5)
                         for c in streams:
-                            got = asyncio.run(cell(server.url, model, c, args.tokens))
+                            got = asyncio.run(cell(server.url, model, c, args.tokens, args.timeout_s))
                             row = {"round": rnd, "server": kind, "policy": policy, "hogs": n_hogs,
                                    "streams": c, **got}
                             rows.append(row)

@@ -45,10 +45,10 @@ def start_gateway(upstream: Server, n_parallel: int, env: dict[str, str], work: 
     return Server("gateway", cmd, env, port, "/ready", work / "gateway.log")
 
 
-def measure(server: Server, model_id: str, c: int, gen: int, wpt: float, seed: int,
+def measure(server: Server, model_id: str, c: int, gen: int, wpt: float, seed: int, salt: int,
             pid: int | None) -> dict[str, float]:
     cpu0 = cpu_seconds(pid) if pid else 0.0
-    wall, results = asyncio.run(load(server.url, model_id, SHAPES["mixed"], c, gen, wpt, seed))
+    wall, results = asyncio.run(load(server.url, model_id, SHAPES["mixed"], c, gen, wpt, seed, salt))
     cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     ok = [r for r in results if not isinstance(r, BaseException)]
     errors = [r for r in results if isinstance(r, BaseException)]
@@ -112,9 +112,12 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
             for r in range(args.rounds):
                 order = (("direct", upstream, model_id), ("gateway", gateway, gw_model))
-                for name, server, mid in (order if r % 2 == 0 else order[::-1]):
+                for salt, (name, server, mid) in enumerate(order if r % 2 == 0 else order[::-1]):
+                    # Same lengths and sampling on both paths, other words: no prompt cached by the upstream
+                    # in the first run helps the second.
                     pid = gateway.proc.pid if name == "gateway" else None
-                    runs[name].append(measure(server, mid, c, args.gen_tokens, wpt, 1000 * c + r, pid))
+                    runs[name].append(measure(server, mid, c, args.gen_tokens, wpt, 1000 * c + r,
+                                              2 * r + salt + 1, pid))
             row = {"streams": c}
             for name, got in runs.items():
                 for key in ("tokens_per_s", "ttft_p50_ms", "gateway_cpu_ms_per_token"):

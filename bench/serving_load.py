@@ -198,10 +198,11 @@ def _content(payload: dict[str, Any]) -> bool:
 
 
 async def request(client: httpx.AsyncClient, url: str, shape: Shape, prompt: str, gen: int, model: str,
-                  stream: int = 0, rnd: int = 0, origin: float = 0.0) -> Sample:
+                  stream: int = 0, rnd: int = 0, origin: float = 0.0, key: str = "") -> Sample:
     """One streamed request; tokens from the usage chunk (every server here sends one when asked). A varied
-    shape draws the route and sampling from the prompt, so every server gets the same request."""
-    route, sampling = shape.request(random.Random(prompt))
+    shape draws the route and sampling from `key` (the request's place in the load), so every server gets
+    the same requests."""
+    route, sampling = shape.request(random.Random(key or prompt))
     path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
     times: list[float] = []
     finish = False
@@ -232,17 +233,20 @@ async def request(client: httpx.AsyncClient, url: str, shape: Shape, prompt: str
 
 
 async def load(url: str, model: str, shape: Shape, c: int, gen: int, words_per_token: float,
-               seed: int) -> tuple[float, list[Sample | BaseException]]:
-    """C streams of `shape.rounds` requests each. Returns the wall time and each request's sample or error."""
+               seed: int, salt: int = 0) -> tuple[float, list[Sample | BaseException]]:
+    """C streams of `shape.rounds` requests each. Returns the wall time and each request's sample or error.
+    Another `salt` gives other words of the same lengths and the same sampling (no prefix a server kept
+    from an earlier run can be reused)."""
     rng = random.Random(seed)
     lengths = [[shape.prompt_length(rng) for _ in range(shape.rounds)] for _ in range(c)]
-    prompts = [[make_prompt(seed + k * shape.rounds + r, max(1, round(lengths[k][r] * words_per_token)))
+    prompts = [[make_prompt(salt * 10_000_000 + seed + k * shape.rounds + r,
+                            max(1, round(lengths[k][r] * words_per_token)))
                 for r in range(shape.rounds)] for k in range(c)]
-    return await load_prompts([url], model, shape, prompts, gen)
+    return await load_prompts([url], model, shape, prompts, gen, seed)
 
 
 async def load_prompts(urls: list[str], model: str, shape: Shape, prompts: list[list[str]],
-                       gen: int) -> tuple[float, list[Sample | BaseException]]:
+                       gen: int, seed: int = 0) -> tuple[float, list[Sample | BaseException]]:
     """One stream per list of prompts, sent back to back; stream k goes to urls[k % len(urls)] (a client
     spreading itself over servers). Returns the wall time and each request's sample or error."""
     c = len(prompts)
@@ -255,7 +259,8 @@ async def load_prompts(urls: list[str], model: str, shape: Shape, prompts: list[
             url = urls[k % len(urls)]
             for r, prompt in enumerate(prompts[k]):
                 try:
-                    out.append(await request(client, url, shape, prompt, gen, model, k, r, t0))
+                    out.append(await request(client, url, shape, prompt, gen, model, k, r, t0,
+                                             key=f"{seed}/{k}/{r}"))
                 except (httpx.HTTPError, KeyError, ValueError) as exc:
                     out.append(exc)
             return out

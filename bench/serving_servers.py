@@ -174,13 +174,21 @@ def edgeserve_cmd(env: dict[str, str]) -> list[str]:
 
 
 # edgeserve's KV layouts and sampling places, as `edgeserve@<variant>` server kinds: one KV pool (`pool`) or a
-# cache per sequence (`seq`), sampler chains on the host or inside llama.cpp's decode graph.
+# cache per sequence (`seq`), sampler chains on the host or inside llama.cpp's decode graph; `noreuse` is the
+# default with llama.cpp's graph reuse turned off (what reuse is worth).
 EDGESERVE_VARIANTS = {
     "pool-host": ["--kv-unified", "--no-backend-sampling"],
     "pool-graph": ["--kv-unified", "--backend-sampling"],
     "seq-host": ["--no-kv-unified", "--no-backend-sampling"],
     "seq-graph": ["--no-kv-unified", "--backend-sampling"],
+    "noreuse": [],
 }
+VARIANT_ENV = {"noreuse": {"LLAMA_GRAPH_REUSE_DISABLE": "1"}}
+
+
+def variant_env(spec: str) -> dict[str, str]:
+    """The environment a `kind@variant` server runs with beyond the bench's own."""
+    return VARIANT_ENV.get(spec.partition(":")[0].partition("@")[2], {})
 
 
 def parse_kind(spec: str, default_slots: int) -> tuple[str, str, list[str], int]:
@@ -198,6 +206,7 @@ def start(kind: str, model: Path, slots: int, n_ctx_seq: int, args: argparse.Nam
     """One server with `slots` sequences of `n_ctx_seq` tokens each. Kinds: edgeserve (edgeserve@VARIANT:
     a KV layout and sampling place of EDGESERVE_VARIANTS; `:N` after a kind sets its slots), llama-server,
     llama-server-bs (llama-server with --backend-sampling), llama-cpp-python."""
+    env = {**env, **variant_env(kind)}
     name, kind, variant_args, slots = parse_kind(kind, slots)
     port = free_port()
     log = work / f"{name.replace('@', '-').replace(':', '-')}-{slots}.log"

@@ -1,4 +1,4 @@
-"""Engine settings and the engine's counters, as plain frozen values.
+"""The engine's settings as one frozen value, validated once, and the rules its defaults follow.
 
 `EngineConfig` is the one description of the engine's settings, validated here and nowhere else
 downstream: `edgeserve serve` has one option per field under the field's name, the gateway's settings nest it
@@ -19,8 +19,9 @@ from quantize.model.kv_types import LLAMA_KV_TYPES, flash_attn_needed, kv_ggml_t
 
 # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
 MAX_SEQUENCES = 256
-# Over this many slots on a GPU the engine's defaults turn to one KV pool and host sampling (EngineConfig).
-MANY_STREAMS = 32
+# On a GPU, a request that arrives while fewer than this many run samples inside llama.cpp's decode graph,
+# one that arrives beside more on the host (EngineConfig.sample_in_graph).
+GRAPH_SAMPLING_BELOW = 16
 # The one lower bound of a sequence's context, wherever an n_ctx enters (CLI, profile, chain, engine).
 MIN_N_CTX = 16
 
@@ -39,11 +40,11 @@ def cap_n_ctx(n_ctx: int, n_ctx_train: int | None) -> int:
 
 
 def default_kv_unified(n_parallel: int, output_on_gpu: bool) -> bool:
-    """The engine's kv_unified when none is given: what was measured fastest for this device and slot count
-    (EngineConfig's docstring says where). The one home of the rule: the launch plan asks it too."""
-    if not output_on_gpu:
-        return n_parallel > 1
-    return n_parallel > MANY_STREAMS
+    """The engine's kv_unified when none is given: one pool wherever there are several sequences, on the CPU
+    and on a GPU (EngineConfig's docstring says why). The one home of the rule: the launch plan asks it
+    too."""
+    del output_on_gpu  # measured the same way on both
+    return n_parallel > 1
 
 
 class EngineConfig(BaseModel):
@@ -57,14 +58,13 @@ class EngineConfig(BaseModel):
     running sequences (and the newest is preempted should they ever outgrow the pool together); but
     llama.cpp's attention kernels then see the whole step, so the last bits of a logit (and rarely a near-tie
     greedy token) depend on what else runs. `backend_sampling` runs sampler chains inside llama.cpp's decode
-    graph instead of on the host after the step. Left None, both follow what was measured through the
-    gateway on an H200 (docs/BENCHMARKS.md, issue 9): with up to MANY_STREAMS slots, a cache per sequence
-    and every chain in the graph (host sampling competes with the event loop for the GIL: 1.6x slower at
-    one sampled stream); beyond, one pool (a cache per sequence fell to 0.4x of llama-server at 64 mixed
-    streams) and chains on the host, except those that would sort the whole vocabulary (top-p without
-    top-k). On the CPU: one pool (with a cache per sequence one prompt prefills per step beside the
-    decoders, and 8 concurrent sampled requests made 1.09-1.44x the rate of sequential ones, against
-    1.64-1.73x with one pool and llama-server's 1.24-1.52x: bench/client_rate.py), sampling on the host.
+    graph instead of on the host after the step. Left None, both follow what was measured on mixed traffic
+    (prompts of 30-1,500 tokens, every request its own sampling, chat and completions; docs/BENCHMARKS.md):
+    one pool at any slot count (a cache per sequence splits the steps that mix prefill and decode: 32 slots
+    made 0.41x of 64 pooled slots at 32 streams on an H100), and on a GPU the chain of a request that arrives
+    beside few others in the graph, beside many on the host (a graph with dozens of chains is rebuilt as
+    they come and go), except chains that would sort the whole vocabulary (top-p without top-k): those
+    always run in the graph. On the CPU sampling stays on the host.
     `overlap` turns a step's tokens into text and events while the device
     computes the next; None: where the output layer is on a GPU (on the CPU it only delays each event by a
     step). `cpu_extra_bufts` None turns llama.cpp's CPU weight repacking off only where the CPU lists AMX and
@@ -84,7 +84,9 @@ class EngineConfig(BaseModel):
     n_ubatch: int = Field(
         default=512, ge=1, validate_default=True, description="physical batch of one llama_decode"
     )
-    n_threads: int | None = Field(default=None, ge=1, description="CPU threads (default: one per CPU)")
+    n_threads: int | None = Field(
+        default=None, ge=1,
+        description="CPU threads (default: one per usable CPU, fewer while other processes take cores)")
     n_threads_batch: int | None = Field(
         default=None, ge=1, description="threads for prompts (default: n_threads)"
     )
@@ -92,7 +94,7 @@ class EngineConfig(BaseModel):
     flash_attn: FlashAttn = Field(default="auto", description="flash attention (auto: llama.cpp decides)")
     kv_type: str = Field(default="f16", description=f"KV cache type: {', '.join(LLAMA_KV_TYPES)}")
     kv_unified: bool | None = Field(
-        default=None, description="one KV pool for all sequences (default: on a GPU with over 32 slots)"
+        default=None, description="one KV pool for all sequences (default: on with several slots)"
     )
     prefix_cache: bool = Field(default=True, description="reuse a finished sequence's prompt cells")
     seed: int | None = Field(
@@ -103,8 +105,8 @@ class EngineConfig(BaseModel):
     )
     backend_sampling: bool | None = Field(
         default=None,
-        description="sampler chains inside llama.cpp's decode graph (default: on a GPU, all of them up to 32 "
-        "slots, beyond only top-p-without-top-k chains)",
+        description=f"sampler chains inside llama.cpp's decode graph (default: on a GPU, for requests that "
+        f"arrive beside fewer than {GRAPH_SAMPLING_BELOW} others, and chains with top-p but no top-k)",
     )
     overlap: bool | None = Field(
         default=None,
@@ -153,14 +155,15 @@ class EngineConfig(BaseModel):
             return self.kv_unified
         return default_kv_unified(self.n_parallel, output_on_gpu)
 
-    def sample_in_graph(self, output_on_gpu: bool, sorts_vocabulary: bool) -> bool:
-        """backend_sampling as given, else whether a request's chain runs inside llama.cpp's decode graph by
-        what was measured for this device and slot count (`sorts_vocabulary`: SamplingParams' own)."""
+    def sample_in_graph(self, output_on_gpu: bool, sorts_vocabulary: bool, n_active: int) -> bool:
+        """backend_sampling as given, else whether a request that arrives while `n_active` requests run or
+        wait samples inside llama.cpp's decode graph: on a GPU, beside few (fewer than GRAPH_SAMPLING_BELOW)
+        or when its chain would sort the whole vocabulary (`sorts_vocabulary`: SamplingParams' own)."""
         if self.backend_sampling is not None:
             return self.backend_sampling
         if not output_on_gpu:
             return False
-        return self.n_parallel <= MANY_STREAMS or sorts_vocabulary
+        return sorts_vocabulary or n_active < GRAPH_SAMPLING_BELOW
 
     @property
     def n_ctx_total(self) -> int:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from server.engine.config import EngineConfig
+from server.engine.cpu_share import ThreadGovernor
 from server.engine.llama_context import LlamaRuntime
 from server.engine.protocol import (
     AbortRequests,
@@ -55,6 +56,11 @@ class EngineCore:
         self.scheduler.on_leave = self._unbind
         self.runner = Runner(runtime)
         self.overlap = runtime.output_on_gpu if config.overlap is None else config.overlap
+        # With layers on the CPU and no thread count given, the threads follow the cores left free.
+        on_cpu = runtime.placement.n_gpu_layers < runtime.placement.n_layer + 1
+        self.governor = (ThreadGovernor(config.threads)
+                         if on_cpu and config.n_threads is None and config.n_threads_batch is None else None)
+        self.n_threads = config.threads
         self.profile = StepProfile()
         self._cond = threading.Condition()
         self._inbox: list[ToCore] = []
@@ -154,7 +160,8 @@ class EngineCore:
 
     def _offload(self, params: SamplingParams) -> bool:
         """Whether a request's chain runs inside the decode graph (EngineConfig holds the measured rule)."""
-        return self.config.sample_in_graph(self.rt.output_on_gpu, params.sorts_vocabulary)
+        active = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return self.config.sample_in_graph(self.rt.output_on_gpu, params.sorts_vocabulary, active)
 
     def _abort(self, msg: AbortRequests) -> None:
         reqs = self._requests.get(msg.req_id, [])
@@ -186,6 +193,12 @@ class EngineCore:
 
     def _launch(self, plan: StepPlan) -> Launched | None:
         """Start `plan` on llama.cpp (retrying with freed room when it finds none). None: nothing runs."""
+        if self.governor is not None and not plan.is_empty:
+            threads = self.governor.look()
+            if threads != self.n_threads:
+                log.info("CPU threads %d -> %d (cores free of other processes)", self.n_threads, threads)
+                self.rt.set_threads(threads)
+                self.n_threads = threads
         while not plan.is_empty:
             outputs = self.runner.fill(plan)
             self.profile.mark("schedule")
@@ -269,6 +282,7 @@ class EngineCore:
             generated_tokens_total=c.generated, prefix_reused_tokens_total=sched.kv.reused_tokens,
             requests_finished_total=c.finished, requests_cancelled_total=c.cancelled,
             sampled_in_graph_total=self.runner.sampled_in_graph_total, step_seconds=self.profile.snapshot(),
+            n_threads=self.n_threads,
         )
 
     def fail_all(self, message: str) -> None:

@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -78,6 +78,8 @@ class Engine:
     def __init__(self, config: EngineConfig, on_step: StepObserver | None = None) -> None:
         self.config = config
         self.on_step = on_step
+        # Called (on the event loop) when a dead core is not started again: the server cannot serve any more.
+        self.on_give_up: Callable[[str], None] | None = None
         self.load_error: BaseException | None = None
         self._vocab: Vocabulary | None = None
         self._template: ChatTemplate | None = None
@@ -94,6 +96,7 @@ class Engine:
         self._started = False
         self._stopping = False
         self._deaths: list[float] = []
+        self.front_seconds = {"front_read": 0.0, "front_text": 0.0}
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -221,13 +224,18 @@ class Engine:
         client = self._client
         if client is None:
             return
+        started = time.perf_counter()
         try:
             messages = client.read_ready()
         except EOFError:
             self._on_core_exit(client)
             return
+        read = time.perf_counter()
         for msg in messages:
             self._on_message(msg)
+        # The front's share of a step: reading the core's messages, and turning its tokens into text.
+        self.front_seconds["front_read"] += read - started
+        self.front_seconds["front_text"] += time.perf_counter() - read
 
     def _on_message(self, msg: ToFront) -> None:
         if isinstance(msg, StepOutputs):
@@ -272,12 +280,17 @@ class Engine:
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
         if len(self._deaths) > MAX_RESTARTS:
-            self.load_error = ModelLoadError(f"the engine core died {len(self._deaths)} times within "
-                                             f"{RESTART_WINDOW_S:.0f} s; not starting it again")
-            log.error("%s", self.load_error)
+            self._give_up(ModelLoadError(f"the engine core died {len(self._deaths)} times within "
+                                         f"{RESTART_WINDOW_S:.0f} s; not starting it again"))
             return
         if loop is not None:
             loop.run_in_executor(None, self._restart, loop)
+
+    def _give_up(self, error: ModelLoadError) -> None:
+        self.load_error = error
+        log.error("%s", error)
+        if self.on_give_up is not None:
+            self.on_give_up(str(error))
 
     def _restart(self, loop: asyncio.AbstractEventLoop) -> None:
         delay = 0.25 * 2 ** (len(self._deaths) - 1)
@@ -285,8 +298,10 @@ class Engine:
         try:
             info = self._start_core()
         except BaseException as exc:
-            self.load_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
+            error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
             log.error("the engine core could not be started again: %s", exc)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._give_up, error)
             return
         self._info = info
         log.info("the engine core is back (pid %s)", self._client.pid if self._client else None)

@@ -98,6 +98,10 @@ class LlamaRuntime(Vocabulary):
     def decode(self, batch: lc.llama_batch) -> int:
         return int(lc.llama_decode(self.ctx, batch))
 
+    def set_threads(self, n_threads: int) -> None:
+        """CPU threads for the next steps (decoding and prompts alike)."""
+        lc.llama_set_n_threads(self.ctx, n_threads, n_threads)
+
     def synchronize(self) -> None:
         """Wait until the last llama_decode has finished on its device (and its outputs are on the host)."""
         lc.llama_synchronize(self.ctx)

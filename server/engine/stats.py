@@ -37,6 +37,8 @@ class EngineStats:
     sampled_in_graph_total: int = 0
     # cumulative seconds of the decode thread per step phase (server.engine.step_profile.PHASES)
     step_seconds: dict[str, float] = field(default_factory=dict)
+    # CPU threads the steps run with now (they follow the free cores unless n_threads was given)
+    n_threads: int = 0
 
     @property
     def kv_usage(self) -> float:

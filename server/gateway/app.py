@@ -52,17 +52,24 @@ def _gpu_sampler(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     return sample_gpu_metrics
 
 
+def _fatal(state: GatewayState, reason: str) -> None:
+    """The backend can no longer serve and will not recover in this process: exit rather than look alive."""
+    state.load_error = reason
+    log.error("backend %s failed for good: %s", state.backend.name, reason)
+    if state.on_fatal is not None:
+        state.on_fatal(reason)
+
+
 async def _load(state: GatewayState) -> None:
     started = time.monotonic()
     try:
         await state.backend.start()
     except Exception as exc:
-        state.load_error = str(exc) or type(exc).__name__
-        log.error("backend %s failed to start: %s", state.backend.name, state.load_error)
         # Nothing in this process will load it later: a server that cannot serve should not look alive.
-        if state.on_fatal is not None:
-            state.on_fatal(state.load_error)
+        _fatal(state, str(exc) or type(exc).__name__)
         return
+    if hasattr(state.backend, "on_fatal"):
+        state.backend.on_fatal = lambda reason: _fatal(state, reason)
     # Slots are known only once the backend is up (the engine decides its own count).
     state.admission.limit = max(1, state.backend.slots)
     log.info("backend %s ready in %.1f s: model %s, %d slots, %d tokens of context per sequence",

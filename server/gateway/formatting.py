@@ -7,7 +7,9 @@ openai SDK assembles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -49,6 +51,10 @@ def system_fingerprint(model: str) -> str:
 class Formatter(Protocol):
     """Builds one route's response body, stream chunks and usage chunk."""
 
+    def adopt(self, upstream_chunk: str) -> None:
+        """Take the stream's id, created and fingerprint from an upstream chunk that will be passed through,
+        so that the chunks the gateway builds and those it passes on read as one stream."""
+
     def opening_chunks(self) -> list[Payload]: ...
 
     def chunk(self, delta: Delta) -> Payload: ...
@@ -64,11 +70,22 @@ class _Ids:
     object: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        self.fingerprint = system_fingerprint(self.model)  # once per response, not per token
+
+    def adopt(self, upstream_chunk: str) -> None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            chunk = json.loads(upstream_chunk)
+            self.id = str(chunk.get("id") or self.id)
+            self.created = int(chunk.get("created") or self.created)
+            self.fingerprint = str(chunk.get("system_fingerprint") or self.fingerprint)
 
     def chunk(self, choices: list[Payload], usage: Usage | None = None) -> Payload:
         # Stream chunks are built as plain dicts: they are sent once per token, pydantic adds nothing here.
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": system_fingerprint(self.model), "choices": choices,
+                "system_fingerprint": self.fingerprint, "choices": choices,
                 "usage": usage.model_dump() if usage is not None else None}
 
 
@@ -95,6 +112,9 @@ class ChatFormatter:
             )
             for lp in logprobs
         ])
+
+    def adopt(self, upstream_chunk: str) -> None:
+        self._ids.adopt(upstream_chunk)
 
     def opening_chunks(self) -> list[Payload]:
         return [self._ids.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -148,6 +168,9 @@ class CompletionFormatter:
         return CompletionLogprobs(tokens=[lp.token for lp in logprobs],
                                   token_logprobs=[lp.logprob for lp in logprobs],
                                   top_logprobs=tops, text_offset=offsets)
+
+    def adopt(self, upstream_chunk: str) -> None:
+        self._ids.adopt(upstream_chunk)
 
     def opening_chunks(self) -> list[Payload]:
         if not self._echo:

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from prometheus_client.metrics import Histogram
 from starlette.requests import Request
 
 from server.gateway.admission import Lease, QueueFullError, QueueTimeoutError
 from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob
 from server.gateway.choices import Choices
 from server.gateway.errors import APIError, from_backend_error
+from server.gateway.feed import DeltaFeed, FeedEndingError, FeedTimeoutError
 from server.gateway.schemas import Usage
 from server.gateway.state import GatewayState
 
@@ -96,13 +98,14 @@ async def _first(iterator: AsyncIterator[Delta]) -> Delta:
 
 @dataclass
 class RunningJob:
-    """An admitted job whose first delta has arrived. `close()` frees the backend sequence and the slot."""
+    """An admitted job whose first delta has arrived; the rest come through `feed`. `close()` frees the
+    backend sequence and the slot."""
 
     route: str
     state: GatewayState
     job: GenerationJob
     lease: Lease
-    iterator: AsyncIterator[Delta]
+    feed: DeltaFeed
     first: Delta
     started: float
     deadline: float
@@ -116,18 +119,20 @@ class RunningJob:
     is_answered: bool = False  # ended with an error the client was told about (not a disconnect)
     choices: Choices = field(default_factory=lambda: Choices(1))
     _closed: bool = False
+    _itl: Histogram | None = None
 
     def record(self, delta: Delta) -> None:
         """Account for one delta: its choice, token counts, TTFT / inter-token latency. The job is finished
         (`finish_reason` set) when every choice is."""
         now = time.monotonic()
-        metrics = self.state.metrics
         if self.choices.record(delta):
             if self.first_token_at is None:
                 self.first_token_at = now
-                metrics.ttft.labels(route=self.route).observe(now - self.started)
+                self.state.metrics.ttft.labels(route=self.route).observe(now - self.started)
             elif self.last_token_at is not None:
-                metrics.itl.labels(route=self.route).observe(now - self.last_token_at)
+                if self._itl is None:
+                    self._itl = self.state.metrics.itl.labels(route=self.route)
+                self._itl.observe(now - self.last_token_at)
             self.last_token_at = now
         if delta.finish_reason is not None and delta.prompt_tokens:
             # The last delta carries the backend's final counts: they win over running estimates.
@@ -145,30 +150,16 @@ class RunningJob:
     async def next_delta(self) -> Delta | None:
         """The next delta, None when the backend is done. Raises RequestTimeoutError past the deadline and
         ServerEndingError when the shutdown grace period ends first."""
-        ending = self.state.ending
-        if ending.is_set():
-            raise ServerEndingError
-        step = asyncio.ensure_future(_first(self.iterator))
-        stopper = asyncio.ensure_future(ending.wait())
         try:
-            done, _ = await asyncio.wait({step, stopper}, timeout=max(0.0, self.deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            step.cancel()
-            stopper.cancel()
-            raise
-        stopper.cancel()
-        if step in done:
-            try:
-                return step.result()
-            except StopAsyncIteration:
-                return None
-        step.cancel()
-        with contextlib.suppress(BaseException):
-            await step
-        if stopper in done:
-            raise ServerEndingError
-        raise RequestTimeoutError
+            return await self.feed.next()
+        except FeedTimeoutError:
+            raise RequestTimeoutError from None
+        except FeedEndingError:
+            raise ServerEndingError from None
+
+    def ready_deltas(self) -> list[Delta]:
+        """Deltas that have arrived already (sent together with the one just taken)."""
+        return self.feed.ready()
 
     async def close(self, *, completed: bool) -> None:
         if self._closed:
@@ -176,11 +167,7 @@ class RunningJob:
         self._closed = True
         self.is_completed = completed
         try:
-            aclose = getattr(self.iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        except Exception:
-            log.debug("closing the backend stream failed", exc_info=True)
+            await self.feed.close()
         finally:
             self.lease.release()
             metrics = self.state.metrics
@@ -231,7 +218,8 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
         if isinstance(exc, ServerEndingError):
             raise ending_error(state) from None
         raise
-    running = RunningJob(route=route, state=state, job=job, lease=lease, iterator=iterator, first=first,
+    feed = DeltaFeed(iterator, deadline, state.ending)
+    running = RunningJob(route=route, state=state, job=job, lease=lease, feed=feed, first=first,
                          started=started, deadline=deadline, choices=Choices(job.n))
     running.record(first)
     return running

@@ -102,7 +102,8 @@ class _LiveCollector(Collector):
                                       value=stats.sampled_in_graph_total)
         if stats.step_seconds:
             phases = CounterMetricFamily(f"{PREFIX}_engine_step_seconds",
-                                         "Decode-thread time per step phase (server.engine.step_profile)",
+                                         "Time per step phase: the engine core's loop "
+                                         "(server.engine.step_profile) and the front reading it (front_*)",
                                          labels=["phase"])
             for phase, seconds in stats.step_seconds.items():
                 phases.add_metric([phase], seconds)

@@ -37,29 +37,51 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + text.encode() + b"\n\n"
 
 
+def sse_text(data: str) -> bytes:
+    """An upstream chunk's JSON text as it came, made safe for line-splitting clients like our own."""
+    return b"data: " + data.translate(_LINE_BREAKERS).encode() + b"\n\n"
+
+
+def _event(formatter: Formatter, delta: Delta) -> bytes | None:
+    if delta.raw is not None:
+        return sse_text(delta.raw)
+    if delta.text or delta.finish_reason is not None or delta.logprobs or delta.tool_calls:
+        return sse(formatter.chunk(delta))
+    return None
+
+
 async def _events(running: RunningJob, formatter: Formatter,
                   include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """The response body. Deltas that arrived while the last write was under way go out in one write."""
     completed = False
     try:
-        for payload in formatter.opening_chunks():
-            yield sse(payload)
-        delta = running.first
+        if running.first.raw is not None:
+            formatter.adopt(running.first.raw)
+        parts = [sse(payload) for payload in formatter.opening_chunks()]
+        deltas = [running.first]
         while True:
-            if delta.text or delta.finish_reason is not None or delta.logprobs or delta.tool_calls:
-                yield sse(formatter.chunk(delta))
+            for delta in deltas:
+                event = _event(formatter, delta)
+                if event is not None:
+                    parts.append(event)
             if running.finish_reason is not None:
                 break
-            next_delta = await running.next_delta()
-            if next_delta is None:
+            if parts:
+                yield b"".join(parts)
+                parts = []
+            first = await running.next_delta()
+            if first is None:
                 # The backend ended without a reason: close the choice properly anyway.
-                yield sse(formatter.chunk(Delta(text="", finish_reason="stop")))
+                parts.append(sse(formatter.chunk(Delta(text="", finish_reason="stop"))))
                 break
-            running.record(next_delta)
-            delta = next_delta
+            deltas = [first, *running.ready_deltas()]
+            for delta in deltas:
+                running.record(delta)
         if include_usage:
-            yield sse(formatter.usage_chunk(running.usage))
+            parts.append(sse(formatter.usage_chunk(running.usage)))
         completed = True
-        yield DONE
+        parts.append(DONE)
+        yield b"".join(parts)
     except BackendError as exc:
         log.warning("backend failed mid-stream: %s", exc.message)
         running.is_answered = True

@@ -22,7 +22,6 @@ from server.launch.context import BuildContext, ReasonLog
 from server.launch.plan import LaunchPlan
 from server.launch.resolve import (
     PlanError,
-    cpu_wait_env,
     gpu_env,
     pick_backend_sampling,
     pick_batches,
@@ -97,7 +96,7 @@ def build(ctx: BuildContext) -> LaunchPlan:
         backend_sampling=backend_sampling,
         enable_metrics=bool(metrics),
         api_key=ctx.request.api_key,
-        env=gpu_env(ctx.gpus, ctx.card_id) | cpu_wait_env(settings.n_threads, log),
+        env=gpu_env(ctx.gpus, ctx.card_id),
         reasons=log.freeze(),
     )
     return plan.model_copy(update={"argv": render(plan)})
@@ -125,7 +124,7 @@ def resolve_llama_settings(
         kv_unified=kv_unified,
     )
     fit = memory.fit_llama(ctx, wanted, log=log, backend=backend)
-    n_threads = pick_threads(ctx, fit.n_gpu_layers, log)
+    n_threads = pick_threads(ctx, fit.n_gpu_layers, log, embedded=backend == "embedded")
     return fit.model_copy(update={"n_threads": n_threads})
 
 

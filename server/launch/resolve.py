@@ -11,7 +11,7 @@ from quantize.model.kv_types import (
     is_quantized_kv,
     needs_flash_attn,
 )
-from server.engine.config import MANY_STREAMS, cap_n_ctx, default_kv_unified
+from server.engine.config import cap_n_ctx, default_kv_unified
 from server.hardware.target import CPU_ID
 from server.launch.backend_speed import backend_sampling_wins
 from server.launch.context import BuildContext, ReasonLog
@@ -156,27 +156,28 @@ def pick_gpu_layers(ctx: BuildContext, log: ReasonLog) -> int:
     return int(value)
 
 
-def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog) -> int | None:
-    """CPU threads, set only when some layers run on the CPU."""
+def pick_threads(ctx: BuildContext, n_gpu_layers: int, log: ReasonLog, *,
+                 embedded: bool = False) -> int | None:
+    """CPU threads, set only when some layers run on the CPU. Left to the embedded engine, whose threads
+    follow the cores other processes leave free; llama-server gets one per usable CPU, as its own default."""
     if ctx.all_on_gpu(n_gpu_layers):
         return None
     value, source = ctx.setting("n_threads")
+    if value is None and embedded:
+        log.add("n_threads", "free cores", "derived",
+                "layers on the CPU: the engine computes with as many threads as the cores other processes "
+                "leave free, re-read every half second (beside a busy neighbour a thread per usable CPU made "
+                "a step 3-10x slower, docs/BENCHMARKS.md)")
+        return None
     if value is None:
         n = ctx.toolchain.cpu_threads
-        log.add("n_threads", n, "derived", "layers on the CPU: one thread per usable CPU")
+        log.add("n_threads", n, "derived",
+                "layers on the CPU: one thread per usable CPU, llama-server's own default (its threads spin "
+                "at barriers: fastest on an idle machine, several times slower beside a busy neighbour; "
+                "the embedded engine adapts, docs/BENCHMARKS.md)")
         return n
     log.add("n_threads", value, source, "CPU threads for layers on the CPU")
     return int(value)
-
-
-def cpu_wait_env(n_threads: int | None, log: ReasonLog) -> dict[str, str]:
-    """With layers on the CPU: llama.cpp's OpenMP threads sleep while they wait instead of spinning (see
-    server/__init__.py: spinning threads on shared cores made a step take a scheduler slice per barrier)."""
-    if n_threads is None:
-        return {}
-    log.add("OMP_WAIT_POLICY", "PASSIVE", "derived",
-            "CPU threads sleep at barriers: a busy neighbour slows a step, it does not stall it")
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def pick_port(ctx: BuildContext, default: int, what: str, log: ReasonLog) -> int:
@@ -204,28 +205,42 @@ def pick_batches(ctx: BuildContext, n_parallel: int, log: ReasonLog) -> tuple[in
     return int(b), int(ub)
 
 
+# llama-server keeps a cache per sequence on the GPU up to this many slots: the engine's one-pool rule was
+# measured for the engine; llama-server's layout was measured only beyond it (docs/BENCHMARKS.md, issue 9).
+LLAMA_SERVER_POOL_ABOVE = 32
+
+
+_POOL_WHY_CPU = ("the output layer on the CPU: one pool lets every new prompt prefill in the same step (8 "
+                 "concurrent requests 1.64-1.73x the rate of sequential ones against 1.09-1.44x with a cache "
+                 "per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
+_POOL_WHY_GPU = ("on a GPU, one pool at any slot count: with a cache per sequence llama.cpp cuts every step "
+                 "that mixes decoding and prefilling into pieces (on mixed prompts 32 such slots made "
+                 "0.41x of 64 pooled slots at 32 streams on an H100, docs/BENCHMARKS.md); each slot capped "
+                 "at n_ctx")
+
+
 def pick_kv_unified(ctx: BuildContext, n_parallel: int, n_gpu_layers: int, log: ReasonLog, *,
                     embedded: bool = False) -> bool:
     """llama.cpp's unified KV cache (one pool of n_ctx * n_parallel cells, each sequence still at most
-    n_ctx); only meaningful with several sequences. Unset: the engine's rule (default_kv_unified), except
-    that llama-server on the CPU keeps its own layout (the CPU's rule was measured for the engine only)."""
+    n_ctx); only meaningful with several sequences. Unset: the engine's rule (default_kv_unified) for the
+    embedded engine; llama-server keeps its own layout on the CPU and up to LLAMA_SERVER_POOL_ABOVE slots on
+    a GPU (where the engine's rule was measured for the engine only)."""
     value, source = ctx.setting("kv_unified")
     if n_parallel < 2:
         return False
     if value is None:
         on_gpu = ctx.all_on_gpu(n_gpu_layers)
-        if not default_kv_unified(n_parallel, on_gpu) or (not on_gpu and not embedded):
-            return False
-        if not on_gpu:
-            log.add("kv_unified", True, "derived",
-                    "the output layer on the CPU: one pool lets every new prompt prefill in the same step "
-                    "(8 concurrent requests 1.64-1.73x the rate of sequential ones against 1.09-1.44x "
-                    "with a cache per sequence, docs/BENCHMARKS.md); each slot capped at n_ctx")
+        if embedded:
+            if not default_kv_unified(n_parallel, on_gpu):
+                return False
+            log.add("kv_unified", True, "derived", _POOL_WHY_GPU if on_gpu else _POOL_WHY_CPU)
             return True
+        if not on_gpu or n_parallel <= LLAMA_SERVER_POOL_ABOVE:
+            return False
         log.add("kv_unified", True, "derived",
-                f"over {MANY_STREAMS} slots on the GPU: with one pool llama.cpp runs a step that mixes "
-                "decoding and prefilling sequences whole, not cut per sequence (a cache per sequence fell "
-                "to 0.4x of llama-server at 64 mixed streams on an H200, docs/BENCHMARKS.md); each slot "
+                f"over {LLAMA_SERVER_POOL_ABOVE} slots on the GPU: with one pool llama.cpp runs a step that "
+                "mixes decoding and prefilling sequences whole, not cut per sequence (a cache per sequence "
+                "fell to 0.4x of llama-server at 64 mixed streams on an H200, docs/BENCHMARKS.md); each slot "
                 "capped at n_ctx")
         return True
     if value:

@@ -52,9 +52,9 @@ def test_a_plans_values_arrive_in_the_engines_config(card: str, flags: dict[str,
 
 def test_the_plan_and_the_engine_use_one_kv_layout(plan_for) -> None:
     # Bug: the launcher kept ENGINE_DEFAULTS["kv_unified"] = True while the engine defaulted to False, so
-    # embedded plans were budgeted for a layout the engine never used. Now the plan decides (one pool on the
-    # CPU, a cache per sequence for a few slots on a GPU, one pool for many slots on a GPU) and the engine is
-    # told.
+    # embedded plans were budgeted for a layout the engine never used. Now the plan decides (one pool with
+    # several slots, on the CPU and on a GPU: issue 19 measured a cache per sequence losing on mixed prompts
+    # at every slot count) and the engine is told.
     plan = plan_for("cpu", backend="embedded", n_parallel=4)
     assert plan.kv_unified is True and _engine_of(plan).kv_unified is True
     assert "CPU" in plan.reason("kv_unified").why  # type: ignore[union-attr]
@@ -62,7 +62,8 @@ def test_the_plan_and_the_engine_use_one_kv_layout(plan_for) -> None:
     single = plan_for("cpu", backend="embedded", n_parallel=1)
     assert single.kv_unified is False and _engine_of(single).kv_unified is False
     few = plan_for("rtx-4090", backend="embedded", n_parallel=8)
-    assert few.kv_unified is False and _engine_of(few).kv_unified is False
+    assert few.kv_unified is True and _engine_of(few).kv_unified is True
+    assert plan_for("rtx-4090", backend="llama-server", n_parallel=8).kv_unified is False  # its own layout
     gpu = plan_for("rtx-4090", backend="embedded", n_parallel=48, n_ctx=1024)
     assert gpu.kv_unified is True and _engine_of(gpu).kv_unified is True
     reason = gpu.reason("kv_unified")
@@ -77,7 +78,10 @@ def test_threads_reach_the_engine(plan_for) -> None:
     assert plan.n_threads == 3
     assert _engine_of(plan).n_threads == 3
     derived = plan_for("cpu", backend="embedded")
-    assert _engine_of(derived).n_threads == derived.n_threads == 8  # one per usable CPU of the toolchain
+    # Unset: the engine's threads follow the cores other processes leave free (server/engine/cpu_share.py).
+    assert _engine_of(derived).n_threads is None and derived.n_threads is None
+    assert "free" in derived.reason("n_threads").why  # type: ignore[union-attr]
+    assert plan_for("cpu", backend="llama-server").n_threads == 8  # one per usable CPU of the toolchain
 
 
 def test_a_profiles_q8_0_kv_and_flash_attention_reach_the_engine(tmp_path: Path, plan_for) -> None:

@@ -52,6 +52,13 @@ class GenerationJob:
         return frozenset(needs)
 
     @property
+    def can_pass_through(self) -> bool:
+        """Whether an upstream's chunks can reach the client unchanged: one choice, no tool calls to parse,
+        no logprobs to render, nothing resumed from another backend."""
+        return (self.n == 1 and not self.continuation and self.params.logprobs is None
+                and (self.tools is None or self.tools.mode == "none"))
+
+    @property
     def can_resume(self) -> bool:
         """Whether another backend can carry on from text already sent: not for several choices, tool calls,
         constrained output (a grammar cannot restart in the middle) or a prompt of token ids."""
@@ -94,6 +101,9 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     index: int = 0
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    # An upstream's own chunk (its JSON text) that says exactly this, under the job's model name: a stream
+    # that needs nothing rewritten sends it on as it came instead of building it again.
+    raw: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -51,6 +51,8 @@ class EmbeddedBackend:
         self.generic_tool_prompt = generic_tool_prompt
         self.features = ALL_FEATURES if config.pooling != "none" else ALL_FEATURES - {EMBEDDINGS}
         self._engine: Engine | None = None
+        # Called when the engine core died for good (it is not started again): the gateway should exit.
+        self.on_fatal: Callable[[str], None] | None = None
         self._batch_size_steps: dict[int, int] = {}
         self._step_tokens_steps: dict[int, int] = {}
 
@@ -79,7 +81,12 @@ class EmbeddedBackend:
         await asyncio.to_thread(engine.start)
         # From now on this loop reads the core, so a core that dies while idle is seen and started again.
         engine.attach()
+        engine.on_give_up = self._gave_up
         self._engine = engine
+
+    def _gave_up(self, reason: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -242,6 +249,6 @@ class EmbeddedBackend:
             batch_size_steps=dict(self._batch_size_steps),
             step_tokens_steps=dict(self._step_tokens_steps),
             sampled_in_graph_total=s.sampled_in_graph_total,
-            step_seconds=s.step_seconds,
+            step_seconds={**s.step_seconds, **engine.front_seconds},
             prefix_reused_tokens_total=s.prefix_reused_tokens_total,
         )

@@ -131,6 +131,7 @@ async def stream_deltas(lines: AsyncIterable[str], job: GenerationJob) -> AsyncI
     chunks_seen: dict[int, int] = {}
     finish: dict[int, str] = {}
     saw_event = saw_done = False
+    pass_through = job.can_pass_through
     async for line in lines:
         if not line or line.startswith(":"):
             continue
@@ -156,7 +157,12 @@ async def stream_deltas(lines: AsyncIterable[str], job: GenerationJob) -> AsyncI
             prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
             if usage.get("completion_tokens") is not None:
                 reported_tokens = int(usage["completion_tokens"])
-        for choice in chunk.get("choices") or ():
+        choices: list[dict[str, Any]] = chunk.get("choices") or []
+        # A plain content chunk under the job's model name goes on as it came (finishes and usage are the
+        # gateway's own: they come last, with the counts of the usage chunk).
+        raw = (data if pass_through and len(choices) == 1 and chunk.get("model") == job.model
+               and not choices[0].get("finish_reason") and not usage else None)
+        for choice in choices:
             index = int(choice.get("index") or 0)
             text = _choice_text(choice, job.kind)
             logprobs = chunk_logprobs(choice, job.kind)
@@ -165,7 +171,7 @@ async def stream_deltas(lines: AsyncIterable[str], job: GenerationJob) -> AsyncI
                 # Until usage arrives, count about one token per chunk (what streaming servers send).
                 chunks_seen[index] = chunks_seen.get(index, 0) + 1
                 yield Delta(text=text, prompt_tokens=prompt_tokens, completion_tokens=chunks_seen[index],
-                            logprobs=logprobs, index=index, tool_calls=calls)
+                            logprobs=logprobs, index=index, tool_calls=calls, raw=raw)
             if choice.get("finish_reason"):
                 finish[index] = str(choice["finish_reason"])
     if not saw_event:
