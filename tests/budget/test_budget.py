@@ -19,28 +19,10 @@ from quantize.budget.sglang import (
     sglang_settings,
 )
 from quantize.bundled import smollm2_path
-from quantize.model.gguf_file import read_model_spec
-from quantize.model.hf_config import model_spec_from_hf_config
 from quantize.model.spec import ModelSpec
 from quantize.model.units import GIB, MIB
 from server.hardware.cards import GpuSet, get_card
 from server.hardware.target import CpuTarget
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> ModelSpec:
-    return read_model_spec(smollm2_path())
-
-
-@pytest.fixture(scope="module")
-def llama8b(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    cfg = tmp_path_factory.mktemp("l8b") / "config.json"
-    cfg.write_text(
-        '{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,'
-        ' "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",'
-        ' "max_position_embeddings": 131072}'
-    )
-    return model_spec_from_hf_config(cfg)
 
 
 def gemma_like() -> ModelSpec:
