@@ -58,13 +58,15 @@ class EngineConfig(BaseModel):
     running sequences (and the newest is preempted should they ever outgrow the pool together); but
     llama.cpp's attention kernels then see the whole step, so the last bits of a logit (and rarely a near-tie
     greedy token) depend on what else runs. `backend_sampling` runs sampler chains inside llama.cpp's decode
-    graph instead of on the host after the step. Left None, both follow what was measured on mixed traffic
-    (prompts of 30-1,500 tokens, every request its own sampling, chat and completions; docs/BENCHMARKS.md):
-    one pool at any slot count (a cache per sequence splits the steps that mix prefill and decode: 32 slots
-    made 0.41x of 64 pooled slots at 32 streams on an H100), and on a GPU the chain of a request that arrives
-    beside few others in the graph, beside many on the host (a graph with dozens of chains is rebuilt as
-    they come and go), except chains that would sort the whole vocabulary (top-p without top-k): those
-    always run in the graph. On the CPU sampling stays on the host.
+    graph instead of on the host after the step. Left None: one pool at any slot count, as measured on mixed
+    traffic (prompts of 30-1,500 tokens, every request its own sampling, chat and completions: 32 slots with
+    a cache per sequence made 0.41x of 64 pooled slots at 32 streams on an H100, issue 19; the CPU's own
+    figures in docs/BENCHMARKS.md). Where a GPU samples is chosen from the in-process runs of 2026-11-29 and
+    not yet measured on mixed traffic with the core in its own process: the chain of a request that arrives
+    beside few others runs in the graph (one stream: no logits row to copy and sort), beside many on the host
+    (at 64 pooled streams host chains were 1.3-1.5x faster: a graph with dozens of chains is rebuilt as they
+    come and go); a chain that would sort the whole vocabulary (top-p without top-k) always runs in the graph.
+    On the CPU sampling stays on the host.
     `overlap` turns a step's tokens into text and events while the device
     computes the next; None: where the output layer is on a GPU (on the CPU it only delays each event by a
     step). `cpu_extra_bufts` None turns llama.cpp's CPU weight repacking off only where the CPU lists AMX and
