@@ -2,12 +2,13 @@
 
 os.replace within one directory is atomic on POSIX, so a reader never sees half a file, and an interrupted or
 failed writer leaves nothing behind (the temporary file is removed on any exception, KeyboardInterrupt
-included).
+included). The files written here, and the bundle's, are checked by one hash (`sha256_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -41,3 +42,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as indented JSON to `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
+    """The sha256 of a file, read in chunks (a model or a wheel never sits in memory whole)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,17 +7,15 @@ produced it, what it weighs per tensor type, and for which card/context budget t
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import threading
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantize.atomic import write_json_atomic
+from quantize.atomic import sha256_file, write_json_atomic
 
 MANIFEST_SUFFIX = ".manifest.json"
-_HASH_CHUNK = 8 << 20
 
 
 class FileInfo(BaseModel):
@@ -109,12 +107,6 @@ def edgeserve_version() -> str:
         return "unknown"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class BackgroundHash:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantize.atomic import sha256_file
 from quantize.bundled import SMOLLM2_REQUIREMENT
 from server.bundle.contents import Project, SourceDist, download_argv, pin_of, plan_groups
-from server.bundle.manifest import Maker, Manifest, Piece, Role, Target, project_of, sha256_of, write_manifest
+from server.bundle.manifest import Maker, Manifest, Piece, Role, Target, project_of, write_manifest
 
 LLAMA_PROJECT = "llama-cpp-python"
 # The checkout this module belongs to: a bundle is made for (and installed by) a checkout's setup_env.sh.
@@ -74,7 +75,7 @@ def _python_version(python: str) -> str:
 def _piece(path: Path, role: Role) -> Piece:
     project, version = project_of(path.name)
     return Piece(name=path.name, project=project, version=version, role=role, size=path.stat().st_size,
-                 sha256=sha256_of(path))
+                 sha256=sha256_file(path))
 
 
 def _pip(argv: list[str], what: str) -> None:

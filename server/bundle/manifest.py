@@ -6,7 +6,6 @@ Standard library only (see the package's docstring).
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
-_CHUNK = 1 << 20
 
 
 class Role(str, enum.Enum):
@@ -58,14 +56,6 @@ def project_of(file_name: str) -> tuple[str, str]:
             name, version = file_name[: -len(suffix)].rsplit("-", 1)
             return normalize(name), version
     raise ValueError(f"{file_name} is neither a wheel (.whl) nor a source distribution (.tar.gz, .zip)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

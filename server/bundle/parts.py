@@ -15,7 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from server.bundle.manifest import MANIFEST_NAME, Manifest, sha256_of
+from quantize.atomic import sha256_file
+from server.bundle.manifest import MANIFEST_NAME, Manifest
 from server.bundle.problems import BadArchive, BadPart, BundleError, MissingPart, NoPartsIndex, Problem
 from server.bundle.verify import verify
 
@@ -173,7 +174,7 @@ def check_parts(parts_dir: Path, index: PartsIndex) -> tuple[Problem, ...]:
             problems.append(MissingPart(part.name))
         elif (size := path.stat().st_size) != part.size:
             problems.append(BadPart(part.name, f"{size} bytes where the index says {part.size}"))
-        elif (digest := sha256_of(path)) != part.sha256:
+        elif (digest := sha256_file(path)) != part.sha256:
             problems.append(BadPart(part.name, f"sha256 {digest} where the index says {part.sha256}"))
     return tuple(problems)
 

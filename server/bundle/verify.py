@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.bundle.manifest import MANIFEST_NAME, PURPOSES, Manifest, Role, Target, read_manifest, sha256_of
+from quantize.atomic import sha256_file
+from server.bundle.manifest import MANIFEST_NAME, PURPOSES, Manifest, Role, Target, read_manifest
 from server.bundle.problems import (
     BadManifest,
     BundleError,
@@ -121,7 +122,7 @@ def check_files(folder: Path, manifest: Manifest) -> tuple[Problem, ...]:
             problems.append(MissingPiece(piece))
         elif (size := path.stat().st_size) != piece.size:
             problems.append(WrongSize(piece, size))
-        elif (digest := sha256_of(path)) != piece.sha256:
+        elif (digest := sha256_file(path)) != piece.sha256:
             problems.append(WrongHash(piece, digest))
     listed = {p.name for p in manifest.pieces} | {MANIFEST_NAME}
     problems.extend(UnlistedFile(path.name) for path in sorted(folder.iterdir())

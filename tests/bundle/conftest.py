@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.bundle.manifest import Maker, Manifest, Piece, Role, Target, project_of, sha256_of, write_manifest
+from quantize.atomic import sha256_file
+from server.bundle.manifest import Maker, Manifest, Piece, Role, Target, project_of, write_manifest
 
 TARGET = Target(python_version="3.12", platforms=("manylinux_2_28_x86_64",))
 FILES: dict[str, Role] = {
@@ -25,7 +26,7 @@ def _manifest(folder: Path, roles: dict[str, Role], with_test: bool = False,
         project, version = project_of(name)
         path = folder / name
         pieces.append(Piece(name=name, project=project, version=version, role=role, size=path.stat().st_size,
-                            sha256=sha256_of(path)))
+                            sha256=sha256_file(path)))
     manifest = Manifest(target=target, maker=Maker(version="0.1.0", commit="f" * 40, dirty=False),
                         with_test=with_test, pieces=tuple(pieces), made_at="2026-12-07T00:00:00+00:00")
     write_manifest(folder, manifest)
