@@ -67,24 +67,16 @@ def help_check(binary: str) -> dict[str, Any]:
     }
 
 
-def prepare_model(workdir: Path, vocab: Path | None, quantize_bin: str) -> Path:
-    """An 8B-shaped synthetic model (random weights, Llama-3 tokenizer) quantized to Q4_K_M, cached in
-    workdir."""
+def prepare_model(workdir: Path, vocab: Path | None) -> Path:
+    """An 8B-shaped synthetic model (random weights, Llama-3 tokenizer) at Q4_K_M, cached in workdir, written
+    straight at Q4_K_M (quantize.synthetic_quant) in seconds, not the minutes of F16 plus llama-quantize."""
     q4 = workdir / "llama31-8b-Q4_K_M.gguf"
     if q4.is_file():
         return q4
-    from quantize.synthetic import LLAMA31_8B, write_synthetic_gguf
+    from quantize.synthetic import LLAMA31_8B
+    from quantize.synthetic_quant import write_quantized_synthetic
 
-    f16 = workdir / "llama31-8b-F16.gguf"
-    if not f16.is_file():
-        write_synthetic_gguf(f16, LLAMA31_8B, vocab_from=vocab, ftype="F16")
-    subprocess.run(
-        [quantize_bin, str(f16), str(q4), "Q4_K_M", str(os.cpu_count() or 8)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    f16.unlink()
-    return q4
+    return write_quantized_synthetic(q4, LLAMA31_8B, level="Q4_K_M", vocab_from=vocab)
 
 
 def free_port() -> int:
@@ -228,7 +220,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--llama-server", default=shutil.which("llama-server"))
-    parser.add_argument("--llama-quantize", default=shutil.which("llama-quantize"))
     parser.add_argument("--vocab", type=Path, default=None, help="tokenizer GGUF for the synthetic model")
     parser.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of the synthetic 8B")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgeserve-bench"))
@@ -252,7 +243,7 @@ def main() -> None:
     report: dict[str, Any] = {"gpu": gpu, "help_check": help_check(args.llama_server)}
     if not args.skip_ladder:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        model = args.model or prepare_model(args.workdir, args.vocab, args.llama_quantize or "llama-quantize")
+        model = args.model or prepare_model(args.workdir, args.vocab)
         report["ladder"] = ladder_run(model, args.cap_gib, args.ctx, args.card)
     (args.out / "launcher_gpu_check.json").write_text(json.dumps(report, indent=2))
     (args.out / "launcher_gpu_check.md").write_text(markdown(report))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ def gpu_oom_run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model or prepare_model(work, args.vocab, shutil.which("llama-quantize") or "llama-quantize")
+    model = args.model or prepare_model(work, args.vocab)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(int(args.cap_gib * GIB))],
                               stdout=subprocess.PIPE, text=True)
     gateway = None

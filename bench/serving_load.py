@@ -13,12 +13,17 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadtest.workload import vary  # one home for "sampling as users send it"
 
 # Words that are one token in both the Llama-3 and the SmolLM2 vocabularies (with their leading space).
 _WORDS = (
@@ -60,23 +65,6 @@ class Shape:
         if not self.varied:
             return self.route, dict(self.sampling)
         return rng.choice(("chat", "completions")), vary(rng)
-
-
-def vary(rng: random.Random) -> dict[str, Any]:
-    """Sampling fields as different clients send them: every request its own temperature and top_p, some a
-    top_k, a min_p, penalties (OpenAI's presence/frequency, llama.cpp's repeat)."""
-    out: dict[str, Any] = {"temperature": round(rng.uniform(0.6, 1.1), 2),
-                           "top_p": round(rng.uniform(0.9, 1.0), 2)}
-    if rng.random() < 0.3:
-        out["top_k"] = rng.choice((20, 40, 64))
-    if rng.random() < 0.3:
-        out["min_p"] = rng.choice((0.02, 0.05, 0.1))
-    if rng.random() < 0.3:
-        out["presence_penalty"] = round(rng.uniform(0.0, 0.5), 2)
-        out["frequency_penalty"] = round(rng.uniform(0.0, 0.5), 2)
-    if rng.random() < 0.15:
-        out["repeat_penalty"] = 1.1
-    return out
 
 
 SAMPLED_LEVELS = (1, 8, 32, 64)

@@ -1,6 +1,8 @@
 """The prompts the load tests send: `loadtest/data/prompts.jsonl`, read as package data.
 
-The text is written for edgeserve: short questions, medium instructions, long passages with a task.
+The text is written for edgeserve: short questions, medium instructions, long passages with a task. The
+extra-long prompts (`xlong`, about 1,000-1,300 tokens) are two long ones in a row, so that a load can reach
+the prompt lengths of RAG and document chat without a second file to keep.
 
 One JSON object a line with `id`, `length` (short | medium | long) and `prompt`, the shape outside load tools
 read too (servebench's `--prompts FILE.jsonl` takes the `prompt` field).
@@ -17,8 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DATA_FILE = "prompts.jsonl"
-Length = Literal["short", "medium", "long"]
-LENGTHS: tuple[Length, ...] = ("short", "medium", "long")
+Length = Literal["short", "medium", "long", "xlong"]
+LENGTHS: tuple[Length, ...] = ("short", "medium", "long", "xlong")
 # English text costs about 1.3 tokens a word with the Llama, SmolLM2 and Gemma tokenizers; 1.5 errs on the
 # safe side when a prompt must fit a context.
 TOKENS_PER_WORD = 1.5
@@ -44,7 +46,16 @@ def data_text() -> str:
 
 @functools.cache
 def shipped_prompts() -> tuple[Prompt, ...]:
-    return tuple(Prompt.model_validate(json.loads(line)) for line in data_text().splitlines() if line.strip())
+    """The file's prompts, then the extra-long ones made from its long ones (each with the next, in turn)."""
+    lines = (line for line in data_text().splitlines() if line.strip())
+    written = tuple(Prompt.model_validate(json.loads(line)) for line in lines)
+    longs = [p for p in written if p.length == "long"]
+    paired = tuple(
+        Prompt(id=f"{a.id}+{b.id}", length="xlong",
+               prompt=f"Two documents follow; do what each one asks.\n\nDocument 1:\n{a.prompt}\n\n"
+                      f"Document 2:\n{b.prompt}")
+        for a, b in zip(longs, longs[1:] + longs[:1], strict=True)) if len(longs) > 1 else ()
+    return written + paired
 
 
 def select(lengths: tuple[Length, ...], max_tokens: int) -> tuple[Prompt, ...]:

@@ -69,6 +69,13 @@ IMPACT_HEADER = ("tokens/s", "goodput req/s", "TTFT p95 ms", "latency p50 ms", "
                  "predicted MiB", "note")
 
 
+def _sampling(w: Workload) -> str:
+    if w.sampling == "varied":
+        return ("each request its own sampling (temperature 0.6-1.1, top_p 0.9-1.0, some top_k, min_p, "
+                "presence/frequency or repeat penalty)")
+    return f"temperature {w.temperature}, top_p {w.top_p}"
+
+
 def describe(result: TuneResult) -> str:
     """The conditions in one paragraph, so a table is never read without them."""
     cfg = result.bench
@@ -78,8 +85,7 @@ def describe(result: TuneResult) -> str:
             f"{cfg.duration_s} s per load point; where that misses the SLOs, up to {cfg.rate_steps} more "
             f"runs bisect the offered request rate. Requests: {w.mix}, shipped prompts ({w.prompt_lengths}, "
             f"up to about {w.max_prompt_tokens} tokens), max_tokens {w.max_tokens}{eos}, "
-            f"temperature {w.temperature}, "
-            f"top_p {w.top_p}. SLOs: {result.slo.describe()}. Goodput = finished requests/s of the best load "
+            f"{_sampling(w)}. SLOs: {result.slo.describe()}. Goodput = finished requests/s of the best load "
             "point that met the SLOs; tokens/s, TTFT, latency (end to end) and ITL are from the unpaced run "
             "at n_parallel users; memory is read while the server runs (GPU memory per process, else RSS); "
             "predicted is the VRAM calculator's figure for the plan.")

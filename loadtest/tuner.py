@@ -177,12 +177,16 @@ def run_command(
     max_error_rate: Annotated[float, typer.Option(help="SLO: error rate (0..1)", min=0.0, max=1.0)] = 0.01,
     mix: Annotated[str, typer.Option(help="request kinds and weights: chat-stream, chat, completion-stream, "
                                           "completion, e.g. chat-stream:3,completion:1")] = "chat-stream",
-    prompt_lengths: Annotated[str, typer.Option(help="shipped prompts: short, medium, long")
+    prompt_lengths: Annotated[str, typer.Option(help="shipped prompts: short, medium, long, xlong "
+                                                     "(two long ones, about 1,000-1,300 tokens)")
                               ] = "short,medium,long",
     max_prompt_tokens: Annotated[int, typer.Option(help="leave out longer shipped prompts", min=16)] = 1024,
     max_tokens: Annotated[int, typer.Option(help="tokens generated per request", min=1)] = 64,
     ignore_eos: Annotated[bool, typer.Option(help="always generate max_tokens")] = True,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.7,
+    sampling: Annotated[Literal["fixed", "varied"], typer.Option(
+        help="fixed: every request --temperature and top_p 0.95; varied: each request its own temperature, "
+             "top_p and sometimes top_k, min_p and penalties, as many clients send")] = "fixed",
     api_key: Annotated[str | None, typer.Option(help="API key the backends are started with")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for everything the tune writes")] = None,
     save: Annotated[bool, typer.Option(
@@ -206,7 +210,7 @@ def run_command(
                                 n_gpu_layers=n_gpu_layers, kv_type=kv_type, api_key=api_key)
         workload = Workload(mix=mix, prompt_lengths=prompt_lengths, max_prompt_tokens=max_prompt_tokens,
                             max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature,
-                            api_key=api_key)
+                            sampling=sampling, api_key=api_key)
         out_dir = out or Path("loadtest-results") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
         bench_config = BenchConfig(request=request, workload=workload, duration_s=duration, drain_s=drain,
                                    warmup_requests=warmup, rate_steps=rate_steps, out_dir=out_dir)

@@ -79,6 +79,9 @@ class Workload(BaseModel):
     # Sampled, as chat clients send them (greedy decoding is the cheap case no client asks for).
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float | None = Field(default=0.95, gt=0.0, le=1.0, description="None: not sent")
+    # "varied": every request draws its own sampling fields (`vary`), as traffic from many clients does; a
+    # server tuned on one fixed chain can lose on that (the per-request sampler cost differs).
+    sampling: Literal["fixed", "varied"] = "fixed"
     rate_rps: float | None = Field(default=None, gt=0, description="requests/s of all users; None: no pacing")
     shape: Literal["constant", "step"] = "constant"
     step_users: int = Field(default=1, ge=1, description="step shape: users added at each step")
@@ -139,15 +142,35 @@ class Workload(BaseModel):
         return env
 
 
+def vary(rng: random.Random) -> dict[str, Any]:
+    """Sampling fields as different clients send them: every request its own temperature and top_p, some a
+    top_k, a min_p, penalties (OpenAI's presence/frequency, llama.cpp's repeat)."""
+    out: dict[str, Any] = {"temperature": round(rng.uniform(0.6, 1.1), 2),
+                           "top_p": round(rng.uniform(0.9, 1.0), 2)}
+    if rng.random() < 0.3:
+        out["top_k"] = rng.choice((20, 40, 64))
+    if rng.random() < 0.3:
+        out["min_p"] = rng.choice((0.02, 0.05, 0.1))
+    if rng.random() < 0.3:
+        out["presence_penalty"] = round(rng.uniform(0.0, 0.5), 2)
+        out["frequency_penalty"] = round(rng.uniform(0.0, 0.5), 2)
+    if rng.random() < 0.15:
+        out["repeat_penalty"] = 1.1
+    return out
+
+
 def request_body(workload: Workload, kind: str, model: str, prompt: Prompt, rng: random.Random
                  ) -> dict[str, Any]:
     """The JSON body of one request of `kind` (see KINDS), as an OpenAI client sends it."""
     path, stream = KINDS[kind]
     text = fresh(prompt, rng)
-    body: dict[str, Any] = {"model": model, "max_tokens": workload.max_tokens,
-                            "temperature": workload.temperature, "stream": stream}
-    if workload.top_p is not None:
-        body["top_p"] = workload.top_p
+    body: dict[str, Any] = {"model": model, "max_tokens": workload.max_tokens, "stream": stream}
+    if workload.sampling == "varied":
+        body.update(vary(rng))
+    else:
+        body["temperature"] = workload.temperature
+        if workload.top_p is not None:
+            body["top_p"] = workload.top_p
     if path == CHAT_PATH:
         body["messages"] = [{"role": "user", "content": text}]
     else:

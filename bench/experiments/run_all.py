@@ -18,7 +18,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=Path, help="tokenizer GGUF for the synthetic model (Llama-3's)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/edgeserve-experiments"))
     ap.add_argument("--llama-bench", default="llama-bench")
-    ap.add_argument("--llama-quantize", default="llama-quantize")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one thread, no GPU layers (a CPU try)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per test (default: the sizes')")
+    ap.add_argument("--depths", default=None, help="context depths, comma separated (default: the sizes')")
     ap.add_argument("--only", default="", help=f"comma list of: {', '.join(EXPERIMENTS)}")
     ap.add_argument("--skip-power", action="store_true", help="leave the power limit alone")
     ap.add_argument("--gpu", type=int, default=0, help="GPU index for the power-limit steps")
@@ -75,7 +76,7 @@ def model_path(args: argparse.Namespace) -> Path:
     from launcher_gpu_check import prepare_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    return prepare_model(args.workdir, args.vocab, args.llama_quantize)
+    return prepare_model(args.workdir, args.vocab)
 
 
 def meta_of(rows: list[BenchRow], model: Path, commands: list[str]) -> RunMeta:
@@ -105,6 +106,10 @@ def run_experiment(exp: Experiment, args: argparse.Namespace, sizes: Sizes, mode
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else GPU
+    if args.reps is not None:
+        sizes = replace(sizes, reps=args.reps)
+    if args.depths:
+        sizes = replace(sizes, depths=tuple(int(d) for d in args.depths.split(",")))
     experiments = selected(args)
     model = model_path(args)
     png_dir = args.doc.parent / "experiments"

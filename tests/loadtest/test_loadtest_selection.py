@@ -135,6 +135,31 @@ def test_request_bodies_as_openai_clients_send_them() -> None:
     assert "stream_options" not in plain and "ignore_eos" not in plain and "messages" not in plain
 
 
+def test_varied_sampling_gives_each_request_its_own_chain() -> None:
+    rng = random.Random(1)
+    workload = Workload(sampling="varied")
+    prompt = shipped_prompts()[0]
+    bodies = [request_body(workload, "completion-stream", "smol", prompt, rng) for _ in range(200)]
+    temperatures = {b["temperature"] for b in bodies}
+    assert len(temperatures) > 20 and all(0.6 <= t <= 1.1 for t in temperatures)
+    for field in ("top_k", "min_p", "presence_penalty", "repeat_penalty"):
+        share = sum(field in b for b in bodies) / len(bodies)
+        assert 0.05 < share < 0.5, field  # some requests, never all
+    fixed = request_body(Workload(), "completion", "smol", shipped_prompts()[0], rng)
+    assert (fixed["temperature"], fixed["top_p"]) == (0.7, 0.95) and "top_k" not in fixed
+
+
+def test_extra_long_prompts_are_two_long_ones() -> None:
+    longs = {p.id: p for p in shipped_prompts() if p.length == "long"}
+    xlong = select(("xlong",), 2000)
+    assert len(xlong) == len(longs)
+    for p in xlong:
+        first, second = p.id.split("+")
+        assert longs[first].prompt in p.prompt and longs[second].prompt in p.prompt
+        assert p.tokens_estimate > max(longs[first].tokens_estimate, longs[second].tokens_estimate)
+    assert not any(p.length == "xlong" for p in select(("short", "medium", "long", "xlong"), 700))
+
+
 def test_expand_grid_orders_deduplicates_and_keeps_ubatch_within_batch() -> None:
     grid = expand_grid([4, 1, 4], [4096, 2048], [512], [256, 1024])
     assert [(s.n_parallel, s.n_ctx, s.n_ubatch) for s in grid] == [(1, 2048, 256), (4, 2048, 256),
