@@ -6,24 +6,31 @@ states and memory are read from the pool at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.gateway.models.member import MODEL_STATES
+from server.gateway.models.member import MODEL_STATES, Member
 
-if TYPE_CHECKING:
-    from server.gateway.models.pool import ModelPool
+
+class PoolView(Protocol):
+    """What the figures are read from (the pool)."""
+
+    @property
+    def members(self) -> Mapping[str, Member]: ...
+
+    @property
+    def budget_bytes(self) -> int: ...
 
 PREFIX = "edgeserve"
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, pool: PoolView) -> None:
         self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
@@ -51,7 +58,7 @@ class _PoolCollector(Collector):
 class PoolMetrics:
     """Counters of the pool, and the collector of its gauges."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, pool: PoolView) -> None:
         self._pool = pool
         self._make(CollectorRegistry())
 
