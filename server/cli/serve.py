@@ -72,10 +72,11 @@ def _model_pool(settings: GatewaySettings) -> Any:
     from server.gateway.models.pool import ModelPool
 
     try:
+        # Every model's memory is planned now: a file that is missing or not a GGUF stops the server here.
         models = load_models_file(settings.models_file)
+        return ModelPool.build(models, kinds={"llama-server": LlamaServerKind()})
     except (OSError, ValueError) as exc:
         raise _fail(f"{settings.models_file}: {exc}") from None
-    return ModelPool.build(models, kinds={"llama-server": LlamaServerKind()})
 
 
 def _gateway_options(

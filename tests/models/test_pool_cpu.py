@@ -29,11 +29,16 @@ IDLE_TTL_S = 3.0
 
 
 def _entries(variant: Path) -> list[dict[str, Any]]:
+    # A model file that goes away after the server planned it (a test removes the link).
+    broken = variant.with_name("goes-away.gguf")
+    if not broken.is_symlink():
+        broken.symlink_to(variant)
     return [
         {"name": "pin", "settings": {"n_ctx": 256, "n_parallel": 1}, "policy": {"pinned": True}},
         {"name": "small", "served_names": ["smollm2"], "settings": SMALL},
         {"name": "large", "path": str(variant), "settings": SMALL, "policy": {"idle_ttl_s": IDLE_TTL_S}},
         {"name": "huge", "path": str(variant), "settings": {"n_ctx": 1024, "n_parallel": 4}},
+        {"name": "broken", "path": str(broken), "settings": {"n_ctx": 256, "n_parallel": 1}},
     ]
 
 
@@ -91,7 +96,7 @@ def test_models_lists_every_model_with_state_and_planned_memory(server: ServerPr
                                                                 planned: dict[str, int]) -> None:
     body = httpx.get(server.url + "/v1/models", timeout=10).json()
     by_id = {m["id"]: m for m in body["data"]}
-    assert set(by_id) == {"pin", "small", "smollm2", "large", "huge"}
+    assert set(by_id) == {"pin", "small", "smollm2", "large", "huge", "broken"}
     assert by_id["pin"]["state"] == "resident" and by_id["small"]["state"] == "unloaded"
     assert by_id["smollm2"]["root"] == "small"
     for name, planned_bytes in planned.items():
@@ -152,6 +157,17 @@ def test_an_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         _chat(client, "gpt-4")
     assert info.value.code == "model_not_found" and "'small'" in info.value.message
+
+
+def test_a_model_that_fails_to_load_is_a_503_and_the_others_still_serve(
+        server: ServerProcess, client: openai.OpenAI, larger_variant: Path) -> None:
+    larger_variant.with_name("goes-away.gguf").unlink()
+    with pytest.raises(openai.APIStatusError) as info:
+        _chat(client, "broken")
+    assert info.value.status_code == 503 and info.value.code == "model_load_failed"
+    assert _metric(server)("edgeserve_model_load_failures_total", model="broken") == 1
+    assert _states(server)["broken"] == "unloaded"
+    assert _chat(client, "small") == "small"
 
 
 def test_an_idle_model_leaves_after_its_ttl(server: ServerProcess, client: openai.OpenAI) -> None:
