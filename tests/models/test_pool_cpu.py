@@ -141,6 +141,23 @@ def test_embeddings_beside_a_chat_stream(server: ServerProcess, client: openai.O
     assert _states(server)["small"] == "resident" and _states(server)["pin"] == "resident"
 
 
+def test_a_resident_model_is_served_while_another_loads(server: ServerProcess, client: openai.OpenAI) -> None:
+    _chat(client, "large")  # "small" must now evict it and load
+    finished: list[str] = []
+    loader = threading.Thread(target=lambda: finished.append(_chat(client, "small")))
+    loader.start()
+    deadline = 600
+    while _states(server)["small"] == "unloaded" and deadline:
+        threading.Event().wait(0.05)
+        deadline -= 1
+    assert _states(server)["small"] == "loading"  # a load takes seconds: the poll sees it
+    client.embeddings.create(model="pin", input="served meanwhile")
+    finished.append("pin")
+    loader.join(120)
+    # The pinned model answered first: its request never waited for the other model's load.
+    assert finished == ["pin", "small"]
+
+
 def test_a_model_that_cannot_fit_beside_a_pinned_one_gets_503_naming_it(server: ServerProcess,
                                                                         client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
