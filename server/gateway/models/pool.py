@@ -72,7 +72,8 @@ class ModelPool:
         for entry in models.models:
             kind = kinds.get(entry.backend)
             if kind is None:
-                raise ValueError(f"model {entry.name!r}: backend {entry.backend!r} is not available here")
+                raise ValueError(f"model {entry.name!r}: backend {entry.backend!r} is not available here "
+                                 "(`edgeserve serve --models` starts and supervises llama-server models)")
             members.append(Member(entry, kind, kind.planned_bytes(entry, where)))
         return cls(models, members, budget_bytes(models, where))
 
