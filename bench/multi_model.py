@@ -15,7 +15,8 @@ The run writes a models file (every model with the same n_ctx / n_parallel, none
   churn    a sequence that alternates large and small models, forcing loads and evictions;
   burst    two requests for every model at once: they wait (bounded) for each other's evictions;
   warm     --warm streamed requests per resident model (ignore_eos, --max-tokens each): TTFT and tokens/s,
-           then the same requests on `edgeserve serve --model-path` of that model alone (the baseline).
+           then the same requests on `edgeserve serve --model-path` of that model alone (the baseline; with
+           --backend llama-server, a models file of that model alone: one supervised llama-server).
 Every request must be answered (a request that is not is counted, never retried); out-of-memory is counted
 from the load failures the pool reports and the servers' logs. Results: O/multi_model.json and
 O/multi_model.md.
@@ -180,8 +181,8 @@ def models_file(args: argparse.Namespace, models: dict[str, str | None]) -> Path
     if args.n_threads:
         settings["n_threads"] = args.n_threads
     entries = [{"name": name, **({"path": path} if path else {}), "backend": args.backend,
-                "settings": settings} for name, path in models.items()]
-    path = args.work / "models.yaml"
+                "settings": dict(settings)} for name, path in models.items()]
+    path = args.work / ("models.yaml" if len(models) > 1 else f"single-{next(iter(models))}.yaml")
     path.write_text(yaml.safe_dump({"budget_mib": args.budget_mib, "load_wait_s": args.load_wait_s,
                                     "models": entries}, sort_keys=False))
     return path
@@ -282,15 +283,19 @@ def run(args: argparse.Namespace) -> Results:
     res.oom += len(OOM.findall((args.work / "serve.log").read_text(errors="replace")))
     # the baseline: each model alone, same settings, same requests
     for name, path in models.items():
-        flags = ["--n-ctx", str(args.n_ctx), "--n-parallel", str(args.n_parallel)]
-        flags += ["--model-path", path] if path else []
-        flags += ["--n-threads", str(args.n_threads)] if args.n_threads else []
+        if args.backend == "embedded":
+            flags = ["--n-ctx", str(args.n_ctx), "--n-parallel", str(args.n_parallel)]
+            flags += ["--model-path", path] if path else []
+            flags += ["--n-threads", str(args.n_threads)] if args.n_threads else []
+        else:  # one llama-server behind the gateway, started and supervised as the pool starts it
+            flags = ["--models", str(models_file(args, {name: path}))]
         log = args.work / f"single-{name}.log"
         single = start_edgeserve(flags, log).wait_ready(timeout_s=300)
         alone = openai.OpenAI(base_url=single.url + "/v1", api_key="unused", max_retries=0, timeout=600)
         try:
-            stream(alone, "edgeserve", 4, "single-warm-up")
-            res.single[name] = warm_figures([stream(alone, "edgeserve", args.max_tokens, "single")
+            served = name if args.backend != "embedded" else "edgeserve"
+            stream(alone, served, 4, "single-warm-up")
+            res.single[name] = warm_figures([stream(alone, served, args.max_tokens, "single")
                                              for _ in range(args.warm)])
         finally:
             single.stop()
