@@ -31,7 +31,7 @@ from server.gateway.models.member import EmbeddedKind, Member, ModelKind
 from server.gateway.models.memory_plan import Where, budget_bytes, where_models_run
 from server.gateway.models.models_file import ModelsFile
 from server.gateway.models.pool_metrics import PoolMetrics
-from server.gateway.models.residency import Action, Resident, decide
+from server.gateway.models.residency import Action, Decision, Resident, decide
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class ModelPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(0.0, min(remaining, deadline - self._clock())))
 
-    def _plan_load(self, member: Member) -> Any:
+    def _plan_load(self, member: Member) -> Decision | None:
         """Under the lock: decide, evict what must go (start its unload), start the load. None: the state
         changed before the lock was ours (ask again)."""
         if member.holds_memory:
