@@ -75,6 +75,10 @@ def _model_pool(settings: GatewaySettings) -> Any:
         # Every model's memory is planned now: a file that is missing or not a GGUF stops the server here.
         models = load_models_file(settings.models_file)
         return ModelPool.build(models, kinds={"llama-server": LlamaServerKind()})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "models"
+        raise _fail(f"{settings.models_file}: {where}: {first.get('msg')}") from None
     except (OSError, ValueError) as exc:
         raise _fail(f"{settings.models_file}: {exc}") from None
 

@@ -44,3 +44,17 @@ def test_relative_paths_are_the_files_folder(models_file: Callable[..., Path], t
     models = load_models_file(path)
     assert models.models[0].path == str(tmp_path / "m.gguf") and models.budget_mib == 100
     assert models.entry_for("nope") is None
+
+
+def test_serve_refuses_an_sglang_model_with_the_reason(models_file: Callable[..., Path]) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from server.cli import serve
+
+    app = typer.Typer()
+    serve.register(app)
+    path = models_file([{"name": "chat"}, {"name": "big", "backend": "sglang"}])
+    result = CliRunner().invoke(app, ["--models", str(path)])
+    assert result.exit_code == 2
+    assert "models.1.backend" in result.output and "one model per server" in result.output
