@@ -59,6 +59,13 @@ let
     ++ optional cfg.force "--force"
     ++ cfg.extraArgs;
 
+  # With a models file the gateway serves every model in it on `port` (`edgeserve serve --models-file`): it
+  # loads and evicts them by the memory plan and supervises llama-server models itself.
+  serveArgs =
+    [ "serve" "--host" cfg.host "--port" (toString cfg.port) "--models-file" cfg.models_file
+      "--shutdown-grace-s" (toString cfg.shutdown_grace_s) ]
+    ++ cfg.extraArgs;
+
   # Prometheus scrapes the gateway where it listens (a wildcard address is reached on the loopback).
   scrapeHost = if cfg.host == "0.0.0.0" || cfg.host == "::" then "127.0.0.1" else cfg.host;
 
@@ -125,6 +132,17 @@ in
       description = ''
         GGUF file (or Hugging Face model folder for SGLang). A string, not a path, so the model is not copied
         into the Nix store. null serves the bundled SmolLM2-135M. /home is hidden from the service.
+      '';
+    };
+
+    models_file = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/edgeserve/models.yaml";
+      description = ''
+        A models file (server/gateway/models.example.yaml): several models behind `port`, each loaded when a
+        request names it and evicted by the memory plan. Set, the service runs `edgeserve serve --models-file`
+        instead of `edgeserve launch` (the launch settings then come from the file, per model).
       '';
     };
 
@@ -299,6 +317,10 @@ in
         message = "services.edgeserve.model must be an absolute path";
       }
       {
+        assertion = cfg.models_file == null || lib.hasPrefix "/" cfg.models_file;
+        message = "services.edgeserve.models_file must be an absolute path";
+      }
+      {
         assertion = !cfg.grafana.enable || cfg.prometheus.enable || config.services.prometheus.enable;
         message = "services.edgeserve.grafana.enable needs a Prometheus: set services.edgeserve.prometheus.enable";
       }
@@ -324,7 +346,7 @@ in
 
       serviceConfig = {
         Type = "exec";
-        ExecStart = "${executable} ${lib.escapeShellArgs launchArgs}";
+        ExecStart = "${executable} ${lib.escapeShellArgs (if cfg.models_file != null then serveArgs else launchArgs)}";
         Restart = "on-failure";
         RestartSec = "5s";
         # The gateway drains for shutdown_grace_s, then the launcher stops its backend.

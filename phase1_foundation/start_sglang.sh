@@ -10,6 +10,9 @@
 #      then their streams end with an error event and [DONE]), then the backend stops. Nothing is killed early.
 # Arguments go to `edgeserve launch` (e.g. --model-path PATH --n-ctx 8192 --n-parallel 8 --backend llama-server;
 # --n-ctx is the context of one sequence; --force starts a plan that does not fit the free memory).
+# With --models FILE (a models file: server/gateway/models.example.yaml) the arguments go to `edgeserve serve`
+# instead: several models behind the one port, each loaded when asked for and evicted by the memory plan (the
+# gateway supervises llama-server models itself; SGLang stays one model per server).
 # Environment: EDGESERVE_HOST (default 127.0.0.1; set 0.0.0.0 to serve other machines), EDGESERVE_PORT (8000),
 # EDGESERVE_BACKEND_PORT (the backend's port behind the gateway; default SGLang 30000, llama-server 8080),
 # EDGESERVE_SKIP_SETUP=1 (use .venv as it is), EDGESERVE_VENV (the environment; default .venv),
@@ -31,6 +34,14 @@ run_dir="${XDG_RUNTIME_DIR:-/tmp}/edgeserve-$port"
 mkdir -p "$run_dir"
 extra=()
 [ -n "${EDGESERVE_BACKEND_PORT:-}" ] && extra+=(--backend-port "$EDGESERVE_BACKEND_PORT")
+
+for arg in "$@"; do
+  case "$arg" in
+    --models|--models=*|--models-file|--models-file=*)
+      echo "edgeserve: serving the models file's models on http://$host:$port"
+      exec "$venv/bin/python" -m server.cli.app serve --host "$host" --port "$port" "$@" ;;
+  esac
+done
 
 echo "edgeserve: serving on http://$host:$port (status: $run_dir/status.json)"
 # exec: the launcher gets the signals itself and stops its processes in order, draining the gateway first.

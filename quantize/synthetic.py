@@ -100,10 +100,22 @@ LLAMA32_1B = SyntheticShape(
     rope_freq_base=500000.0,
     tie_embeddings=True,
 )
+# Llama-3.2-3B shapes (tied embeddings, as the real model).
+LLAMA32_3B = SyntheticShape(
+    n_layer=28,
+    n_embd=3072,
+    n_head=24,
+    n_head_kv=8,
+    n_ff=8192,
+    n_ctx_train=131072,
+    rope_freq_base=500000.0,
+    tie_embeddings=True,
+)
 # The smallest shape the K-quants accept (rows of 256); with grouped-query attention like the real models.
 TINY = SyntheticShape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_ctx_train=2048)
 
-PRESETS: dict[str, SyntheticShape] = {"tiny": TINY, "llama31-8b": LLAMA31_8B, "llama32-1b": LLAMA32_1B}
+PRESETS: dict[str, SyntheticShape] = {"tiny": TINY, "llama31-8b": LLAMA31_8B, "llama32-1b": LLAMA32_1B,
+                                      "llama32-3b": LLAMA32_3B}
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def build_settings(options: Mapping[str, Any]) -> GatewaySettings:
 
 def _resolve_model(settings: GatewaySettings) -> GatewaySettings:
     """The engine's model as a checked path (the bundled model when none is given)."""
-    if settings.backend != "embedded" or settings.chain_config is not None:
+    if settings.backend != "embedded" or settings.chain_config or settings.models_file:
         return settings
     from quantize.bundled import BundledModelMissingError
 
@@ -60,6 +60,27 @@ def _resolve_model(settings: GatewaySettings) -> GatewaySettings:
             raise _fail(f"{path} is not a GGUF file")
     engine = settings.engine.model_copy(update={"model_path": str(path)})
     return settings.model_copy(update={"engine": engine})
+
+
+def _model_pool(settings: GatewaySettings) -> Any:
+    """With a models file: the pool, its llama-server models each a supervised process (launch and gateway
+    meet here). None without one."""
+    if settings.models_file is None:
+        return None
+    from server.cli.model_processes import LlamaServerKind
+    from server.gateway.models.models_file import load_models_file
+    from server.gateway.models.pool import ModelPool
+
+    try:
+        # Every model's memory is planned now: a file that is missing or not a GGUF stops the server here.
+        models = load_models_file(settings.models_file)
+        return ModelPool.build(models, kinds={"llama-server": LlamaServerKind()})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "models"
+        raise _fail(f"{settings.models_file}: {where}: {first.get('msg')}") from None
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{settings.models_file}: {exc}") from None
 
 
 def _gateway_options(
@@ -97,6 +118,12 @@ def _gateway_options(
         typer.Option(
             "--chain-config", "--chain", help="fallback chain YAML (see server/gateway/chain.example.yaml)"
         ),
+    ] = None,
+    models_file: Annotated[
+        Path | None,
+        typer.Option("--models-file", "--models",
+                     help="models file YAML (see server/gateway/models.example.yaml): several models behind "
+                     "this port, routed by the request's model, loaded and evicted by the memory plan"),
     ] = None,
     sampling_defaults: Annotated[
         str | None,
@@ -146,7 +173,7 @@ def serve(**options: Any) -> None:
     from server.gateway.app import create_app
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, backend=_model_pool(settings))
     except ValueError as exc:
         raise _fail(str(exc)) from None
     fatal = shutdown.run(app, app.state.gateway, host=settings.host, port=settings.port,

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 def build_backend(settings: GatewaySettings) -> Backend:
     """The backend the settings ask for (imported lazily: the upstream path needs no llama.cpp)."""
+    if settings.models_file is not None:
+        from server.gateway.models.models_file import load_models_file
+        from server.gateway.models.pool import ModelPool
+
+        return ModelPool.build(load_models_file(settings.models_file))
     if settings.chain_config is not None:
         from server.gateway.chain_config import load_chain
         from server.gateway.fallback import FallbackBackend

@@ -18,7 +18,7 @@ from prometheus_client.metrics import Histogram
 from starlette.requests import Request
 
 from server.gateway.admission import Lease, QueueFullError, QueueTimeoutError
-from server.gateway.backends.base import BackendError, Delta, GenerationJob, TokenLogprob
+from server.gateway.backends.base import Backend, BackendError, Delta, GenerationJob, TokenLogprob
 from server.gateway.choices import Choices
 from server.gateway.errors import APIError, from_backend_error
 from server.gateway.feed import DeltaFeed, FeedEndingError, FeedTimeoutError
@@ -176,8 +176,9 @@ class RunningJob:
             metrics.observe_tokens(self.prompt_tokens, self.completion_tokens)
 
 
-async def start_job(request: Request, state: GatewayState, job: GenerationJob, route: str) -> RunningJob:
-    """Admit `job`, start it on the backend and wait for its first delta."""
+async def start_job(request: Request, state: GatewayState, job: GenerationJob, route: str,
+                    backend: Backend | None = None) -> RunningJob:
+    """Admit `job`, start it on `backend` (default: the app's) and wait for its first delta."""
     settings = state.settings
     metrics = state.metrics
     state.require_ready()
@@ -200,7 +201,7 @@ async def start_job(request: Request, state: GatewayState, job: GenerationJob, r
     except ServerEndingError:
         raise ending_error(state) from None
     metrics.queue_wait.observe(time.monotonic() - started)
-    iterator = state.backend.generate(job)
+    iterator = (backend or state.backend).generate(job)
     try:
         first = await guarded(request, _first(iterator), deadline, state.ending)
     except BaseException as exc:

@@ -84,6 +84,11 @@ class GatewaySettings(BaseSettings):
         default=None,
         description="YAML fallback chain (server/gateway/chain.example.yaml); overrides backend",
     )
+    models_file: Path | None = Field(
+        default=None,
+        description="YAML models file (server/gateway/models.example.yaml): several models behind this port, "
+        "loaded on demand and evicted by the memory plan; overrides backend",
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     metrics_require_api_key: bool = Field(default=False, description="/metrics needs the API key too")
 

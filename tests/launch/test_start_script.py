@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,3 +71,84 @@ def test_start_script_serves_completions_on_the_cpu(tmp_path: Path, repo) -> Non
     while time.monotonic() < deadline and (group_members(script.pid) or group_members(backend)):
         time.sleep(0.1)
     assert not group_members(script.pid) and not group_members(backend), "processes left behind"
+
+
+@pytest.mark.slow
+def test_start_script_serves_a_models_file_embedded_and_llama_server(tmp_path: Path, repo) -> None:
+    """`./start_sglang.sh --models FILE`: one port, the `model` field picks an embedded model or a supervised
+    llama-server; SIGTERM stops the gateway, the engine core and llama-server."""
+    from openai import OpenAI
+
+    from server.launch.toolchain import probe_toolchain
+
+    if not probe_toolchain().has_llama_server:
+        pytest.skip("llama-server is not installed")
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n"
+                      "  - {name: small, settings: {n_ctx: 512, n_parallel: 2}}\n"
+                      "  - {name: server, backend: llama-server, settings: {n_ctx: 512, n_parallel: 2}}\n")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESERVE_")}
+    # The environment running the tests (a checkout's own .venv, or another named by EDGESERVE_VENV).
+    env.update(EDGESERVE_PORT=str(port), EDGESERVE_SKIP_SETUP="1", XDG_RUNTIME_DIR=str(tmp_path),
+               EDGESERVE_VENV=sys.prefix)
+    script = subprocess.Popen([str(repo / "start_sglang.sh"), "--models", str(models)], cwd=repo, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert script.poll() is None, "start_sglang.sh exited"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        for model in ("server", "small"):
+            reply = client.chat.completions.create(model=model, max_tokens=4,
+                                                   messages=[{"role": "user", "content": "Hi"}])
+            assert reply.model == model and reply.choices[0].message.content
+        listed = {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
+        assert listed["server"]["backend"] == "llama-server" and listed["server"]["state"] == "resident"
+        assert listed["small"]["state"] == "resident" and listed["small"]["planned_memory_mib"] > 0
+        started = _descendants(script.pid)  # the engine core and llama-server (in a group of its own)
+        assert len(started) >= 2
+    finally:
+        os.kill(script.pid, signal.SIGTERM)
+        try:
+            script.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            raise
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.1)
+    assert not [pid for pid in started if _alive(pid)], "processes left behind"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(name)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -225,4 +225,23 @@ def gateway_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     gpu = GatewayMetrics(gpu_sampler=lambda: [GpuSample(
         index=0, name="Tesla P4", memory_used_bytes=GIB, memory_total_bytes=8 * GIB, utilization_gpu_pct=50,
         temperature_c=60, power_draw_w=40.0)])
-    return exposed_names(page) | exposed_names(gpu.render().decode())
+    return exposed_names(page) | exposed_names(gpu.render().decode()) | exposed_names(_pool_page())
+
+
+def _pool_page() -> str:
+    """The model pool's families (a models file's gateway): its own collector and counters, bound to a
+    registry as create_app binds them, one load and one eviction recorded."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.gateway.models.member import EmbeddedKind, Member
+    from server.gateway.models.models_file import ModelsFile
+    from server.gateway.models.pool import ModelPool
+
+    models = ModelsFile.model_validate({"models": [{"name": "small"}]})
+    pool = ModelPool(models, [Member(models.models[0], EmbeddedKind(), 300 * MIB)], budget_bytes=GIB)
+    registry = CollectorRegistry()
+    pool.bind_registry(registry)
+    pool.metrics.loaded("small", 2.0)
+    pool.metrics.evicted("small", "lru")
+    pool.metrics.refused("small", "does_not_fit")
+    return generate_latest(registry).decode()

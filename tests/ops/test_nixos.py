@@ -167,6 +167,19 @@ def test_the_default_unit_plans_on_the_cpu_too(tmp_path: Path) -> None:
 
 
 @needs_nix
+def test_a_models_file_runs_serve_with_it(tmp_path: Path) -> None:
+    from server.cli.serve import settings_from_argv
+
+    data = _evaluate({"enable": True, "models_file": "/var/lib/edgeserve/models.yaml", "port": 8100,
+                      "shutdown_grace_s": 20})
+    program, command, *argv = shlex.split(_unit(data)["serviceConfig"]["ExecStart"])
+    assert program.endswith("/bin/edgeserve") and command == "serve"
+    settings = settings_from_argv(argv)
+    assert str(settings.models_file) == "/var/lib/edgeserve/models.yaml"
+    assert settings.port == 8100 and settings.shutdown_grace_s == 20
+
+
+@needs_nix
 def test_prometheus_scrapes_the_gateway_and_grafana_shows_the_dashboard() -> None:
     data = _evaluate({"enable": True, "host": "0.0.0.0", "port": 8100, "openFirewall": True,
                       "prometheus": {"enable": True}, "grafana": {"enable": True}})

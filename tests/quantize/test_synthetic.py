@@ -86,6 +86,14 @@ def test_llama31_8b_shape_has_the_real_model_size() -> None:
     assert TINY.is_k_quant_friendly and LLAMA31_8B.is_k_quant_friendly
 
 
+def test_llama32_3b_shape_has_the_real_model_size() -> None:
+    from quantize.synthetic import LLAMA32_3B, PRESETS
+
+    spec = synthetic_model_spec(LLAMA32_3B, 128256)
+    assert spec.n_params == 3_212_749_824  # Llama-3.2-3B's parameter count (tied embeddings)
+    assert PRESETS["llama32-3b"] is LLAMA32_3B and LLAMA32_3B.is_k_quant_friendly
+
+
 def test_bf16_bits_round_to_nearest_even() -> None:
     values = np.array([1.0, -2.5, 1.00390625, 1.01171875, 3.14159265], dtype=np.float32)
     bits = _to_bf16_bits(values)

@@ -8,8 +8,9 @@ from fastapi.responses import JSONResponse, Response
 from server.gateway.formatting import ChatFormatter, CompletionFormatter, Formatter
 from server.gateway.generation import RunningJob, collect, start_job
 from server.gateway.jobs import chat_job, completion_job
+from server.gateway.models.listing import pool_listing
 from server.gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.gateway.served_models import check_model, served_names
+from server.gateway.served_models import backend_for, served_names
 from server.gateway.state import StateDep, verify_api_key
 from server.gateway.streaming import JobStreamingResponse
 
@@ -31,10 +32,10 @@ async def _answer(request: Request, running: RunningJob, formatter: Formatter, s
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
     """Chat completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
-    check_model(state, body.model)
-    job = chat_job(body, state.backend, state.model_id, state.sampling_defaults)
-    formatter = ChatFormatter(state.model_id, want_logprobs=body.logprobs, n=body.n)
-    running = await start_job(request, state, job, CHAT_ROUTE)
+    backend, model_id = await backend_for(state, body.model)
+    job = chat_job(body, backend, model_id, state.sampling_defaults)
+    formatter = ChatFormatter(model_id, want_logprobs=body.logprobs, n=body.n)
+    running = await start_job(request, state, job, CHAT_ROUTE, backend)
     return await _answer(request, running, formatter, body.stream, body.wants_usage_chunk)
 
 
@@ -42,18 +43,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Response:
     """Text completion, streamed as server-sent events when `stream` is true."""
     state.require_ready()
-    check_model(state, body.model)
-    job = completion_job(body, state.backend, state.model_id, state.settings.default_completion_max_tokens,
+    backend, model_id = await backend_for(state, body.model)
+    job = completion_job(body, backend, model_id, state.settings.default_completion_max_tokens,
                          state.sampling_defaults)
-    formatter = CompletionFormatter(state.model_id, want_logprobs=body.logprobs is not None,
+    formatter = CompletionFormatter(model_id, want_logprobs=body.logprobs is not None,
                                     echo_prompt=body.prompt_text() if body.echo else None, n=body.n)
-    running = await start_job(request, state, job, COMPLETIONS_ROUTE)
+    running = await start_job(request, state, job, COMPLETIONS_ROUTE, backend)
     return await _answer(request, running, formatter, body.stream, body.wants_usage_chunk)
 
 
-@router.get("/models")
-async def models(state: StateDep) -> ModelList:
-    """The model this gateway serves, under each name it answers to."""
+@router.get("/models", response_model=None)
+async def models(state: StateDep) -> ModelList | JSONResponse:
+    """The model this gateway serves, under each name it answers to; with a models file, every model with
+    its state (resident, loading, unloaded, unloading) and planned memory."""
+    listing = pool_listing(state)
+    if listing is not None:
+        return JSONResponse(listing)
     if state.load_error is not None:
         state.require_ready()
     n_ctx = state.backend.n_ctx if state.is_ready() else None

@@ -1,0 +1,1 @@
+"""Several models behind one gateway: the models file, residency decided by the memory plan, the pool."""
