@@ -41,7 +41,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-import openai  # noqa: E402
 import yaml  # noqa: E402
 
 from loadtest.servers import ServerProcess, metric_value, start_edgeserve  # noqa: E402
@@ -143,22 +142,31 @@ class Results:
     wall_s: float = 0.0
 
 
-def stream(client: openai.OpenAI, model: str, max_tokens: int, phase: str) -> Request:
-    """One streamed chat request: time to first token, tokens, seconds. Never retried."""
+def stream(client: httpx.Client, model: str, max_tokens: int, phase: str) -> Request:
+    """One streamed chat request: time to first token, tokens, seconds. Never retried. Read with httpx (the
+    GPU host has no openai package): an HTTP error or an error event in the stream fails the request."""
     started = time.monotonic()
     ttft = None
     tokens = 0
+    body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True}}
     try:
-        chunks = client.chat.completions.create(
-            model=model, max_tokens=max_tokens, stream=True, temperature=0,
-            messages=[{"role": "user", "content": PROMPT}], extra_body={"ignore_eos": True},
-            stream_options={"include_usage": True})
-        for chunk in chunks:
-            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
-                ttft = time.monotonic() - started
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-    except openai.APIError as exc:
+        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"error event: {chunk['error']}")
+                choices = chunk.get("choices") or []
+                if ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+                    ttft = time.monotonic() - started
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, RuntimeError, ValueError) as exc:
         return Request(phase, model, False, seconds=time.monotonic() - started, error=str(exc)[:300])
     return Request(phase, model, ttft is not None, ttft, time.monotonic() - started, tokens)
 
@@ -231,7 +239,7 @@ def run(args: argparse.Namespace) -> Results:
     res = Results(machine=args.machine or platform.processor() or platform.machine(), on_gpu=on_gpu,
                   budget_mib=args.budget_mib, settings=settings)
     server = start_edgeserve(["--models", str(file)], args.work / "serve.log").wait_ready(timeout_s=300)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    client = httpx.Client(base_url=server.url, timeout=600, trust_env=False)
     try:
         res.planned_mib = {n: m["planned_memory_mib"] for n, m in listing(server).items()}
         # cold: each model loads; the process that appeared holds its memory
@@ -291,7 +299,7 @@ def run(args: argparse.Namespace) -> Results:
             flags = ["--models", str(models_file(args, {name: path}))]
         log = args.work / f"single-{name}.log"
         single = start_edgeserve(flags, log).wait_ready(timeout_s=300)
-        alone = openai.OpenAI(base_url=single.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        alone = httpx.Client(base_url=single.url, timeout=600, trust_env=False)
         try:
             served = name if args.backend != "embedded" else "edgeserve"
             stream(alone, served, 4, "single-warm-up")
