@@ -30,8 +30,10 @@ MAX_TOKENS = 48
 
 
 def _config(**kw: object) -> EngineConfig:
+    # No prefix cache: a prompt taken from the cache computes only its last token, in a batch of its own,
+    # which on this CPU can change a greedy token by itself; both engines compute every prompt alike.
     base: dict[str, object] = dict(model_path=str(smollm2_path()), n_ctx=512, n_parallel=4, n_batch=512,
-                                   kv_unified=False)
+                                   kv_unified=False, prefix_cache=False)
     base.update(kw)
     return EngineConfig(**base)  # type: ignore[arg-type]
 
