@@ -36,6 +36,11 @@ SpecType = Literal["none", "ngram-simple", "draft-simple"]
 # (docs/BENCHMARKS.md, speculative decoding); on a GPU not yet measured, chosen so 32 streams never speculate.
 SPEC_SEQS_CPU = 4
 SPEC_SEQS_GPU = 8
+# What one more token costs in a one-sequence step, relative to the step (EngineConfig.spec_token_cost_on):
+# on the CPU measured with the bundled SmolLM2 on 2 vCPUs (13.5 ms for one token, 22.5 ms for two: the
+# kernels are compute-bound); on a GPU, where decoding reads the weights once per step, not yet measured.
+SPEC_TOKEN_COST_CPU = 0.65
+SPEC_TOKEN_COST_GPU = 0.05
 NCtx = Annotated[
     int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
 ]
@@ -159,6 +164,11 @@ class EngineConfig(BaseModel):
         description=f"decoding sequences above which no sequence drafts (default: {SPEC_SEQS_CPU} on the "
         f"CPU, {SPEC_SEQS_GPU} on a GPU)",
     )
+    spec_token_cost: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description=f"cost of one more token in a one-sequence step, relative to the step; draft lengths "
+        f"follow it (default: {SPEC_TOKEN_COST_CPU} on the CPU, {SPEC_TOKEN_COST_GPU} on a GPU)",
+    )
     spec_accept_min: float = Field(
         default=0.3, ge=0.0, le=1.0,
         description="acceptance ratio below which a sequence stops drafting for a while",
@@ -193,6 +203,12 @@ class EngineConfig(BaseModel):
     @property
     def speculates(self) -> bool:
         return self.spec_type != "none"
+
+    def spec_token_cost_on(self, output_on_gpu: bool) -> float:
+        """spec_token_cost as given, else the measured (CPU) or chosen (GPU) default."""
+        if self.spec_token_cost is not None:
+            return self.spec_token_cost
+        return SPEC_TOKEN_COST_GPU if output_on_gpu else SPEC_TOKEN_COST_CPU
 
     def spec_seq_limit(self, output_on_gpu: bool) -> int:
         """spec_seqs_max as given, else the measured (CPU) or chosen (GPU) default."""

@@ -4,10 +4,19 @@ llama.cpp's KV edits, as in test_scheduler.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from server.engine.config import SPEC_SEQS_CPU, SPEC_SEQS_GPU, EngineConfig
 from server.engine.request import Request, RequestStatus
 from server.engine.scheduler import Scheduler
-from server.engine.spec.draft_length import JUDGE_AFTER, PAUSE_STEPS, DraftLength
+from server.engine.spec.draft_length import (
+    JUDGE_AFTER,
+    PAUSE_STEPS,
+    DraftLength,
+    best_length,
+    expected_tokens,
+    extra_token_cost,
+)
 from server.engine.spec.ngram import NgramIndex
 from server.engine.spec.speculator import Speculator
 from server.engine.types import SamplingParams
@@ -26,7 +35,8 @@ class RecordingKv:
 
 
 def spec_config(**kw: object) -> EngineConfig:
-    return EngineConfig(spec_type="ngram-simple", **kw)  # type: ignore[arg-type]
+    # extra tokens free (spec_token_cost 0): draft lengths follow the heuristic alone
+    return EngineConfig(**{"spec_type": "ngram-simple", "spec_token_cost": 0.0, **kw})  # type: ignore[arg-type]
 
 
 # --- prompt lookup ----------------------------------------------------------------------------------------
@@ -62,23 +72,42 @@ def test_lookup_stops_at_the_end_of_what_is_known() -> None:
 
 def test_draft_length_follows_acceptance() -> None:
     d = DraftLength(n_min=1, n_max=8, accept_min=0.3)
-    assert d.want() == 8
+    assert d.want(0.0) == 8
     d.record(8, 3)  # partial: one more than accepted
-    assert d.want() == 4
+    assert d.want(0.0) == 4
     d.record(4, 4)  # whole: two longer
-    assert d.want() == 6
+    assert d.want(0.0) == 6
     d.record(6, 6)
     d.record(8, 8)
-    assert d.want() == 8  # never above n_max
+    assert d.want(0.0) == 8  # never above n_max
+
+
+def test_drafts_are_as_long_as_pays_for_their_cost() -> None:
+    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 3) == 4.0
+    # one more token at 0.65 of a step (this CPU): only a sequence that is accepted often drafts, and short
+    assert best_length(0.5, 0.65, 8) == 0
+    assert best_length(0.8, 0.65, 8) == 1
+    assert 1 < best_length(0.97, 0.65, 8) < 8
+    # nearly free tokens (a GPU's memory-bound step): long drafts
+    assert best_length(0.8, 0.02, 8) >= 6
+    # the same token weighs more in a step of many sequences: at 8 on this CPU nothing pays
+    assert extra_token_cost(0.65, 1) == pytest.approx(0.65)
+    assert extra_token_cost(0.65, 8) > 0.9
+    assert best_length(0.9, extra_token_cost(0.65, 8), 8) == 0
+    d = DraftLength(n_min=1, n_max=8, accept_min=0.3)
+    assert d.want(0.65) == 1  # the prior acceptance pays for one token
+    for _ in range(30):
+        d.record(d.want(0.65), d.k if d.k <= 8 else 8)
+    assert d.want(0.65) > 1
 
 
 def test_low_acceptance_pauses_a_sequence_longer_each_time() -> None:
     d = DraftLength(n_min=1, n_max=4, accept_min=0.3)
-    drafted = 0
+    judged = 0
     while not d.is_paused:
         d.record(2, 0)
-        drafted += 2
-    assert drafted >= JUDGE_AFTER
+        judged += 1
+    assert judged >= JUDGE_AFTER
     pauses = 0
     while d.want() == 0:
         pauses += 1
@@ -94,6 +123,14 @@ def test_low_acceptance_pauses_a_sequence_longer_each_time() -> None:
     for _ in range(100):
         good.record(4, 2)
         assert good.want() > 0
+
+
+def test_where_no_draft_pays_a_sequence_pauses_after_judging() -> None:
+    d = DraftLength(n_min=1, n_max=8, accept_min=0.0)
+    for _ in range(JUDGE_AFTER):
+        assert d.want(0.65) == 1
+        d.record(1, 0 if _ % 2 else 1)  # half accepted: does not pay at 0.65
+    assert d.want(0.65) == 0 and d.is_paused
 
 
 # --- the speculator ----------------------------------------------------------------------------------------
@@ -144,6 +181,11 @@ def test_drafts_stay_within_max_tokens_and_the_room() -> None:
     sp.record(a, 8, 2)
     assert sp.drafted_total == 8 and sp.accepted_total == 2 and sp.verified_total == 1
     assert a.spec is not None and a.spec.length.k == 3
+
+    cpu = Speculator(spec_config(spec_token_cost=None), output_on_gpu=False)
+    c = running(3, tokens)
+    cpu.attach(c)
+    assert cpu.drafts([c], room=10) == [(0,)]  # one token: what a new sequence's prior acceptance pays for
 
 
 # --- the scheduler's cells ---------------------------------------------------------------------------------

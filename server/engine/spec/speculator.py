@@ -13,9 +13,10 @@ becomes: accept x with probability p(x), else sample from p without x, renormali
 p with the request's chain and comparing it with x does exactly that, and every emitted token is one draw of
 the chain, as without speculation (grammar, penalties, logprobs and the seed's stream included).
 
-Speculation turns itself off per step when more sequences decode than `spec_seq_limit` (verifying drafts
-beside many sequences costs compute a full batch no longer has spare), and per sequence when its acceptance
-stays low (draft_length.py).
+A sequence drafts as many tokens as pay for their verification, given its own acceptance and what one more
+token costs in a step of this many sequences (draft_length.py): none where nothing pays, so speculation
+turns itself off as the batch grows or acceptance falls; above `spec_seq_limit` decoding sequences no
+sequence drafts at all.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from server.engine.spec.draft_length import DraftLength
+from server.engine.spec.draft_length import DraftLength, extra_token_cost
 from server.engine.spec.ngram import NgramIndex
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Speculator:
     def __init__(self, config: EngineConfig, *, output_on_gpu: bool, drafter: Drafter | None = None) -> None:
         self.config = config
         self.seq_limit = config.spec_seq_limit(output_on_gpu)
+        self.token_cost = config.spec_token_cost_on(output_on_gpu)
         self.drafter: Drafter = drafter if drafter is not None else NgramDrafter()
         self.drafted_total = 0
         self.accepted_total = 0
@@ -103,13 +105,14 @@ class Speculator:
             self.skipped_steps_total += 1
             return none
         n_min = self.config.spec_draft_n_min
+        r = extra_token_cost(self.token_cost, len(decoders))
         asked: list[int] = []
         lengths: list[int] = []
         for i in spec_reqs:
             req = decoders[i]
             assert req.spec is not None
             # Never past max_tokens: the bonus token after a fully accepted draft counts too.
-            k = min(req.spec.length.want(), req.params.max_tokens - req.n_generated - 1, room)
+            k = min(req.spec.length.want(r), req.params.max_tokens - req.n_generated - 1, room)
             if k >= n_min:
                 asked.append(i)
                 lengths.append(k)
