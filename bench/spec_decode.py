@@ -2,9 +2,10 @@
 (ngram-simple) and, where a draft model is given, with it (draft-simple), against llama-server with its n-gram
 modes (and without speculation), on the same model, prompts, stream counts and greedy settings.
 
-Each server is started once per round and serves every stream count; rounds alternate the order of the
-servers. A stream sends the shipped prompts (bench/data/spec_prompts.jsonl: repeat or edit given text and
-code) one after another, greedy, max_tokens fixed; tokens/s = completion tokens of all streams / wall time.
+Every server is started once and runs for the whole measurement; they take turns slice by slice (a slice:
+one request per stream, all at once, on the shipped prompts bench/data/spec_prompts.jsonl: repeat or edit
+given text and code), in alternating order, greedy, max_tokens fixed. tokens/s = completion tokens / the
+time the server's slices took.
 edgeserve's texts with speculation are checked against its texts without it (the same prompt, the same
 stream count): greedy output must be identical. edgeserve's drafted/accepted counts come from its /metrics.
 
@@ -118,38 +119,33 @@ def start(server: Server, logs: Path) -> ServerProcess:
     return proc.wait_ready("/health", timeout_s=600)
 
 
-async def _stream(client: httpx.AsyncClient, url: str, prompts: list[dict], start: int, n: int,
-                  max_tokens: int, run: Run, stream_id: int) -> None:
-    for i in range(n):
-        p = prompts[(start + i) % len(prompts)]
-        body = {"model": "edgeserve" if run.server.startswith("edgeserve") else "m",
-                "messages": p["messages"], "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-        r = await client.post(url + "/v1/chat/completions", json=body)
-        r.raise_for_status()
-        data = r.json()
-        run.tokens += int(data["usage"]["completion_tokens"])
-        run.requests += 1
-        run.texts[f"{p['id']}#{stream_id}"] = data["choices"][0]["message"]["content"] or ""
+async def _one(client: httpx.AsyncClient, url: str, server: Server, prompt: dict, max_tokens: int,
+               run: Run, key: str) -> None:
+    body = {"model": "edgeserve" if server.is_edgeserve else "m", "messages": prompt["messages"],
+            "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    r = await client.post(url + "/v1/chat/completions", json=body)
+    r.raise_for_status()
+    data = r.json()
+    run.tokens += int(data["usage"]["completion_tokens"])
+    run.requests += 1
+    run.texts[key] = data["choices"][0]["message"]["content"] or ""
 
 
-async def measure(proc: ServerProcess, server: Server, level: int, rnd: int, prompts: list[dict],
-                  args: argparse.Namespace) -> Run:
-    run = Run(server.name, level, rnd)
-    per_stream = max(1, args.requests // level) if args.requests else max(1, len(prompts) // level)
+async def measure_slice(proc: ServerProcess, server: Server, level: int, prompts: list[dict], first: int,
+                        args: argparse.Namespace, run: Run) -> None:
+    """`level` requests at once (prompts first, first+1, ...), timed; counts added to `run`."""
     before = metric_values(proc.url) if server.is_edgeserve else {}
-    limits = httpx.Limits(max_connections=level + 4)
-    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=level + 4)) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_stream(client, proc.url, prompts, s * per_stream, per_stream, args.max_tokens,
-                                       run, s) for s in range(level)))
-        run.seconds = time.perf_counter() - t0
+        await asyncio.gather(*(_one(client, proc.url, server, prompts[(first + i) % len(prompts)],
+                                    args.max_tokens, run, f"{first + i}")
+                               for i in range(level)))
+        run.seconds += time.perf_counter() - t0
     if server.is_edgeserve:
         after = metric_values(proc.url)
-        run.drafted = after.get("edgeserve_spec_drafted_tokens_total", 0.0) - before.get(
-            "edgeserve_spec_drafted_tokens_total", 0.0)
-        run.accepted = after.get("edgeserve_spec_accepted_tokens_total", 0.0) - before.get(
-            "edgeserve_spec_accepted_tokens_total", 0.0)
-    return run
+        for attr, name in (("drafted", "edgeserve_spec_drafted_tokens_total"),
+                           ("accepted", "edgeserve_spec_accepted_tokens_total")):
+            setattr(run, attr, getattr(run, attr) + after.get(name, 0.0) - before.get(name, 0.0))
 
 
 async def warm(proc: ServerProcess, server: Server, prompts: list[dict]) -> None:
@@ -167,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,8", help="concurrent streams, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=0,
-                    help="requests per stream count (default: one per prompt, at least one per stream)")
+                    help="requests per stream count and round (default: one per prompt, at least one per "
+                         "stream)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over all servers, order alternating")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads of every server (0: their default)")
     ap.add_argument("--gpu", action="store_true", help="every layer on the GPU")
@@ -177,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama-server --spec-type modes to run ('none': without speculation; empty: no "
                          "llama-server)")
     ap.add_argument("--only", default="", help="run only these servers (names, comma-separated)")
-    ap.add_argument("--budget-s", type=float, default=0, help="start no new server after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no new measurement after this many seconds of measuring")
     ap.add_argument("--work", default="", help="folder for server logs (default: OUT/logs)")
     ap.add_argument("--out", required=True, help="folder for spec_decode.json and spec_decode.md")
     args = ap.parse_args(argv)
@@ -190,25 +188,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         todo = [s for s in todo if s.name in keep]
-    runs: list[Run] = []
+    # Every server runs for the whole measurement and they take turns slice by slice (a slice: one request
+    # per stream, all at once), in alternating order: on a shared or throttling machine each sees the same
+    # background, and no server runs while another is measured.
+    procs: dict[str, ServerProcess] = {}
+    runs: dict[tuple[str, int, int], Run] = {}
     t_start = time.monotonic()
-    for rnd in range(args.rounds):
-        for server in todo if rnd % 2 == 0 else list(reversed(todo)):
-            if args.budget_s and time.monotonic() - t_start > args.budget_s:
-                print(f"budget spent: {server.name} round {rnd} not run", file=sys.stderr)
-                continue
-            proc = start(server, logs)
-            try:
-                asyncio.run(warm(proc, server, prompts))
-                for level in levels:
-                    run = asyncio.run(measure(proc, server, level, rnd, prompts, args))
-                    runs.append(run)
-                    print(f"{server.name:24s} streams {level:3d} round {rnd}: {run.tokens_per_s:8.1f} t/s "
+    try:
+        for server in todo:
+            procs[server.name] = start(server, logs)
+            asyncio.run(warm(procs[server.name], server, prompts))
+        t_start = time.monotonic()
+        for rnd in range(args.rounds):
+            for level in levels:
+                n_requests = args.requests or len(prompts)
+                for j in range(max(1, n_requests // level)):
+                    if args.budget_s and time.monotonic() - t_start > args.budget_s:
+                        print(f"budget spent: round {rnd}, {level} streams, slice {j} on not run",
+                              file=sys.stderr)
+                        break
+                    order = todo if (j + rnd) % 2 == 0 else list(reversed(todo))
+                    for server in order:
+                        run = runs.setdefault((server.name, level, rnd), Run(server.name, level, rnd))
+                        asyncio.run(measure_slice(procs[server.name], server, level, prompts, j * level, args,
+                                                  run))
+                for server in todo:
+                    run = runs.get((server.name, level, rnd)) or Run(server.name, level, rnd)
+                    print(f"{server.name:26s} streams {level:3d} round {rnd}: {run.tokens_per_s:8.1f} t/s "
                           f"({run.tokens} tokens, {run.seconds:.1f} s, drafted {run.drafted:.0f}, "
                           f"accepted {run.accepted:.0f})", file=sys.stderr, flush=True)
-            finally:
-                proc.stop()
-    write(out, args, levels, runs, time.monotonic() - t_start)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    write(out, args, levels, list(runs.values()), time.monotonic() - t_start)
     return 0
 
 

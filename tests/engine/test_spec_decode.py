@@ -224,8 +224,9 @@ def test_sampled_tokens_after_a_verified_draft_follow_the_target(engine_threads,
                                                                  serial_reference) -> None:
     from tests.engine.test_engine_sampling import chi_square_passes, cpu_chain_distribution
 
+    # every sequence drafts whatever the batch (tokens free, no batch limit); the prompt comes from the cache
     eng = Engine(_config(n_threads=engine_threads, n_ctx=128, n_parallel=SLOTS, spec_type="ngram-simple",
-                         spec_seqs_max=SLOTS, spec_draft_n_min=1))
+                         spec_seqs_max=SLOTS, spec_token_cost=0.0, prefix_cache=True))
     eng.start()
     text = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat. The cat sat on the"
     prompt = eng.tokenize(text)
