@@ -17,7 +17,7 @@ from server.engine.types import SamplingParams
 
 if TYPE_CHECKING:
     from server.engine.sampling import Sampler
-    from server.engine.spec.speculator import SpecSeq
+    from server.engine.spec.seq_state import SpecSeq
 
 _arrivals = itertools.count()
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from server.engine.spec.draft_length import DraftLength, extra_token_cost
 from server.engine.spec.ngram import NgramIndex
+from server.engine.spec.seq_state import SpecSeq
 
 if TYPE_CHECKING:
     from server.engine.config import EngineConfig
@@ -40,16 +41,6 @@ class Drafter(Protocol):
     def forget(self, req: Request) -> None: ...
 
     def close(self) -> None: ...
-
-
-class SpecSeq:
-    """One request's speculation state: its draft length and, for prompt lookup, its n-gram index."""
-
-    __slots__ = ("index", "length")
-
-    def __init__(self, length: DraftLength, index: NgramIndex | None) -> None:
-        self.length = length
-        self.index = index
 
 
 class NgramDrafter:
