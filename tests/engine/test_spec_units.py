@@ -235,3 +235,26 @@ def test_a_request_that_ends_with_cells_of_an_unjudged_draft_keeps_only_its_toke
     s.finish(r, RequestStatus.FINISHED_STOPPED)  # a stop string: the slot keeps its prefix
     assert ("rm", 0, 6, -1) in kv.edits
     assert s.kv.slots[0].cached == [1, 2, 3, 1, 2, 3] and s.kv_cached() == 6
+
+
+def test_new_sequences_start_from_the_servers_acceptance() -> None:
+    sp = Speculator(spec_config(), output_on_gpu=False)
+    old = running(0, [1, 2, 3, 1, 2])
+    sp.attach(old)
+    for _ in range(100):
+        sp.record(old, 2, 0)  # a draft that is never accepted
+    assert sp.alpha < 0.3
+    new = running(1, [1, 2, 3, 1, 2])
+    sp.attach(new)
+    assert new.spec is not None
+    # it pauses before drafting at all, then probes with one token
+    steps = 0
+    while new.spec.length.want(0.65) == 0:
+        steps += 1
+    assert steps == 1 + PAUSE_STEPS  # the step that decided it, then the pause
+    # a probe accepted whole: drafting goes on where it pays
+    new.spec.length.record(1, 1)
+    fresh = Speculator(spec_config(), output_on_gpu=False)
+    first = running(2, [1, 2, 3, 1, 2])
+    fresh.attach(first)
+    assert first.spec is not None and first.spec.length.want(0.0) == 8  # nothing known: the prior

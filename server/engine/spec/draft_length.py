@@ -8,7 +8,9 @@ step (r = b*B / (a + b*B) for a step of B decoding sequences whose time is a + b
 batch). The length is the k that maximises tokens per cost, capped by Hugging Face's assisted-generation
 heuristic (two longer after a draft accepted whole, one longer than what was accepted otherwise) and by n_max.
 Where no k pays (or acceptance is below accept_min), the sequence stops drafting for a while, twice as long
-each time it fails again, then tries a short draft to judge afresh. Pure arithmetic: tested by counts.
+each time it fails again, then tries one short draft (a probe) to judge again. A new sequence starts from the
+server's recent acceptance where there is one (Speculator): with a draft that is never accepted, new requests
+pause first instead of each learning it anew. Pure arithmetic: tested by counts.
 """
 
 from __future__ import annotations
@@ -51,17 +53,19 @@ def extra_token_cost(r_one: float, n_seqs: int) -> float:
 class DraftLength:
     """One sequence's next draft length and its acceptance record."""
 
-    __slots__ = ("_judged", "_pause", "_pause_next", "accept_min", "alpha", "k", "n_max", "n_min")
+    __slots__ = ("_judged", "_pause", "_pause_next", "_probe", "accept_min", "alpha", "k", "n_max", "n_min")
 
-    def __init__(self, n_min: int, n_max: int, accept_min: float) -> None:
+    def __init__(self, n_min: int, n_max: int, accept_min: float, *, alpha: float = ALPHA_PRIOR,
+                 judged: int = 0) -> None:
         self.n_min = n_min
         self.n_max = n_max
         self.accept_min = accept_min
         self.k = n_max  # the heuristic's cap
-        self.alpha = ALPHA_PRIOR
-        self._judged = 0
+        self.alpha = alpha
+        self._judged = judged
         self._pause = 0  # steps left without drafts
         self._pause_next = PAUSE_STEPS
+        self._probe = False  # the next draft is a probe after a pause
 
     @property
     def is_paused(self) -> bool:
@@ -72,14 +76,15 @@ class DraftLength:
         sequence counts the step down."""
         if self._pause > 0:
             self._pause -= 1
+            self._probe = self._pause == 0
             return 0
+        if self._probe:
+            return self.n_min
         k = min(self.k, best_length(self.alpha, r, self.n_max))
-        if k < self.n_min:
-            if self._judged >= JUDGE_AFTER:
-                self._pause_for_a_while()
-                return 0
-            k = self.n_min  # too little known yet: a short draft to learn from
-        return k
+        if self._judged >= JUDGE_AFTER and (k < self.n_min or self.alpha < self.accept_min):
+            self._pause_for_a_while()
+            return 0
+        return max(k, self.n_min)  # too little known yet: at least a short draft to learn from
 
     def record(self, drafted: int, accepted: int) -> None:
         """A verified draft: `accepted` of its `drafted` tokens matched the target."""
@@ -91,12 +96,14 @@ class DraftLength:
         if accepted < drafted:  # the first rejected position; the ones after it were never judged
             self.alpha -= ALPHA_WEIGHT * self.alpha
         self._judged += accepted + (accepted < drafted)
+        if self._probe:
+            self._probe = False
+            if accepted == drafted:
+                self._pause_next = PAUSE_STEPS  # it pays again: a later failure pauses it briefly
         if self._judged >= JUDGE_AFTER and self.alpha < self.accept_min:
             self._pause_for_a_while()
 
     def _pause_for_a_while(self) -> None:
         self._pause = self._pause_next
         self._pause_next = min(PAUSE_STEPS_MAX, self._pause_next * 2)
-        self.alpha = ALPHA_PRIOR  # judged afresh after the pause
-        self._judged = 0
         self.k = self.n_min

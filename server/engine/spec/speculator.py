@@ -24,13 +24,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from server.engine.spec.draft_length import DraftLength, extra_token_cost
+from server.engine.spec.draft_length import ALPHA_PRIOR, JUDGE_AFTER, DraftLength, extra_token_cost
 from server.engine.spec.ngram import NgramIndex
 from server.engine.spec.seq_state import SpecSeq
 
 if TYPE_CHECKING:
     from server.engine.config import EngineConfig
     from server.engine.request import Request
+
+
+# Weight of one judged position in the server's acceptance (slower than a sequence's own).
+SERVER_ALPHA_WEIGHT = 0.02
 
 
 class Drafter(Protocol):
@@ -73,6 +77,9 @@ class Speculator:
         self.accepted_total = 0
         self.verified_total = 0  # sequence-steps that verified a draft
         self.skipped_steps_total = 0  # steps with drafting sequences where the batch was too large to draft
+        # The server's recent per-token acceptance (over every sequence), where new sequences start from.
+        self.alpha = ALPHA_PRIOR
+        self._judged = 0
 
     def attach(self, req: Request) -> None:
         """Give `req` speculation state if it speculates (the server's default unless it turned it off)."""
@@ -80,7 +87,10 @@ class Speculator:
             return
         c = self.config
         index = NgramIndex(c.spec_ngram_simple_size_n) if c.spec_type == "ngram-simple" else None
-        req.spec = SpecSeq(DraftLength(c.spec_draft_n_min, c.spec_draft_n_max, c.spec_accept_min), index)
+        known = self._judged >= JUDGE_AFTER
+        length = DraftLength(c.spec_draft_n_min, c.spec_draft_n_max, c.spec_accept_min,
+                             alpha=self.alpha if known else ALPHA_PRIOR, judged=JUDGE_AFTER if known else 0)
+        req.spec = SpecSeq(length, index)
 
     def detach(self, req: Request) -> None:
         if req.spec is not None:
@@ -121,6 +131,11 @@ class Speculator:
         self.drafted_total += drafted
         self.accepted_total += accepted
         self.verified_total += 1
+        for _ in range(accepted):
+            self.alpha += SERVER_ALPHA_WEIGHT * (1.0 - self.alpha)
+        if accepted < drafted:
+            self.alpha -= SERVER_ALPHA_WEIGHT * self.alpha
+        self._judged += accepted + (accepted < drafted)
         if req.spec is not None:
             req.spec.length.record(drafted, accepted)
 
