@@ -69,6 +69,14 @@ class TokenBatch:
         self.n = end
         return end - 1
 
+    def add_verify(self, tokens: Sequence[int], pos0: int, seq: int) -> int:
+        """A sequence's last token and its draft, every row wanting logits. Returns the batch index of the
+        first."""
+        start = self.n
+        self.add_run(tokens, pos0, seq, True)
+        self.logits[start: self.n] = 1
+        return start
+
     def finish(self) -> lc.llama_batch:
         self.struct.n_tokens = self.n
         return self.struct

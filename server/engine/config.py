@@ -29,6 +29,18 @@ FlashAttn = Literal["on", "off", "auto"]
 # llama.cpp's pooling for /v1/embeddings; none: no embeddings (OpenAI's answer is one vector per input).
 Pooling = Literal["mean", "cls", "last", "none"]
 CoreMode = Literal["process", "thread"]
+# llama-server's --spec-type names for what the engine implements: prompt lookup (n-grams of the prompt and
+# the text so far) and a smaller draft model with the same vocabulary.
+SpecType = Literal["none", "ngram-simple", "draft-simple"]
+# Decoding sequences above which no sequence drafts (EngineConfig.spec_seq_limit): measured on the CPU
+# (docs/BENCHMARKS.md, speculative decoding); on a GPU not yet measured, chosen so 32 streams never speculate.
+SPEC_SEQS_CPU = 4
+SPEC_SEQS_GPU = 8
+# What one more token costs in a one-sequence step, relative to the step (EngineConfig.spec_token_cost_on):
+# on the CPU measured with the bundled SmolLM2 on 2 vCPUs (13.5 ms for one token, 22.5 ms for two: the
+# kernels are compute-bound); on a GPU, where decoding reads the weights once per step, not yet measured.
+SPEC_TOKEN_COST_CPU = 0.65
+SPEC_TOKEN_COST_GPU = 0.05
 NCtx = Annotated[
     int, Field(ge=MIN_N_CTX, description="context of ONE sequence (prompt + completion), tokens")
 ]
@@ -128,6 +140,39 @@ class EngineConfig(BaseModel):
         description="schedule as if the KV pool held only this many cells (vLLM's num_gpu_blocks_override: "
         "a smaller budget than llama.cpp's cache, to exercise preemption in tests)",
     )
+    spec_type: SpecType = Field(
+        default="none",
+        description="speculative decoding: ngram-simple (drafts from the prompt and the text so far), "
+        "draft-simple (a draft model, spec_draft_model), none; a request may turn it off "
+        "(speculative: false)",
+    )
+    spec_draft_n_max: int = Field(
+        default=8, ge=1, le=32, description="most tokens one sequence drafts per step (adapts to acceptance)"
+    )
+    spec_draft_n_min: int = Field(
+        default=1, ge=1, description="fewest draft tokens worth verifying (shorter drafts are dropped)"
+    )
+    spec_draft_model: str | None = Field(
+        default=None, description="GGUF of the draft model for draft-simple (same vocabulary as the model)"
+    )
+    spec_ngram_simple_size_n: int = Field(
+        default=3, ge=1, le=16,
+        description="ngram-simple: length of the n-gram looked up (shorter ones down to 2 are tried next)",
+    )
+    spec_seqs_max: int | None = Field(
+        default=None, ge=0,
+        description=f"decoding sequences above which no sequence drafts (default: {SPEC_SEQS_CPU} on the "
+        f"CPU, {SPEC_SEQS_GPU} on a GPU)",
+    )
+    spec_token_cost: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description=f"cost of one more token in a one-sequence step, relative to the step; draft lengths "
+        f"follow it (default: {SPEC_TOKEN_COST_CPU} on the CPU, {SPEC_TOKEN_COST_GPU} on a GPU)",
+    )
+    spec_accept_min: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="acceptance ratio below which a sequence stops drafting for a while",
+    )
     core: CoreMode = Field(
         default="process",
         description="where the engine core (the step loop that owns llama.cpp) runs: a process of its own, "
@@ -149,7 +194,27 @@ class EngineConfig(BaseModel):
             raise ValueError(f"kv_type must be one of {', '.join(LLAMA_KV_TYPES)}")
         if needs_flash_attn(self.kv_type) and self.flash_attn == "off":
             raise ValueError(f"{flash_attn_needed(self.kv_type)}: flash_attn on or auto")
+        if self.spec_type == "draft-simple" and not self.spec_draft_model:
+            raise ValueError("spec_type draft-simple needs spec_draft_model (a GGUF, the same vocabulary)")
+        if self.spec_draft_n_min > self.spec_draft_n_max:
+            raise ValueError("spec_draft_n_min must not exceed spec_draft_n_max")
         return self
+
+    @property
+    def speculates(self) -> bool:
+        return self.spec_type != "none"
+
+    def spec_token_cost_on(self, output_on_gpu: bool) -> float:
+        """spec_token_cost as given, else the measured (CPU) or chosen (GPU) default."""
+        if self.spec_token_cost is not None:
+            return self.spec_token_cost
+        return SPEC_TOKEN_COST_GPU if output_on_gpu else SPEC_TOKEN_COST_CPU
+
+    def spec_seq_limit(self, output_on_gpu: bool) -> int:
+        """spec_seqs_max as given, else the measured (CPU) or chosen (GPU) default."""
+        if self.spec_seqs_max is not None:
+            return self.spec_seqs_max
+        return SPEC_SEQS_GPU if output_on_gpu else SPEC_SEQS_CPU
 
     def unified_on(self, output_on_gpu: bool) -> bool:
         """kv_unified as given, else what was measured fastest for this device and slot count."""

@@ -32,10 +32,10 @@ from server.engine.request import Request, RequestStatus
 from server.engine.runner import Launched, Runner, Sampled
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Scheduler
+from server.engine.spec.speculator import Drafter, Speculator
 from server.engine.stats import EngineStats
 from server.engine.step_plan import StepPlan
 from server.engine.step_profile import StepProfile
-from server.engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class EngineCore:
     """Requests in, token ids out, over one LlamaRuntime. `run()` is the loop; other threads only `post`."""
 
     def __init__(self, runtime: LlamaRuntime, config: EngineConfig, send: Callable[[ToFront], None],
-                 on_embed: Callable[[EmbedRequest], None] | None = None) -> None:
+                 on_embed: Callable[[EmbedRequest], None] | None = None,
+                 drafter: Drafter | None = None) -> None:
         self.rt = runtime
         self.config = config
         self._send = send
@@ -55,6 +56,10 @@ class EngineCore:
                                    prefix_cache=config.prefix_cache and runtime.can_reuse_prefix)
         self.scheduler.on_leave = self._unbind
         self.runner = Runner(runtime)
+        self.spec: Speculator | None = None
+        if config.speculates:
+            self.spec = Speculator(config, output_on_gpu=runtime.output_on_gpu, drafter=drafter)
+            self.scheduler.draft = self.spec.drafts
         self.overlap = runtime.output_on_gpu if config.overlap is None else config.overlap
         # With layers on the CPU and no thread count given, the threads follow the cores left free.
         on_cpu = runtime.placement.n_gpu_layers < runtime.placement.n_layer + 1
@@ -86,6 +91,8 @@ class EngineCore:
             self._loop_overlap() if self.overlap else self._loop_normal()
         finally:
             self.runner.close()
+            if self.spec is not None:
+                self.spec.close()
 
     def _loop_normal(self) -> None:
         while self._take_input(block=not self.scheduler.has_work):
@@ -143,11 +150,13 @@ class EngineCore:
         for choice, params in enumerate(msg.params):
             req = Request(msg.req_id, list(msg.prompt), params, choice=choice,
                           leader=reqs[0] if reqs else None)
+            if self.spec is not None:
+                self.spec.attach(req)
             # Choices without a seed of their own must not share the engine's default one.
             seed = None if self.config.seed is None else self.config.seed + choice
             try:
                 req.sampler = Sampler(params, n_vocab=self.rt.n_vocab, eog_tokens=self._eog,
-                                      default_seed=seed, offload=self._offload(params), vocab=self.rt.vocab)
+                                      default_seed=seed, offload=self._offload(req), vocab=self.rt.vocab)
             except ValueError as exc:  # the front checked it: still, one request must not end the loop
                 self._send(ChoiceFailed(msg.req_id, choice, str(exc)))
                 continue
@@ -158,8 +167,12 @@ class EngineCore:
         if reqs:
             self._requests[msg.req_id] = reqs
 
-    def _offload(self, params: SamplingParams) -> bool:
-        """Whether a request's chain runs inside the decode graph (EngineConfig holds the measured rule)."""
+    def _offload(self, req: Request) -> bool:
+        """Whether a request's chain runs inside the decode graph (EngineConfig holds the measured rule). A
+        request that drafts never does: verifying its draft reads a logits row per draft token on the host."""
+        if req.spec is not None:
+            return False
+        params = req.params
         active = len(self.scheduler.running) + len(self.scheduler.waiting)
         return self.config.sample_in_graph(self.rt.output_on_gpu, params.sorts_vocabulary, active)
 
@@ -180,6 +193,8 @@ class EngineCore:
         if req.sampler is not None:
             req.sampler.free()
             req.sampler = None
+        if self.spec is not None:
+            self.spec.detach(req)
         choices = self._requests.get(req.req_id)
         if choices is not None and all(r.is_finished for r in choices):
             del self._requests[req.req_id]
@@ -200,14 +215,14 @@ class EngineCore:
                 self.rt.set_threads(threads)
                 self.n_threads = threads
         while not plan.is_empty:
-            outputs = self.runner.fill(plan)
+            launched = self.runner.fill(plan)
             self.profile.mark("schedule")
             rc = self.runner.decode()
             self.profile.mark("decode")
             if rc == 0:
                 self.scheduler.commit(plan)
                 self.c.count_step(plan)
-                return Launched(plan, outputs)
+                return launched
             if rc == 1 and self.scheduler.on_no_kv_slot():
                 log.info("KV cache full: freed room (preemptions so far: %d)", self.scheduler.preemptions)
                 plan = self.scheduler.schedule(admit=False)
@@ -230,9 +245,17 @@ class EngineCore:
     def _update(self, step: Launched, sampled: list[Sampled]) -> StepOutputs:
         """The sampled tokens into their requests; requests that end here leave; the outputs for the front."""
         outputs: list[TokenOutput] = []
+        ended: list[tuple[Request, RequestStatus]] = []
+        last: Request | None = None
         for s in sampled:
             req = s.req
+            if req is last and ended and ended[-1][0] is req:
+                continue  # a verified draft went on past the end of its request
+            if req is not last:
+                self.c.seq_steps += 1
+            last = req
             req.tokens.append(s.token)
+            self.c.generated += 1
             status: RequestStatus | None = None
             if self.rt.is_eog(s.token) and not req.params.ignore_eos:
                 status = RequestStatus.FINISHED_STOPPED
@@ -241,11 +264,27 @@ class EngineCore:
             finish = status.finish_reason if status is not None else None
             outputs.append(TokenOutput(req.req_id, req.choice, s.token, finish, s.logprob, s.top))
             if status is not None:
-                self._finish(req, status)
-        self.c.generated += len(sampled)
+                ended.append((req, status))
+        if step.verify:
+            self._settle_drafts(step)
+        for req, status in ended:
+            self._finish(req, status)
         plan = step.plan
         self.profile.mark("emit")
         return StepOutputs(tuple(outputs), plan.n_tokens, len(plan.chunks))
+
+    def _settle_drafts(self, step: Launched) -> None:
+        """Count what each draft's verification accepted and drop the KV cells of the draft tokens it
+        rejected: every cached position but the newest token's stays (it is fed next step)."""
+        assert self.spec is not None
+        for req, _, draft in step.verify:
+            if req.slot < 0:
+                continue  # it left while the step ran (its cells went with it)
+            n_old = req.n_cached - 1 - len(draft)  # where the step's first row was
+            # the tokens it emitted, less the one the target chose itself
+            accepted = min(len(draft), len(req.tokens) - 2 - n_old)
+            self.spec.record(req, len(draft), accepted)
+            self.scheduler.rollback(req, len(req.tokens) - 1)
 
     def _deliver(self, out: StepOutputs) -> None:
         """Send a step's outputs with the state after it: the front's view of the core is never older than the
@@ -269,6 +308,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         sched = self.scheduler
         c = self.c
+        spec = self.spec
         with self._cond:
             inbox = sum(len(m.params) for m in self._inbox if isinstance(m, AddRequest))
         return EngineStats(
@@ -282,7 +322,11 @@ class EngineCore:
             generated_tokens_total=c.generated, prefix_reused_tokens_total=sched.kv.reused_tokens,
             requests_finished_total=c.finished, requests_cancelled_total=c.cancelled,
             sampled_in_graph_total=self.runner.sampled_in_graph_total, step_seconds=self.profile.snapshot(),
-            n_threads=self.n_threads,
+            n_threads=self.n_threads, seq_steps_total=c.seq_steps,
+            spec_drafted_total=spec.drafted_total if spec else 0,
+            spec_accepted_total=spec.accepted_total if spec else 0,
+            spec_verified_total=spec.verified_total if spec else 0,
+            spec_skipped_steps_total=spec.skipped_steps_total if spec else 0,
         )
 
     def fail_all(self, message: str) -> None:
@@ -298,9 +342,10 @@ class _Counters:
     """The loop's counters (plain ints, only the loop thread writes them)."""
 
     __slots__ = ("cancelled", "finished", "generated", "last_step_seqs", "last_step_tokens", "max_step_seqs",
-                 "max_step_tokens", "prompt_tokens", "step_tokens", "steps")
+                 "max_step_tokens", "prompt_tokens", "seq_steps", "step_tokens", "steps")
 
     def __init__(self) -> None:
+        self.seq_steps = 0  # a sequence that got tokens in a step counts once, however many it got
         self.steps = self.step_tokens = self.last_step_tokens = self.last_step_seqs = 0
         self.max_step_tokens = self.max_step_seqs = self.prompt_tokens = self.generated = 0
         self.finished = self.cancelled = 0

@@ -35,6 +35,7 @@ from server.engine.protocol import (
     Shutdown,
     ToFront,
 )
+from server.engine.spec.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,17 @@ class EmbedWorker:
         self._embedder.close()
 
 
-def _load(config: EngineConfig) -> LlamaRuntime:
+def _load(config: EngineConfig) -> tuple[LlamaRuntime, DraftModel | None]:
     if not config.force:
         check_memory(config, config.model_file(), on_gpu=gpu_offload_wanted(config))
-    return LlamaRuntime(config)
+    runtime = LlamaRuntime(config)
+    if config.spec_type != "draft-simple":
+        return runtime, None
+    try:
+        return runtime, DraftModel(config, runtime)
+    except BaseException:
+        runtime.close()
+        raise
 
 
 def serve(config: EngineConfig, conn_in: Connection, conn_out: Connection) -> int:
@@ -106,7 +114,7 @@ def serve(config: EngineConfig, conn_in: Connection, conn_out: Connection) -> in
     Shutdown, 3 when the model could not load, 1 when the loop died)."""
     writer = Writer(conn_out)
     try:
-        runtime = _load(config)
+        runtime, drafter = _load(config)
     except BaseException as exc:
         kind: Literal["load", "does_not_fit"] = "does_not_fit" if isinstance(exc, DoesNotFitError) else "load"
         message = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -116,7 +124,8 @@ def serve(config: EngineConfig, conn_in: Connection, conn_out: Connection) -> in
         return 3
     embed = EmbedWorker(Embedder(runtime.model, config, runtime.n_vocab), writer) \
         if config.pooling != "none" else None
-    core = EngineCore(runtime, config, writer.put, on_embed=embed.put if embed is not None else None)
+    core = EngineCore(runtime, config, writer.put, on_embed=embed.put if embed is not None else None,
+                      drafter=drafter)
     info = CoreInfo(pid=os.getpid(), n_ctx=runtime.n_ctx, n_slots=runtime.n_seq_max,
                     kv_cells=runtime.kv_cells, n_vocab=runtime.n_vocab, placement=runtime.placement)
     log.info("engine core ready: %s on %s, %d slots, %d KV cells, %d tokens per sequence",

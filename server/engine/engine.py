@@ -35,6 +35,7 @@ from server.engine.errors import (
     InvalidTokenError,
     ModelLoadError,
     PromptTooLongError,
+    SpeculationUnavailableError,
 )
 from server.engine.output import FrontRequest
 from server.engine.protocol import (
@@ -290,6 +291,8 @@ class Engine:
         for p in params:
             if any(t < 0 or t >= vocab.n_vocab for t, _ in p.logit_bias):
                 raise InvalidTokenError("logit_bias", vocab.n_vocab)
+        if not self.config.speculates and any(p.speculative for p in params):
+            raise SpeculationUnavailableError()
         for grammar in {p.grammar for p in params if p.grammar is not None}:
             # Parsed here: a bad grammar is the caller's error, not the core's.
             check_grammar(vocab.vocab, grammar)

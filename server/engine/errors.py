@@ -51,5 +51,13 @@ class InvalidTokenError(ValueError):
         super().__init__(f"{where}: token ids must be in [0, {n_vocab})")
 
 
+class SpeculationUnavailableError(ValueError):
+    """A request asked for speculative decoding from an engine started without it."""
+
+    def __init__(self) -> None:
+        super().__init__("speculative decoding is off on this server (start it with --spec-type ngram-simple "
+                         "or draft-simple)")
+
+
 class InvalidGrammarError(ValueError):
     """llama.cpp's grammar parser refused a request's grammar."""

@@ -130,6 +130,10 @@ class KvCache:
         self._tick += 1
         slot.last_used = self._tick
         req.slot = -1
+        if req.n_cached > len(req.tokens):
+            # Cells of draft tokens no verification has judged yet (the request ended while its step ran).
+            self.kv.seq_rm(slot.idx, len(req.tokens), -1)
+            req.n_cached = len(req.tokens)
         if keep_cache and self.prefix_cache and req.n_cached > 0:
             slot.cached = req.tokens[: req.n_cached]
             slot.n_shared, slot.shared_from = req.n_shared, req.shared_from

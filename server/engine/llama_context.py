@@ -53,7 +53,8 @@ class LlamaRuntime(Vocabulary):
                 kv_type=config.kv_type,
                 flash_attn=config.flash_attn,
                 # One output per sequence per step: what in-graph penalties need; a smaller sampling graph.
-                n_outputs_max_per_seq=1,
+                # A drafting sequence reads a row per draft token, and its last token's.
+                n_outputs_max_per_seq=1 + config.spec_draft_n_max if config.speculates else 1,
             )
             try:
                 ctx = loader.new_context(model, params, path=path)

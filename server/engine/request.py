@@ -17,6 +17,7 @@ from server.engine.types import SamplingParams
 
 if TYPE_CHECKING:
     from server.engine.sampling import Sampler
+    from server.engine.spec.seq_state import SpecSeq
 
 _arrivals = itertools.count()
 
@@ -71,6 +72,7 @@ class Request:
         "sampler",
         "shared_from",
         "slot",
+        "spec",
         "status",
         "tokens",
         "wants_logprobs",
@@ -92,6 +94,7 @@ class Request:
         self.n_reused = 0  # prompt tokens taken from a prefix cache instead of computed
         self.slot = -1
         self.sampler: Sampler | None = None
+        self.spec: SpecSeq | None = None  # speculative decoding's state, where this request drafts
         self.wants_logprobs = params.logprobs is not None
 
     @property

@@ -50,6 +50,8 @@ class Launched:
 
     plan: StepPlan
     outputs: tuple[tuple[Request, int], ...]  # (request, batch index of its logits)
+    # drafting requests: (request, batch index of its first row, its draft); rows follow one per draft token
+    verify: tuple[tuple[Request, int, tuple[int, ...]], ...] = ()
 
 
 class Runner:
@@ -71,18 +73,24 @@ class Runner:
 
     # --- launch ---------------------------------------------------------------------------------------------
 
-    def fill(self, plan: StepPlan) -> tuple[tuple[Request, int], ...]:
-        """Write the plan into the batch; returns (request, batch index) of the outputs it asks for."""
+    def fill(self, plan: StepPlan) -> Launched:
+        """Write the plan into the batch: the step, with the batch index of every output it asks for."""
         batch = self.batch
         batch.clear()
         outputs: list[tuple[Request, int]] = []
+        verify: list[tuple[Request, int, tuple[int, ...]]] = []
         chunks = plan.chunks
         n_dec = plan.n_decode
         if n_dec:
-            decs = [c.req for c in chunks[:n_dec]]
+            decs = [c.req for c in chunks[:n_dec] if not c.draft]
             first = batch.add_decodes([r.tokens[-1] for r in decs], [r.n_cached for r in decs],
                                       [r.slot for r in decs])
             outputs.extend((r, first + i) for i, r in enumerate(decs))
+            for chunk in chunks[:n_dec]:
+                if chunk.draft:
+                    req = chunk.req
+                    idx = batch.add_verify([req.tokens[-1], *chunk.draft], req.n_cached, req.slot)
+                    verify.append((req, idx, chunk.draft))
         for chunk in chunks[n_dec:]:
             req = chunk.req
             idx = batch.add_run(req.tokens[chunk.start: chunk.start + chunk.n_tokens], chunk.start, req.slot,
@@ -93,7 +101,7 @@ class Runner:
             sampler = req.sampler
             if sampler is not None and sampler.can_offload and not sampler.is_bound:
                 sampler.bind(self.rt, req.slot)
-        return tuple(outputs)
+        return Launched(plan, tuple(outputs), tuple(verify))
 
     def decode(self) -> int:
         """llama_decode of the filled batch: 0 ok, 1 no KV room (nothing was computed), else an error."""
@@ -106,23 +114,44 @@ class Runner:
         self.rt.synchronize()
         live = [(req, idx) for req, idx in step.outputs if not req.is_finished]
         chained = self._sample_chains(live)
-        rt = self.rt
         out: list[Sampled] = []
         for req, idx in live:
-            token = chained.get(idx)
-            row = None
-            if token is None:
-                row = rt.logits(idx)
-                if req.params.ignore_eos and self._eog_ids.size:
-                    row[self._eog_ids] = -np.inf
-                token = int(row.argmax())
-            if req.wants_logprobs:
-                # Now: the next step overwrites the logits.
-                lp, top = token_logprobs(row if row is not None else rt.logits(idx), token,
-                                         req.params.logprobs or 0)
-                out.append(Sampled(req, token, lp, top))
-            else:
-                out.append(Sampled(req, token))
+            out.append(self._sampled(req, idx, chained.get(idx)))
+        for req, first, draft in step.verify:
+            if not req.is_finished:
+                out.extend(self._verify(req, first, draft))
+        return out
+
+    def _sampled(self, req: Request, idx: int, token: int | None) -> Sampled:
+        """The token at batch index `idx` (`token` where a chain already sampled it), with its logprobs."""
+        row = None
+        if token is None:
+            row = self.rt.logits(idx)
+            if req.params.ignore_eos and self._eog_ids.size:
+                row[self._eog_ids] = -np.inf
+            token = int(row.argmax())
+        if req.wants_logprobs:
+            # Now: the next step overwrites the logits.
+            lp, top = token_logprobs(row if row is not None else self.rt.logits(idx), token,
+                                     req.params.logprobs or 0)
+            return Sampled(req, token, lp, top)
+        return Sampled(req, token)
+
+    def _verify(self, req: Request, first: int, draft: tuple[int, ...]) -> list[Sampled]:
+        """Sample a drafting request's rows in order with its own sampler until a token differs from the
+        draft (or ends the generation): the accepted draft tokens and one more (spec/speculator.py says why
+        this keeps the target's distribution). The request's chain sees exactly the tokens it emits."""
+        sampler = req.sampler
+        assert sampler is not None and not sampler.is_bound  # a drafting request samples on the host
+        ctx = self.rt.ctx
+        out: list[Sampled] = []
+        for i in range(len(draft) + 1):
+            idx = first + i
+            s = self._sampled(req, idx, None if sampler.is_argmax else sampler.sample(ctx, idx))
+            out.append(s)
+            ends = self.rt.is_eog(s.token) and not req.params.ignore_eos
+            if i == len(draft) or s.token != draft[i] or ends:
+                break
         return out
 
     def _sample_chains(self, outputs: list[tuple[Request, int]]) -> dict[int, int]:

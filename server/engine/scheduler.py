@@ -31,6 +31,9 @@ class Scheduler:
         # Called with a request about to leave its slot (finished, aborted or preempted): its sampler chain
         # must leave llama.cpp's graph with it.
         self.on_leave: Callable[[Request], None] | None = None
+        # Speculative decoding's drafts for the step's decoding requests, within a room of tokens
+        # (spec/speculator.py); None: no request drafts.
+        self.draft: Callable[[list[Request], int], list[tuple[int, ...]]] | None = None
 
     @property
     def has_work(self) -> bool:
@@ -112,9 +115,12 @@ class Scheduler:
                 if victim is not None:
                     preempted.append(victim)
                 decoders = [r for r in self.running if r.n_pending == 1]
-        chunks = [ScheduledChunk(r, 1, r.n_cached, True) for r in decoders]
-        budget = self.n_batch - len(decoders)
-        free = self.kv_free() - len(decoders)
+        drafts = self._drafts(decoders)
+        chunks = [ScheduledChunk(r, 1 + len(d), r.n_cached, True, d)
+                  for r, d in zip(decoders, drafts, strict=True)]
+        n_drafted = sum(len(d) for d in drafts)
+        budget = self.n_batch - len(decoders) - n_drafted
+        free = self.kv_free() - len(decoders) - n_drafted
         # With a cache per sequence llama.cpp cuts a step into pieces that take an equal share of every
         # sequence in them: decoders beside several prefilling sequences of different lengths make many small
         # pieces. Beside decoders, one sequence prefills at a time.
@@ -160,6 +166,22 @@ class Scheduler:
             if victim is not None:
                 preempted.append(victim)
         return StepPlan(tuple(chunks), tuple(admitted), tuple(preempted), len(decoders))
+
+    def _drafts(self, decoders: list[Request]) -> list[tuple[int, ...]]:
+        """Drafts fit in what the step and the pool have left after one token per decoder: a draft never
+        evicts a cache or preempts a request."""
+        if self.draft is None or not decoders:
+            return [()] * len(decoders)
+        room = self.n_batch - len(decoders)
+        if self.unified:
+            room = min(room, self.kv_free() - len(decoders))
+        return self.draft(decoders, room)
+
+    def rollback(self, req: Request, n_cached: int) -> None:
+        """Drop `req`'s KV cells from position `n_cached` on (draft tokens the target rejected)."""
+        if n_cached < req.n_cached:
+            self.kv.kv.seq_rm(req.slot, n_cached, -1)
+            req.n_cached = n_cached
 
     def _run(self, req: Request) -> None:
         """`req` holds a slot now; running stays ordered by arrival (a preempted, older request goes back to

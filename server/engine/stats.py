@@ -39,11 +39,29 @@ class EngineStats:
     step_seconds: dict[str, float] = field(default_factory=dict)
     # CPU threads the steps run with now (they follow the free cores unless n_threads was given)
     n_threads: int = 0
+    # sequence-steps that produced tokens (one per sequence per step, however many tokens it got)
+    seq_steps_total: int = 0
+    # speculative decoding: draft tokens verified, those the target accepted, sequence-steps that verified a
+    # draft, steps where the batch was too large for anyone to draft
+    spec_drafted_total: int = 0
+    spec_accepted_total: int = 0
+    spec_verified_total: int = 0
+    spec_skipped_steps_total: int = 0
 
     @property
     def kv_usage(self) -> float:
         """Share of the KV cache held by running sequences, 0..1."""
         return self.kv_used_cells / self.kv_total_cells if self.kv_total_cells else 0.0
+
+    @property
+    def spec_acceptance(self) -> float:
+        """Share of the drafted tokens the target accepted, 0..1."""
+        return self.spec_accepted_total / self.spec_drafted_total if self.spec_drafted_total else 0.0
+
+    @property
+    def tokens_per_seq_step(self) -> float:
+        """Generated tokens per sequence per step: 1 without speculation, more as drafts are accepted."""
+        return self.generated_tokens_total / self.seq_steps_total if self.seq_steps_total else 0.0
 
     @property
     def mean_step_tokens(self) -> float:

@@ -24,13 +24,16 @@ class ScheduledChunk:
     start: int
     # whether the step ends the request's pending tokens: then its logits are read and a token sampled
     wants_output: bool
+    # a decoding request's draft (speculative decoding): fed after its last token, every row's logits read;
+    # n_tokens counts it
+    draft: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     """Which requests run in the next step and how many tokens each; who got in, who was pushed out."""
 
-    # in batch order: every decoding request first (one token each), then prefill chunks
+    # in batch order: every decoding request first (one token each, plus its draft), then prefill chunks
     chunks: tuple[ScheduledChunk, ...]
     # requests that got a slot for this step (new, or back after a preemption); their samplers start now
     admitted: tuple[Request, ...]

@@ -28,6 +28,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # A GBNF grammar (root rule "root") the output must follow: llama.cpp's grammar sampler, on the host.
     grammar: str | None = None
+    # Speculative decoding for this request: None follows the server (spec_type), False turns it off, True
+    # asks for it (refused where the server has none).
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

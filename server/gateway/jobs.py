@@ -34,6 +34,7 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             logit_bias=req.logit_bias_pairs(),
+            speculative=req.speculative,
         )
     except ValueError as exc:
         raise invalid_request(str(exc)) from exc

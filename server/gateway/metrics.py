@@ -100,6 +100,7 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily(f"{PREFIX}_engine_sampled_in_graph_tokens",
                                       "Tokens sampled inside llama.cpp's decode graph (not on the host)",
                                       value=stats.sampled_in_graph_total)
+        yield from self._speculation(stats)
         if stats.step_seconds:
             phases = CounterMetricFamily(f"{PREFIX}_engine_step_seconds",
                                          "Time per step phase: the engine core's loop "
@@ -114,6 +115,24 @@ class _LiveCollector(Collector):
         if stats.step_tokens_steps:
             yield _histogram_from_counts(f"{PREFIX}_engine_step_tokens", "Tokens (decode + prefill) per step",
                                          stats.step_tokens_steps, STEP_TOKEN_BUCKETS)
+
+    @staticmethod
+    def _speculation(stats: BackendStats) -> Iterator[Metric]:
+        """Speculative decoding: drafted and accepted tokens, their ratio, and tokens per sequence-step (1.0
+        without speculation)."""
+        if stats.spec_drafted_total is not None and stats.spec_accepted_total is not None:
+            drafted, accepted = stats.spec_drafted_total, stats.spec_accepted_total
+            yield CounterMetricFamily(f"{PREFIX}_spec_drafted_tokens", "Draft tokens verified by the model",
+                                      value=drafted)
+            yield CounterMetricFamily(f"{PREFIX}_spec_accepted_tokens", "Draft tokens the model accepted",
+                                      value=accepted)
+            yield GaugeMetricFamily(f"{PREFIX}_spec_acceptance_ratio",
+                                    "Accepted / drafted tokens, since start",
+                                    value=accepted / drafted if drafted else 0.0)
+        if stats.seq_steps_total and stats.generated_tokens_total is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_engine_tokens_per_step",
+                                    "Generated tokens per sequence per engine step, since start",
+                                    value=stats.generated_tokens_total / stats.seq_steps_total)
 
     def _gpus(self) -> Iterator[Metric]:
         assert self._gpu_sampler is not None

@@ -127,6 +127,11 @@ class BackendStats:
     # prompt tokens whose KV came from a cached prefix instead of being computed (a router's cache_aware
     # policy shows here: prefixes that reach the replica holding them)
     prefix_reused_tokens_total: int | None = None
+    # speculative decoding: draft tokens verified and accepted; sequence-steps and the tokens they produced
+    spec_drafted_total: int | None = None
+    spec_accepted_total: int | None = None
+    seq_steps_total: int | None = None
+    generated_tokens_total: int | None = None
 
     @property
     def kv_usage_ratio(self) -> float | None:

@@ -17,6 +17,7 @@ from server.engine.errors import (
     InvalidGrammarError,
     InvalidTokenError,
     PromptTooLongError,
+    SpeculationUnavailableError,
 )
 from server.engine.types import SamplingParams, StreamEvent
 from server.gateway.backends.base import (
@@ -162,6 +163,9 @@ class EmbeddedBackend:
         except InvalidGrammarError as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param="grammar") from exc
+        except SpeculationUnavailableError as exc:
+            raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
+                               param="speculative") from exc
         except EmptyPromptError as exc:
             raise BackendError(str(exc), status_code=400, code="invalid_request_error", retryable=False,
                                param=param) from exc
@@ -251,4 +255,8 @@ class EmbeddedBackend:
             sampled_in_graph_total=s.sampled_in_graph_total,
             step_seconds={**s.step_seconds, **engine.front_seconds},
             prefix_reused_tokens_total=s.prefix_reused_tokens_total,
+            spec_drafted_total=s.spec_drafted_total,
+            spec_accepted_total=s.spec_accepted_total,
+            seq_steps_total=s.seq_steps_total,
+            generated_tokens_total=s.generated_tokens_total,
         )

@@ -53,6 +53,9 @@ class SamplingFields(Request):
     ignore_eos: bool = False
     grammar: Annotated[str | None, Field(min_length=1)] = None
     json_schema: dict[str, Any] | None = None
+    # edgeserve's: speculative decoding for this request (None: the server's --spec-type; false: off; true:
+    # on, refused where the server was started without it).
+    speculative: bool | None = None
     # SGLang's extensions at the values edgeserve's behaviour has: sglang-router writes them into every
     # request it forwards to a worker, so a gateway behind the router must take them; other values: a 400.
     no_stop_trim: Annotated[bool, only(
