@@ -113,7 +113,9 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _backend_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BackendError)
-    retry_after_s = getattr(getattr(request.app.state, "settings", None), "retry_after_s", 1)
+    # The gateway's state holds the settings; an app without it (no lifespan yet) answers with the default.
+    state = getattr(request.app.state, "gateway", None)
+    retry_after_s = state.settings.retry_after_s if state is not None else 1
     return _json(from_backend_error(exc, retry_after_s))
 
 

@@ -68,6 +68,13 @@ def test_the_right_key_passes(client: TestClient) -> None:
     assert int(reply.headers["retry-after"]) >= 1
 
 
+def test_a_backend_503_says_when_to_retry_as_configured() -> None:
+    with client_for(retry_after_s=7) as c:
+        reply = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+    assert_openai_error(reply, 503, "model_not_ready")
+    assert reply.headers["retry-after"] == "7"
+
+
 def test_probes_are_open(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 503  # not ready, but not locked either
