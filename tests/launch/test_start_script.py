@@ -44,15 +44,7 @@ def test_start_script_serves_completions_on_the_cpu(tmp_path: Path, repo) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert script.poll() is None, "start_sglang.sh exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        _wait_ready(script, port, 180)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         reply = client.completions.create(
             model="edgeserve", prompt="The capital of France is", max_tokens=5, temperature=0
@@ -95,15 +87,7 @@ def test_start_script_serves_a_models_file_embedded_and_llama_server(tmp_path: P
     script = subprocess.Popen([str(repo / "start_sglang.sh"), "--models", str(models)], cwd=repo, env=env,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert script.poll() is None, "start_sglang.sh exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        _wait_ready(script, port, 120)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         for model in ("server", "small"):
             reply = client.chat.completions.create(model=model, max_tokens=4,
@@ -125,6 +109,19 @@ def test_start_script_serves_a_models_file_embedded_and_llama_server(tmp_path: P
     while time.monotonic() < deadline and any(_alive(pid) for pid in started):
         time.sleep(0.1)
     assert not [pid for pid in started if _alive(pid)], "processes left behind"
+
+
+def _wait_ready(script: subprocess.Popen[bytes], port: int, timeout_s: float) -> None:
+    """Until /ready answers 200; the script must keep running meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert script.poll() is None, "start_sglang.sh exited"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
 
 
 def _descendants(pid: int) -> list[int]:
