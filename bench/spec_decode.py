@@ -128,6 +128,8 @@ async def _one(client: httpx.AsyncClient, url: str, server: Server, prompt: dict
                run: Run, key: str) -> None:
     body = {"model": "edgeserve" if server.is_edgeserve else "m", "messages": prompt["messages"],
             "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    if not server.is_edgeserve:
+        body["cache_prompt"] = False  # as edgeserve here (no prefix cache): every request computes its prompt
     r = await client.post(url + "/v1/chat/completions", json=body)
     r.raise_for_status()
     data = r.json()
