@@ -6,8 +6,10 @@ Every server is started once and runs for the whole measurement; they take turns
 one request per stream, all at once, on the shipped prompts bench/data/spec_prompts.jsonl: repeat or edit
 given text and code), in alternating order, greedy, max_tokens fixed. tokens/s = completion tokens / the
 time the server's slices took.
-edgeserve's texts with speculation are checked against its texts without it (the same prompt, the same
-stream count): greedy output must be identical. edgeserve's drafted/accepted counts come from its /metrics.
+edgeserve's texts with speculation are checked against its texts without it (the same prompt, stream count
+and round): greedy output must be identical. With one KV pool (the default with several slots) a sequence's
+logits depend on what shares its step, and drafts change that, so above one stream a near-tie may differ.
+edgeserve's drafted/accepted counts come from its /metrics.
 
 CPU (the bundled SmolLM2-135M):
     python bench/spec_decode.py --levels 1,8 --threads 2 --out OUT
@@ -76,7 +78,10 @@ def _llama_server() -> str | None:
 
 
 def servers(args: argparse.Namespace, n_parallel: int) -> list[Server]:
-    common = ["--n-parallel", str(n_parallel), "--n-ctx", str(args.n_ctx)]
+    # No prefix cache: a prompt taken from the cache computes only its last token, in a batch of its own,
+    # which can change a greedy token by itself (bits of a logit on this CPU); the identity check needs every
+    # prompt computed alike, and every request here computes its whole prompt in every configuration.
+    common = ["--n-parallel", str(n_parallel), "--n-ctx", str(args.n_ctx), "--no-prefix-cache"]
     if args.threads:
         common += ["--n-threads", str(args.threads)]
     if not args.gpu:
@@ -123,6 +128,8 @@ async def _one(client: httpx.AsyncClient, url: str, server: Server, prompt: dict
                run: Run, key: str) -> None:
     body = {"model": "edgeserve" if server.is_edgeserve else "m", "messages": prompt["messages"],
             "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    if not server.is_edgeserve:
+        body["cache_prompt"] = False  # as edgeserve here (no prefix cache): every request computes its prompt
     r = await client.post(url + "/v1/chat/completions", json=body)
     r.raise_for_status()
     data = r.json()
@@ -138,7 +145,7 @@ async def measure_slice(proc: ServerProcess, server: Server, level: int, prompts
     async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=level + 4)) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(_one(client, proc.url, server, prompts[(first + i) % len(prompts)],
-                                    args.max_tokens, run, f"{first + i}")
+                                    args.max_tokens, run, f"{run.round}/{first + i}")
                                for i in range(level)))
         run.seconds += time.perf_counter() - t0
     if server.is_edgeserve:

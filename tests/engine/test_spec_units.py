@@ -72,7 +72,9 @@ def test_lookup_stops_at_the_end_of_what_is_known() -> None:
 
 def test_draft_length_follows_acceptance() -> None:
     d = DraftLength(n_min=1, n_max=8, accept_min=0.3)
-    assert d.want(0.0) == 8
+    assert d.want(0.0) == 4  # halfway before anything is known
+    d.record(4, 4)
+    assert d.want(0.0) == 6
     d.record(8, 3)  # partial: one more than accepted
     assert d.want(0.0) == 4
     d.record(4, 4)  # whole: two longer
@@ -176,10 +178,10 @@ def test_drafts_stay_within_max_tokens_and_the_room() -> None:
     a, b = running(1, tokens), running(2, tokens)
     for r in (near_end, a, b):
         sp.attach(r)
-    drafts = sp.drafts([near_end, a, b], room=10)
-    assert [len(d) for d in drafts] == [1, 8, 1]
-    sp.record(a, 8, 2)
-    assert sp.drafted_total == 8 and sp.accepted_total == 2 and sp.verified_total == 1
+    drafts = sp.drafts([near_end, a, b], room=6)
+    assert [len(d) for d in drafts] == [1, 4, 1]  # b gets what is left of the room
+    sp.record(a, 4, 2)
+    assert sp.drafted_total == 4 and sp.accepted_total == 2 and sp.verified_total == 1
     assert a.spec is not None and a.spec.length.k == 3
 
     cpu = Speculator(spec_config(spec_token_cost=None), output_on_gpu=False)
@@ -257,4 +259,4 @@ def test_new_sequences_start_from_the_servers_acceptance() -> None:
     fresh = Speculator(spec_config(), output_on_gpu=False)
     first = running(2, [1, 2, 3, 1, 2])
     fresh.attach(first)
-    assert first.spec is not None and first.spec.length.want(0.0) == 8  # nothing known: the prior
+    assert first.spec is not None and first.spec.length.want(0.0) == 4  # nothing known: the prior

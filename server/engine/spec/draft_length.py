@@ -60,7 +60,9 @@ class DraftLength:
         self.n_min = n_min
         self.n_max = n_max
         self.accept_min = accept_min
-        self.k = n_max  # the heuristic's cap
+        # The heuristic's cap starts halfway: a draft model's first draft of a new sequence costs one draft
+        # decode per token before anything is known of its acceptance.
+        self.k = max(n_min, n_max // 2)
         self.alpha = alpha
         self._judged = judged
         self._pause = 0  # steps left without drafts

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 
 # Weight of one judged position in the server's acceptance (slower than a sequence's own).
-SERVER_ALPHA_WEIGHT = 0.02
+SERVER_ALPHA_WEIGHT = 0.05
 
 
 class Drafter(Protocol):
