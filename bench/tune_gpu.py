@@ -4,7 +4,7 @@ Two tunes of the synthetic Llama-3.1-8B-shaped Q4_K_M (written straight at Q4_K_
 both through the launcher for the backend it plans (`--backend auto`), on the mixed workload (half chat, half
 completions, all streamed, shipped prompts of about 13 to 1,300 tokens, every request its own sampling chain):
   (a) the whole card, `--strategy both`: the search, then the full grid on the same machine, so the grid
-      proves what the search saved: n_parallel 4..64 x n_ctx 4k, 16k x n_ubatch 512, 2048. Its winner is
+      proves what the search saved: n_parallel 4..64 x n_ctx 4k..16k x n_ubatch 512, 2048. Its winner is
       saved as the card's tuned profile under --out/tuned (`--save --tuned-dir`), and `edgeserve launch
       --dry-run` is shown what it plans with it;
   (b) the Tesla P4's settings space: a holder process takes all but --cap-gib of the GPU (the HOLDER of
@@ -13,7 +13,9 @@ completions, all streamed, shipped prompts of about 13 to 1,300 tokens, every re
       another GPU does not carry to a P4; what fits does.
 Each tune writes its folder under --out (results.json, report.md with seed 004's batch-size and context
 tables, the two PNGs, per setting its plan, server log and Locust CSVs). Sizes are picked for about 15
-minutes of GPU time in all: 10 s per load point and one rate bisection step where a setting misses the SLO.
+minutes of GPU time in all (6-10 s per load point, one rate bisection step where a setting misses the SLO,
+about 16 s per setting with its start, an estimate): the cost in resolution is no 32k context, two physical
+batch sizes, and load points short enough that p95s rest on tens of requests.
 
     python3 bench/tune_gpu.py --vocab ggml-vocab-llama-bpe.gguf --out results/tune
 """
@@ -34,7 +36,10 @@ sys.path.insert(0, str(ROOT))
 from bench.launcher_gpu_check import HOLDER, prepare_model  # noqa: E402
 from quantize.model.units import GIB  # noqa: E402
 
-FULL = {"n_parallel": "4,8,16,32,64", "n_ctx": "4096,16384", "n_ubatch": "512,2048", "strategy": "both"}
+# 30 settings: on the closed-form surfaces of tests/loadtest/test_search.py the search needs 0.21-0.36 of
+# such a grid's runs (0.65 where few settings fit), against 0.24-0.43 of a 20-setting grid (one context
+# fewer), where the 0.4 goal is a coin toss.
+FULL = {"n_parallel": "4,8,16,32,64", "n_ctx": "4096,8192,16384", "n_ubatch": "512,2048", "strategy": "both"}
 P4 = {"n_parallel": "1,2,4,8", "n_ctx": "2048,8192", "n_ubatch": "512", "strategy": "grid"}
 # A try of this script on a CPU with a small model (--quick --only full): the same path, two settings.
 QUICK = {"n_parallel": "1,2", "n_ctx": "2048", "n_ubatch": "512", "strategy": "both"}
