@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import sys
@@ -45,6 +44,7 @@ import yaml  # noqa: E402
 
 from loadtest.servers import ServerProcess, metric_value, start_edgeserve  # noqa: E402
 from quantize.model.units import MIB  # noqa: E402
+from server.launch.process import descendants  # noqa: E402
 
 OOM = re.compile(r"out of memory|cudaMalloc failed|failed to allocate", re.IGNORECASE)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -74,28 +74,6 @@ def make(args: argparse.Namespace) -> None:
 
 
 # --- measuring --------------------------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rpartition(")")[2].split()
-            if fields[0] != "Z":
-                parents[int(name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found.update(kids)
-        frontier += kids
-    return found
 
 
 def process_memory(pids: set[int], on_gpu: bool) -> dict[int, int]:

@@ -65,6 +65,23 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, children's children included (Linux /proc, one pass over it)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and len(fields) > 1 and fields[0] != "Z":
+            parents[int(name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found.update(kids)
+        frontier += kids
+    return found
+
+
 def group_members(pgid: int) -> list[int]:
     """Live processes of a process group (Linux /proc)."""
     members: list[int] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.launch.process import group_members
+from server.launch.process import descendants, group_members, is_alive
 
 
 def _free_port() -> int:
@@ -96,7 +96,7 @@ def test_start_script_serves_a_models_file_embedded_and_llama_server(tmp_path: P
         listed = {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
         assert listed["server"]["backend"] == "llama-server" and listed["server"]["state"] == "resident"
         assert listed["small"]["state"] == "resident" and listed["small"]["planned_memory_mib"] > 0
-        started = _descendants(script.pid)  # the engine core and llama-server (in a group of its own)
+        started = descendants(script.pid)  # the engine core and llama-server (in a group of its own)
         assert len(started) >= 2
     finally:
         os.kill(script.pid, signal.SIGTERM)
@@ -106,9 +106,9 @@ def test_start_script_serves_a_models_file_embedded_and_llama_server(tmp_path: P
             os.killpg(script.pid, signal.SIGKILL)
             raise
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in started):
         time.sleep(0.1)
-    assert not [pid for pid in started if _alive(pid)], "processes left behind"
+    assert not [pid for pid in started if is_alive(pid)], "processes left behind"
 
 
 def _wait_ready(script: subprocess.Popen[bytes], port: int, timeout_s: float) -> None:
@@ -122,30 +122,3 @@ def _wait_ready(script: subprocess.Popen[bytes], port: int, timeout_s: float) ->
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(name)] = int(stat.rpartition(")")[2].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from server.launch.plan import LaunchPlan
-from server.launch.process import is_alive
+from server.launch.process import descendants, is_alive
 from server.launch.supervisor import Supervisor, SupervisorConfig
 
 # A tiny backend: counts its starts in a file, crashes (exit 1) the first `fails` times, then serves /health.
@@ -189,3 +189,22 @@ def test_signal_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
             runner.kill()
     assert not is_alive(child) and not is_alive(grandchild)
     assert json.loads(status.read_text())["state"] == "stopped"
+
+
+def test_descendants_finds_grandchildren_and_not_the_dead() -> None:
+    # A shell whose subshell runs sleep: a child and a grandchild, both below it until they are killed.
+    tree = subprocess.Popen(["sh", "-c", "(sleep 30; true) & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(descendants(tree.pid)) < 2:
+            time.sleep(0.05)
+        below = descendants(tree.pid)
+        assert len(below) == 2 and tree.pid not in below
+        assert all(is_alive(pid) for pid in below)
+    finally:
+        os.killpg(tree.pid, signal.SIGKILL)
+        tree.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and descendants(tree.pid):
+        time.sleep(0.05)
+    assert descendants(tree.pid) == set()
